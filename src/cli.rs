@@ -1,0 +1,282 @@
+//! The command line: run, status, why, dag, gc, schema, verify.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::pipeline::cache::{Cache, LockMode};
+use crate::pipeline::config::{self, Pipeline};
+use crate::pipeline::config_error::ConfigError;
+use crate::pipeline::graph::{self, DagFormat};
+use crate::pipeline::runner::{self, Outcome, RunOptions, RunReport};
+use crate::pipeline::schema;
+
+/// The pipeline `dmdpipe run` uses when given no file and `pipelines/toy2d.toml` is absent.
+pub const BUILTIN_PIPELINE: &str = include_str!("../pipelines/toy2d.toml");
+const DEFAULT_PIPELINE: &str = "pipelines/toy2d.toml";
+
+#[derive(Parser, Debug)]
+#[command(name = "dmdpipe", version, about = "Distribution Matching Distillation pipelines: cached, resumable, reproducible")]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Cache directory (default: the pipeline's `cache_dir`, else `cache` beside its root).
+    #[arg(long, global = true)]
+    cache: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the stale stages of a pipeline in dependency order.
+    Run {
+        /// Pipeline file (default: pipelines/toy2d.toml, else the built-in toy pipeline).
+        pipeline: Option<PathBuf>,
+        /// Re-run this stage even if it is fresh (repeatable).
+        #[arg(long)]
+        force: Vec<String>,
+        /// Run only this stage and the stages it depends on.
+        #[arg(long)]
+        until: Option<String>,
+        /// Print what would run and why; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Compute device override: auto, cpu, cuda, cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Fresh / stale / never run, per stage.
+    Status {
+        pipeline: Option<PathBuf>,
+        /// Exit with code 1 when any stage is not fresh.
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// Why a stage is stale: what in its key changed since its last accepted run.
+    Why { pipeline: PathBuf, stage: String },
+    /// Print the stage graph.
+    Dag {
+        pipeline: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: DagFormat,
+    },
+    /// Remove cached artifacts that no pipeline's last accepted run references.
+    Gc {
+        /// Pipeline whose cache to collect (its cache_dir); or give --cache.
+        pipeline: Option<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write the JSON schema of pipeline files.
+    Schema {
+        #[arg(long, default_value = schema::SCHEMA_PATH)]
+        out: PathBuf,
+    },
+    /// Check that every cache entry's outputs are present and unchanged.
+    Verify { pipeline: Option<PathBuf> },
+    /// Print the output directory of a fresh stage.
+    Path { pipeline: PathBuf, stage: String },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<ConfigError>() {
+                eprint!("{ce}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Pipeline> {
+    match path {
+        Some(p) => Ok(config::load(p)?),
+        None if Path::new(DEFAULT_PIPELINE).exists() => Ok(config::load(Path::new(DEFAULT_PIPELINE))?),
+        None => {
+            let mut p = config::parse(Path::new("<built-in toy2d>"), BUILTIN_PIPELINE)?;
+            p.root = PathBuf::from(".");
+            Ok(p)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, log_file: Option<&Path>) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let stderr_layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_filter(EnvFilter::try_from_env("DMDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new(level)));
+    let file_layer = log_file.and_then(|path| std::fs::File::create(path).ok()).map(|f| {
+        tracing_subscriber::fmt::layer().with_writer(std::sync::Mutex::new(f)).with_ansi(false).with_filter(EnvFilter::new("info"))
+    });
+    let _ = tracing_subscriber::registry().with(stderr_layer).with(file_layer).try_init();
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { pipeline, force, until, dry_run, device } => {
+            let p = load(pipeline.as_deref())?;
+            let cache_dir = cli.cache.clone().unwrap_or_else(|| p.cache_dir());
+            let log = (!dry_run).then(|| {
+                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
+                cache_dir.join("logs").join(format!("{}-{stamp}.log", p.name))
+            });
+            if let Some(l) = &log {
+                std::fs::create_dir_all(l.parent().expect("log has a parent")).ok();
+            }
+            init_logging(cli.verbose, log.as_deref());
+            let opts = RunOptions { force, until, dry_run, cache_dir: cli.cache, device, progress: true };
+            let report = runner::run(&p, &opts)?;
+            print_report(&report, dry_run);
+            if let Some(l) = log {
+                println!("log: {}", l.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { pipeline, exit_code } => {
+            init_logging(cli.verbose, None);
+            let p = load(pipeline.as_deref())?;
+            let report = runner::status(&p, cli.cache)?;
+            for s in &report.stages {
+                let state = match s.outcome {
+                    Outcome::Cached => "fresh".to_string(),
+                    Outcome::NeverRun => "never run".to_string(),
+                    _ => format!("stale ({})", s.reasons.join("; ")),
+                };
+                println!("{:<16} {:<14} {state}", s.name, s.kind);
+            }
+            Ok(if exit_code && !report.all_fresh() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Command::Why { pipeline, stage } => {
+            init_logging(cli.verbose, None);
+            let p = load(Some(&pipeline))?;
+            for line in runner::why(&p, &stage, cli.cache)? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { pipeline, format } => {
+            let p = load(pipeline.as_deref())?;
+            print!("{}", graph::render(&p, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { pipeline, dry_run } => {
+            init_logging(cli.verbose, None);
+            let root = match (&cli.cache, &pipeline) {
+                (Some(c), _) => c.clone(),
+                (None, p) => load(p.as_deref())?.cache_dir(),
+            };
+            let cache = Cache::open(&root, LockMode::Exclusive)?;
+            let r = cache.gc(dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for k in &r.removed_entries {
+                println!("{verb} entry {k}");
+            }
+            for t in &r.removed_objects {
+                println!("{verb} artifact {t}");
+            }
+            for o in &r.removed_other {
+                println!("{verb} {}", o.display());
+            }
+            println!(
+                "{verb} {} entries, {} artifacts, {} temp/work dirs ({:.1} MB); kept {} entries",
+                r.removed_entries.len(),
+                r.removed_objects.len(),
+                r.removed_other.len(),
+                r.bytes as f64 / 1e6,
+                r.kept_entries
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema { out } => {
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&out, schema::pipeline_schema()).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { pipeline } => {
+            let root = match &cli.cache {
+                Some(c) => c.clone(),
+                None => load(pipeline.as_deref())?.cache_dir(),
+            };
+            let problems = Cache::open(&root, LockMode::Shared)?.check_integrity()?;
+            for p in &problems {
+                println!("{p}");
+            }
+            println!("{} problems", problems.len());
+            Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Path { pipeline, stage } => {
+            let p = load(Some(&pipeline))?;
+            println!("{}", runner::output_dir(&p, &stage, cli.cache)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn brief(metrics: &serde_json::Value) -> String {
+    let Some(map) = metrics.as_object() else { return String::new() };
+    let mut parts = Vec::new();
+    for (k, v) in map {
+        let text = match v {
+            serde_json::Value::Number(n) => n.as_f64().map(|f| if f.fract() == 0.0 { format!("{f}") } else { format!("{f:.4}") }).unwrap_or_default(),
+            serde_json::Value::Array(a) if a.len() <= 4 && a.iter().all(|x| x.is_number()) => {
+                format!("[{}]", a.iter().map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", "))
+            }
+            serde_json::Value::String(s) if s.len() < 40 => s.clone(),
+            _ => continue,
+        };
+        parts.push(format!("{k}={text}"));
+    }
+    parts.join(" ")
+}
+
+fn print_report(report: &RunReport, dry_run: bool) {
+    let mut ran = 0;
+    let mut cached = 0;
+    for s in &report.stages {
+        let what = match s.outcome {
+            Outcome::Cached => {
+                cached += 1;
+                "cached".to_string()
+            }
+            Outcome::Ran => {
+                ran += 1;
+                format!("ran in {:.2}s", s.seconds)
+            }
+            Outcome::Stale | Outcome::NeverRun if dry_run => format!("would run: {}", s.reasons.join("; ")),
+            _ => format!("stale: {}", s.reasons.join("; ")),
+        };
+        println!("{:<16} {:<14} {what}", s.name, s.kind);
+        if s.outcome == Outcome::Ran {
+            for r in &s.reasons {
+                println!("{:<16}   because {r}", "");
+            }
+        }
+        let b = brief(&s.metrics);
+        if !b.is_empty() && !dry_run {
+            println!("{:<16}   {}", "", b);
+        }
+    }
+    if !dry_run {
+        println!("{}: {ran} ran, {cached} cached, {:.2}s", report.pipeline, report.seconds);
+    }
+}

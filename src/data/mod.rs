@@ -1,0 +1,6 @@
+//! Data formats: the artifacts stages exchange, and readers for the datasets users have.
+
+pub mod artifact;
+pub mod cifar10;
+pub mod download;
+pub mod npy;

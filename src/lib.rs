@@ -1,0 +1,7 @@
+//! dmdpipe: a pipeline runner for Distribution Matching Distillation of diffusion models.
+
+pub mod cli;
+pub mod data;
+pub mod pipeline;
+pub mod render;
+pub mod stages;

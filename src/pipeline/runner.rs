@@ -1,0 +1,414 @@
+//! Decides which stages are stale, runs them in dependency order and commits their outputs.
+//! The runner never knows what a stage computes; stages never touch the cache.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::cache::{Cache, Entry, LockMode, PipelineRecord};
+use super::config::{Pipeline, StageDecl};
+use super::graph;
+use super::hash::{sha256_bytes, StatCache};
+use crate::stages::StageContext;
+
+/// Version of the key manifest layout; bumping it invalidates every cache entry.
+pub const KEY_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Re-run these stages even when fresh.
+    pub force: Vec<String>,
+    /// Run only this stage and what it depends on.
+    pub until: Option<String>,
+    /// Say what would run and why; run nothing.
+    pub dry_run: bool,
+    /// Overrides the pipeline's cache directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Overrides the pipeline's device.
+    pub device: Option<String>,
+    /// Show progress bars (when stderr is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Fresh: the cached outputs were used.
+    Cached,
+    Ran,
+    /// Dry run / status: would run.
+    Stale,
+    /// Dry run / status: would run, and has never run.
+    NeverRun,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub name: String,
+    pub kind: String,
+    pub outcome: Outcome,
+    /// Why it ran (or would run).
+    pub reasons: Vec<String>,
+    pub key: Option<String>,
+    pub seconds: f64,
+    pub metrics: Value,
+    pub output_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub stages: Vec<StageReport>,
+    pub seconds: f64,
+    pub bytes_hashed: u64,
+}
+
+impl RunReport {
+    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+    pub fn all_fresh(&self) -> bool {
+        self.stages.iter().all(|s| s.outcome == Outcome::Cached)
+    }
+}
+
+/// Sorted-key JSON, so that a manifest hashes the same whatever order its maps were built in.
+pub fn canonical_json(v: &Value) -> String {
+    match v {
+        Value::Object(map) => {
+            let sorted: BTreeMap<&String, &Value> = map.iter().collect();
+            let items: Vec<String> = sorted.iter().map(|(k, v)| format!("{}:{}", Value::String((*k).clone()), canonical_json(v))).collect();
+            format!("{{{}}}", items.join(","))
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+/// The key manifest of a stage. Upstream outputs not known yet (they will re-run first) appear
+/// as `null`; such a manifest has no key.
+fn manifest_for(p: &Pipeline, stage: &StageDecl, trees: &HashMap<String, String>, stat: &mut StatCache) -> Result<(Value, Option<String>)> {
+    let s = stage.spec.stage();
+    let mut upstream = serde_json::Map::new();
+    let mut complete = true;
+    for up in s.upstream() {
+        match trees.get(&up.stage) {
+            Some(t) => upstream.insert(up.role.to_string(), json!(t)),
+            None => {
+                complete = false;
+                upstream.insert(up.role.to_string(), Value::Null)
+            }
+        };
+    }
+    let mut inputs = serde_json::Map::new();
+    for input in s.input_paths() {
+        let path = p.resolve(&input.path);
+        let digest = stat
+            .path_digest(&path)
+            .with_context(|| format!("stage `{}`: input `{}` ({}) cannot be read", stage.name, input.role, path.display()))?;
+        inputs.insert(input.role.to_string(), json!(digest));
+    }
+    let manifest = json!({
+        "key_format": KEY_FORMAT,
+        "kind": stage.spec.kind(),
+        "kind_version": s.version(),
+        "params": stage.spec.key_params(),
+        "upstream": upstream,
+        "inputs": inputs,
+    });
+    let key = complete.then(|| sha256_bytes(canonical_json(&manifest).as_bytes()));
+    Ok((manifest, key))
+}
+
+/// Human-readable differences between an old and a new key manifest.
+pub fn diff_manifests(old: &Value, new: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if old["key_format"] != new["key_format"] {
+        out.push(format!("cache key format changed ({} -> {})", old["key_format"], new["key_format"]));
+    }
+    if old["kind"] != new["kind"] {
+        out.push(format!("kind changed: {} -> {}", old["kind"], new["kind"]));
+    } else if old["kind_version"] != new["kind_version"] {
+        out.push(format!("implementation of {} changed: version {} -> {}", new["kind"], old["kind_version"], new["kind_version"]));
+    }
+    diff_values("param", "", &old["params"], &new["params"], &mut out);
+    for (section, label) in [("upstream", "upstream"), ("inputs", "input")] {
+        let empty = serde_json::Map::new();
+        let o = old[section].as_object().unwrap_or(&empty);
+        let n = new[section].as_object().unwrap_or(&empty);
+        let roles: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
+        for role in roles {
+            match (o.get(role), n.get(role)) {
+                (_, Some(Value::Null)) if section == "upstream" => out.push(format!("upstream `{role}` is stale and runs first")),
+                (Some(a), Some(b)) if a != b => out.push(format!("{label} `{role}` changed: {} -> {}", short(a), short(b))),
+                (None, Some(b)) => out.push(format!("{label} `{role}` added: {}", short(b))),
+                (Some(_), None) => out.push(format!("{label} `{role}` removed")),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn short(v: &Value) -> String {
+    v.as_str().map(|s| s.chars().take(12).collect::<String>() + "…").unwrap_or_else(|| v.to_string())
+}
+
+fn diff_values(label: &str, path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match (o.get(k), n.get(k)) {
+                    (Some(a), Some(b)) => diff_values(label, &p, a, b, out),
+                    (None, Some(b)) => out.push(format!("{label} `{p}` added: {b}")),
+                    (Some(a), None) => out.push(format!("{label} `{p}` removed (was {a})")),
+                    (None, None) => {}
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("{label} `{path}`: {a} -> {b}")),
+        _ => {}
+    }
+}
+
+enum Mode {
+    Run,
+    DryRun,
+}
+
+/// `dmdpipe run`.
+pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<RunReport> {
+    execute(p, opts, if opts.dry_run { Mode::DryRun } else { Mode::Run })
+}
+
+/// `dmdpipe status`: what `run` would do, under a shared lock.
+pub fn status(p: &Pipeline, cache_dir: Option<PathBuf>) -> Result<RunReport> {
+    execute(p, &RunOptions { dry_run: true, cache_dir, ..Default::default() }, Mode::DryRun)
+}
+
+fn check_names(p: &Pipeline, names: impl IntoIterator<Item = String>) -> Result<()> {
+    for n in names {
+        if p.stage(&n).is_none() {
+            let all: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+            bail!("{} has no stage named `{n}` (stages: {})", p.file.display(), all.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
+    check_names(p, opts.force.iter().cloned().chain(opts.until.clone()))?;
+    let started = Instant::now();
+    let cache_dir = opts.cache_dir.clone().unwrap_or_else(|| p.cache_dir());
+    super::cache::check_root(&cache_dir)?;
+    let cache = Cache::open(&cache_dir, if matches!(mode, Mode::Run) { LockMode::Exclusive } else { LockMode::Shared })?;
+    if matches!(mode, Mode::Run) {
+        cache.clean_tmp()?;
+    }
+    let mut stat = cache.stat_cache();
+    let mut record = cache.read_record(&p.name);
+    let selected: BTreeSet<String> = match &opts.until {
+        Some(u) => graph::ancestors_and_self(p, u),
+        None => p.stages.iter().map(|s| s.name.clone()).collect(),
+    };
+    let order: Vec<usize> = graph::topo_order(p).into_iter().filter(|&i| selected.contains(&p.stages[i].name)).collect();
+    let multi = MultiProgress::with_draw_target(if opts.progress { indicatif::ProgressDrawTarget::stderr() } else { indicatif::ProgressDrawTarget::hidden() });
+    let overall = multi.add(ProgressBar::new(order.len() as u64));
+    overall.set_style(ProgressStyle::with_template("{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} stages {msg}").expect("valid template"));
+    overall.set_prefix(p.name.clone());
+    let device = opts.device.clone().or(p.settings.device.clone()).unwrap_or_else(|| "auto".into());
+    let mut trees: HashMap<String, String> = HashMap::new();
+    let mut reports = Vec::new();
+    let mut failure = None;
+    for i in order {
+        let stage = &p.stages[i];
+        overall.set_message(stage.name.clone());
+        let (manifest, key) = manifest_for(p, stage, &trees, &mut stat)?;
+        let previous = record.stages.get(&stage.name).and_then(|k| cache.read_entry(k));
+        let mut report = StageReport {
+            name: stage.name.clone(),
+            kind: stage.spec.kind().to_string(),
+            outcome: Outcome::Stale,
+            reasons: Vec::new(),
+            key: key.clone(),
+            seconds: 0.0,
+            metrics: Value::Null,
+            output_dir: None,
+        };
+        let forced = opts.force.contains(&stage.name);
+        let mut corrupted = None;
+        if let (Some(key), false) = (&key, forced) {
+            if let Some(entry) = cache.read_entry(key) {
+                match cache.verify(&entry, &mut stat) {
+                    Ok(()) => {
+                        tracing::info!(stage = %stage.name, key = %key, "cached");
+                        report.outcome = Outcome::Cached;
+                        report.metrics = entry.metrics.clone();
+                        report.output_dir = Some(cache.object_dir(&entry.tree));
+                        trees.insert(stage.name.clone(), entry.tree);
+                        if !matches!(mode, Mode::DryRun) {
+                            record.stages.insert(stage.name.clone(), key.clone());
+                        }
+                        reports.push(report);
+                        overall.inc(1);
+                        continue;
+                    }
+                    Err(problem) => {
+                        tracing::warn!(stage = %stage.name, "cached artifact is corrupted: {problem}; re-running");
+                        corrupted = Some(problem);
+                    }
+                }
+            }
+        }
+        report.reasons = if forced {
+            vec!["forced with --force".into()]
+        } else if let Some(problem) = corrupted {
+            vec![format!("cached output is corrupted ({problem})")]
+        } else {
+            match &previous {
+                Some(prev) => {
+                    let d = diff_manifests(&prev.manifest, &manifest);
+                    if d.is_empty() { vec!["the last accepted output is gone (gc or deleted)".into()] } else { d }
+                }
+                None if record.stages.contains_key(&stage.name) => vec!["the last accepted entry is gone (gc or deleted)".into()],
+                None => {
+                    report.outcome = Outcome::NeverRun;
+                    vec!["never run".into()]
+                }
+            }
+        };
+        if matches!(mode, Mode::DryRun) {
+            reports.push(report);
+            overall.inc(1);
+            continue;
+        }
+        let key = key.ok_or_else(|| anyhow!("internal: stage `{}` has no key although its upstream ran", stage.name))?;
+        match run_stage(&cache, p, stage, &key, manifest, &trees, &mut stat, &multi, &device) {
+            Ok(entry) => {
+                report.outcome = Outcome::Ran;
+                report.seconds = entry.duration_s;
+                report.metrics = entry.metrics.clone();
+                report.output_dir = Some(cache.object_dir(&entry.tree));
+                trees.insert(stage.name.clone(), entry.tree.clone());
+                record.stages.insert(stage.name.clone(), key);
+                cache.write_record(&p.name, &record)?;
+                reports.push(report);
+                overall.inc(1);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    overall.finish_and_clear();
+    stat.save()?;
+    let report = RunReport { pipeline: p.name.clone(), stages: reports, seconds: started.elapsed().as_secs_f64(), bytes_hashed: stat.bytes_hashed };
+    if matches!(mode, Mode::Run) {
+        cache.write_record(&p.name, &record)?;
+        let stages: Vec<Value> = report.stages.iter().map(|s| json!({"stage": s.name, "outcome": s.outcome, "key": s.key, "seconds": s.seconds, "metrics": s.metrics})).collect();
+        cache.append_history(
+            &p.name,
+            &json!({"time": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(), "ok": failure.is_none(), "seconds": report.seconds, "stages": stages}),
+        )?;
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_stage(
+    cache: &Cache,
+    p: &Pipeline,
+    stage: &StageDecl,
+    key: &str,
+    manifest: Value,
+    trees: &HashMap<String, String>,
+    stat: &mut StatCache,
+    multi: &MultiProgress,
+    device: &str,
+) -> Result<Entry> {
+    let s = stage.spec.stage();
+    let tmp = cache.new_tmp_dir(&stage.name)?;
+    let out_dir = tmp.join("out");
+    std::fs::create_dir_all(&out_dir)?;
+    let work_dir = cache.work_dir(key);
+    std::fs::create_dir_all(&work_dir)?;
+    let upstream = s.upstream().into_iter().map(|u| (u.role.to_string(), cache.object_dir(&trees[&u.stage]))).collect();
+    let inputs = s.input_paths().into_iter().map(|i| (i.role.to_string(), p.resolve(&i.path))).collect();
+    let bar = multi.add(ProgressBar::new(0));
+    bar.set_style(ProgressStyle::with_template("{prefix:>12} {spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}").expect("valid template"));
+    bar.set_prefix(stage.name.clone());
+    let mut ctx = StageContext {
+        stage_name: stage.name.clone(),
+        out_dir: out_dir.clone(),
+        work_dir: work_dir.clone(),
+        downloads_dir: cache.downloads_dir(),
+        upstream,
+        inputs,
+        progress: bar.clone(),
+        device: device.to_string(),
+    };
+    let span = tracing::info_span!("stage", name = %stage.name, kind = stage.spec.kind());
+    let _guard = span.enter();
+    tracing::info!(key = %key, "running");
+    let started = Instant::now();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| s.run(&mut ctx)));
+    bar.finish_and_clear();
+    multi.remove(&bar);
+    let seconds = started.elapsed().as_secs_f64();
+    let metrics = match result {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            let _ = super::fsutil::remove_tree(&tmp);
+            tracing::error!("failed after {seconds:.2}s: {e:#}");
+            return Err(e.context(format!("stage `{}` (kind `{}`) failed", stage.name, stage.spec.kind())));
+        }
+        Err(panic) => {
+            let _ = super::fsutil::remove_tree(&tmp);
+            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            tracing::error!("panicked after {seconds:.2}s: {msg}");
+            bail!("stage `{}` (kind `{}`) panicked: {msg}", stage.name, stage.spec.kind());
+        }
+    };
+    let metrics = if metrics.is_object() { metrics } else { json!({ "value": metrics }) };
+    std::fs::write(out_dir.join("metrics.json"), serde_json::to_vec_pretty(&metrics)?)?;
+    let entry = cache.commit(key, manifest, &out_dir, metrics, (&stage.name, &p.name, seconds), stat)?;
+    let _ = super::fsutil::remove_tree(&tmp);
+    let _ = super::fsutil::remove_tree(&work_dir);
+    tracing::info!(tree = %entry.tree, "done in {seconds:.2}s");
+    Ok(entry)
+}
+
+/// `dmdpipe why`: what in the key of `stage` differs from its last accepted run.
+pub fn why(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<Vec<String>> {
+    check_names(p, [stage_name.to_string()])?;
+    let report = execute(p, &RunOptions { dry_run: true, until: Some(stage_name.to_string()), cache_dir, ..Default::default() }, Mode::DryRun)?;
+    let r = report.stage(stage_name).expect("selected");
+    Ok(match r.outcome {
+        Outcome::Cached => vec![format!("`{stage_name}` is fresh: nothing in its key changed (key {})", r.key.as_deref().unwrap_or("?"))],
+        _ => r.reasons.clone(),
+    })
+}
+
+/// A stage's artifact directory in the cache, when it is fresh.
+pub fn output_dir(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<PathBuf> {
+    let report = execute(p, &RunOptions { dry_run: true, until: Some(stage_name.to_string()), cache_dir, ..Default::default() }, Mode::DryRun)?;
+    let r = report.stage(stage_name).ok_or_else(|| anyhow!("no stage `{stage_name}`"))?;
+    r.output_dir.clone().ok_or_else(|| anyhow!("stage `{stage_name}` is not fresh; run the pipeline first"))
+}
+
+/// Record of the last accepted runs (for tests and tooling).
+pub fn record(cache_dir: &std::path::Path, pipeline: &str) -> Result<PipelineRecord> {
+    Ok(Cache::open(cache_dir, LockMode::Shared)?.read_record(pipeline))
+}

@@ -1,0 +1,161 @@
+//! `image-folder`: one subfolder per class of image files, resized to a square resolution
+//! (how AFHQ and most custom datasets arrive).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use image::imageops::FilterType;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{ArtifactType, FieldIssue, InputPath, Stage, StageContext};
+use crate::data::artifact::ImageDataset;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transform {
+    /// Crop the largest centred square, then resize (keeps the aspect ratio).
+    #[default]
+    CenterCrop,
+    /// Resize the whole image to a square (distorts non-square images).
+    Resize,
+}
+
+fn default_extensions() -> Vec<String> {
+    ["png", "jpg", "jpeg"].iter().map(|s| s.to_string()).collect()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFolderParams {
+    /// Directory with one subfolder per class.
+    pub source: PathBuf,
+    /// Output images are `resolution` x `resolution` RGB.
+    pub resolution: u32,
+    /// Class folders in label order; default: every subfolder, sorted by name.
+    pub classes: Option<Vec<String>>,
+    /// Keep class labels (false: an unconditional dataset, every label 0).
+    #[serde(default = "default_true")]
+    pub labels: bool,
+    #[serde(default)]
+    pub transform: Transform,
+    #[serde(default = "default_extensions")]
+    pub extensions: Vec<String>,
+}
+
+impl ImageFolderParams {
+    fn class_dirs(&self, root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+        if !root.is_dir() {
+            bail!("image folder {} does not exist or is not a directory", root.display());
+        }
+        let names = match &self.classes {
+            Some(c) => c.clone(),
+            None => {
+                let mut names = Vec::new();
+                for entry in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
+                    let entry = entry?;
+                    if entry.file_type()?.is_dir() {
+                        names.push(entry.file_name().to_string_lossy().into_owned());
+                    }
+                }
+                names.sort();
+                if names.is_empty() {
+                    bail!("{} has no class subfolders", root.display());
+                }
+                names
+            }
+        };
+        names
+            .into_iter()
+            .map(|n| {
+                let dir = root.join(&n);
+                if !dir.is_dir() {
+                    bail!("class folder {} is missing", dir.display());
+                }
+                Ok((n, dir))
+            })
+            .collect()
+    }
+
+    fn load(&self, path: &Path) -> anyhow::Result<Vec<u8>> {
+        let img = image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?.to_rgb8();
+        let (w, h) = img.dimensions();
+        let img = match self.transform {
+            Transform::CenterCrop => {
+                let s = w.min(h);
+                image::imageops::crop_imm(&img, (w - s) / 2, (h - s) / 2, s, s).to_image()
+            }
+            Transform::Resize => img,
+        };
+        let r = self.resolution;
+        let out = if img.dimensions() == (r, r) { img } else { image::imageops::resize(&img, r, r, FilterType::Lanczos3) };
+        Ok(out.into_raw())
+    }
+}
+
+impl Stage for ImageFolderParams {
+    fn version(&self) -> u32 {
+        1
+    }
+    fn output_type(&self) -> ArtifactType {
+        ArtifactType::Images
+    }
+    fn input_paths(&self) -> Vec<InputPath> {
+        vec![InputPath { role: "source", path: self.source.clone() }]
+    }
+    fn validate(&self) -> Result<(), FieldIssue> {
+        if self.resolution == 0 || self.resolution > 4096 {
+            return Err(FieldIssue::new("resolution", format!("resolution {} is outside 1..=4096", self.resolution)));
+        }
+        if matches!(&self.classes, Some(c) if c.is_empty()) {
+            return Err(FieldIssue::new("classes", "`classes` is empty").help("omit it to use every subfolder"));
+        }
+        if self.extensions.is_empty() {
+            return Err(FieldIssue::new("extensions", "`extensions` is empty"));
+        }
+        Ok(())
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
+        let root = ctx.input("source")?.to_path_buf();
+        let classes = self.class_dirs(&root)?;
+        let mut files = Vec::new();
+        for (label, (_, dir)) in classes.iter().enumerate() {
+            let mut these: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+                .sort_by_file_name()
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_file())
+                .map(|e| e.into_path())
+                .filter(|p| {
+                    p.extension().map(|x| self.extensions.iter().any(|e| x.eq_ignore_ascii_case(e.as_str()))).unwrap_or(false)
+                })
+                .collect();
+            if these.is_empty() {
+                bail!("class folder {} holds no images with extensions {:?}", dir.display(), self.extensions);
+            }
+            these.sort();
+            files.extend(these.into_iter().map(|p| (label as i64, p)));
+        }
+        ctx.progress.set_length(files.len() as u64);
+        let mut images = Vec::with_capacity(files.len() * (self.resolution * self.resolution * 3) as usize);
+        let mut labels = Vec::with_capacity(files.len());
+        for (label, path) in &files {
+            images.extend(self.load(path)?);
+            labels.push(if self.labels { *label } else { 0 });
+            ctx.progress.inc(1);
+        }
+        let ds = ImageDataset {
+            images,
+            height: self.resolution as usize,
+            width: self.resolution as usize,
+            channels: 3,
+            labels,
+            classes: if self.labels { classes.into_iter().map(|(n, _)| n).collect() } else { Vec::new() },
+        };
+        ds.write(&ctx.out_dir)?;
+        Ok(ds.metrics())
+    }
+}

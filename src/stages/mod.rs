@@ -1,0 +1,184 @@
+//! Stage kinds. Each kind is a typed params struct implementing [`Stage`]; the registry below
+//! maps the `kind` string of a pipeline file to it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+mod cifar10;
+mod gmm2d;
+mod image_folder;
+mod imagenet64;
+mod scatter_plot;
+mod subset;
+
+pub use cifar10::Cifar10Params;
+pub use gmm2d::{Gmm2dComponent, Gmm2dParams};
+pub use image_folder::ImageFolderParams;
+pub use imagenet64::Imagenet64Params;
+pub use scatter_plot::ScatterPlotParams;
+pub use subset::SubsetParams;
+
+/// What a stage's output directory holds, so references can be checked before anything runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactType {
+    /// `images.safetensors` (uint8 NHWC `images`, int64 `labels`) + `dataset.json`.
+    Images,
+    /// `points.safetensors` (f32 `points` [N, 2], int64 `labels`) + `dataset.json`.
+    Points2d,
+    /// Pictures and metrics only; nothing downstream consumes it.
+    Report,
+}
+
+/// A reference from a stage field to another stage's output.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The field that names the stage; also the role under which its digest enters the key.
+    pub role: &'static str,
+    pub stage: String,
+    pub accepts: &'static [ArtifactType],
+}
+
+/// A file or directory a stage reads, hashed into its key (the path itself is not).
+#[derive(Debug, Clone)]
+pub struct InputPath {
+    pub role: &'static str,
+    pub path: PathBuf,
+}
+
+/// A semantic problem with one field.
+#[derive(Debug, Clone)]
+pub struct FieldIssue {
+    pub field: String,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+impl FieldIssue {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        FieldIssue { field: field.to_string(), message: message.into(), help: None }
+    }
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+/// What the runner hands a running stage. Stages never touch the cache themselves.
+pub struct StageContext {
+    pub stage_name: String,
+    /// Write every output here; it becomes the artifact when the stage succeeds.
+    pub out_dir: PathBuf,
+    /// Survives a crash: resumable work (checkpoints) for this exact cache key.
+    pub work_dir: PathBuf,
+    /// Where downloads are kept between runs (content-verified by the stage).
+    pub downloads_dir: PathBuf,
+    /// Upstream artifact directories by role.
+    pub upstream: BTreeMap<String, PathBuf>,
+    /// Resolved input paths by role.
+    pub inputs: BTreeMap<String, PathBuf>,
+    pub progress: indicatif::ProgressBar,
+    /// Device requested by the pipeline (`auto`, `cpu`, `cuda`, `cuda:N`).
+    pub device: String,
+}
+
+impl StageContext {
+    pub fn upstream_dir(&self, role: &str) -> anyhow::Result<&Path> {
+        self.upstream.get(role).map(PathBuf::as_path).ok_or_else(|| anyhow::anyhow!("no upstream artifact for `{role}`"))
+    }
+    pub fn input(&self, role: &str) -> anyhow::Result<&Path> {
+        self.inputs.get(role).map(PathBuf::as_path).ok_or_else(|| anyhow::anyhow!("no input path for `{role}`"))
+    }
+}
+
+/// One stage kind's behaviour. Params structs implement it.
+pub trait Stage {
+    /// Bump when the implementation changes what it produces: every cached result of the kind
+    /// becomes stale.
+    fn version(&self) -> u32;
+    fn output_type(&self) -> ArtifactType;
+    fn upstream(&self) -> Vec<Upstream> {
+        Vec::new()
+    }
+    fn input_paths(&self) -> Vec<InputPath> {
+        Vec::new()
+    }
+    /// Fields that do not change the result (e.g. a download URL when the content is pinned by
+    /// digest) and so stay out of the cache key.
+    fn non_key_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn validate(&self) -> Result<(), FieldIssue> {
+        Ok(())
+    }
+    /// Runs the stage, writing outputs into `ctx.out_dir`; returns metrics (a JSON object).
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value>;
+}
+
+macro_rules! stage_kinds {
+    ($($kind:literal => $variant:ident($ty:ty)),* $(,)?) => {
+        /// A stage's kind and typed params: one variant per kind.
+        #[derive(Debug, Clone, Serialize, JsonSchema)]
+        #[serde(tag = "kind")]
+        pub enum StageSpec {
+            $( #[serde(rename = $kind)] $variant($ty), )*
+        }
+
+        /// Every kind a pipeline may name.
+        pub const KINDS: &[&str] = &[$($kind),*];
+
+        impl StageSpec {
+            /// Deserializes the params of `kind`; `None` when the kind is unknown.
+            pub fn parse<'de, D: serde::Deserializer<'de>>(kind: &str, de: D) -> Option<Result<Self, D::Error>> {
+                match kind {
+                    $( $kind => Some(<$ty>::deserialize(de).map(StageSpec::$variant)), )*
+                    _ => None,
+                }
+            }
+            pub fn kind(&self) -> &'static str {
+                match self { $( StageSpec::$variant(_) => $kind, )* }
+            }
+            pub fn stage(&self) -> &dyn Stage {
+                match self { $( StageSpec::$variant(p) => p, )* }
+            }
+            /// The params as JSON (without `kind`).
+            pub fn params_json(&self) -> serde_json::Value {
+                let value = match self { $( StageSpec::$variant(p) => serde_json::to_value(p), )* };
+                value.expect("stage params serialize to JSON")
+            }
+        }
+    };
+}
+
+stage_kinds! {
+    "gmm2d" => Gmm2d(Gmm2dParams),
+    "cifar10" => Cifar10(Cifar10Params),
+    "image-folder" => ImageFolder(ImageFolderParams),
+    "imagenet64" => Imagenet64(Imagenet64Params),
+    "subset" => Subset(SubsetParams),
+    "scatter-plot" => ScatterPlot(ScatterPlotParams),
+}
+
+impl StageSpec {
+    /// The params that enter the cache key: everything but stage references, input paths
+    /// (their digests enter instead) and fields the kind marks as not affecting the result.
+    pub fn key_params(&self) -> serde_json::Value {
+        let mut value = self.params_json();
+        let stage = self.stage();
+        if let Some(map) = value.as_object_mut() {
+            for up in stage.upstream() {
+                map.remove(up.role);
+            }
+            for input in stage.input_paths() {
+                map.remove(input.role);
+            }
+            for field in stage.non_key_fields() {
+                map.remove(*field);
+            }
+            map.retain(|_, v| !v.is_null());
+        }
+        value
+    }
+}
