@@ -1,0 +1,107 @@
+//! The command line as a user meets it: locking, exit codes, schema, dag.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dmdpipe::pipeline::cache::{Cache, LockMode};
+
+fn dmdpipe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
+}
+
+#[test]
+fn schema_file_is_up_to_date() {
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/pipeline.schema.json")).unwrap();
+    assert!(
+        committed == dmdpipe::pipeline::schema::pipeline_schema(),
+        "schemas/pipeline.schema.json is out of date: run `cargo run -- schema`"
+    );
+}
+
+#[test]
+fn shipped_pipelines_parse() {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        dmdpipe::pipeline::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn second_run_waits_for_the_lock_and_names_the_holder() {
+    let p = Project::new();
+    p.write("p.toml", &gmm_stage("a", 1, 100));
+    let held = Cache::open(&p.cache(), LockMode::Exclusive).unwrap();
+    let mut child = dmdpipe().args(["run"]).arg(p.path().join("p.toml")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(child.try_wait().unwrap().is_none(), "run must wait while the cache is locked");
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is locked by pid"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("a "));
+}
+
+#[test]
+fn readers_share_the_lock() {
+    let p = Project::new();
+    p.write("p.toml", &gmm_stage("a", 1, 100));
+    p.run("p.toml");
+    let _reader = Cache::open(&p.cache(), LockMode::Shared).unwrap();
+    let start = Instant::now();
+    let out = dmdpipe().args(["status"]).arg(p.path().join("p.toml")).output().unwrap();
+    assert!(out.status.success());
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fresh"));
+}
+
+#[test]
+fn status_exit_code_reports_staleness() {
+    let p = Project::new();
+    p.write("p.toml", &gmm_stage("a", 1, 100));
+    let st = dmdpipe().args(["status", "--exit-code"]).arg(p.path().join("p.toml")).output().unwrap();
+    assert_eq!(st.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&st.stdout).contains("never run"));
+    assert!(dmdpipe().arg("run").arg(p.path().join("p.toml")).output().unwrap().status.success());
+    let st = dmdpipe().args(["status", "--exit-code"]).arg(p.path().join("p.toml")).output().unwrap();
+    assert_eq!(st.status.code(), Some(0));
+}
+
+#[test]
+fn config_error_exit_code_and_location() {
+    let p = Project::new();
+    p.write("p.toml", &gmm_stage("a", 1, 100).replace("seed", "sede"));
+    let out = dmdpipe().arg("run").arg(p.path().join("p.toml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("p.toml:3:1") && err.contains("stages.a.sede") && err.contains("did you mean `seed`"), "{err}");
+}
+
+#[test]
+fn dag_formats() {
+    let p = Project::new();
+    p.write("p.toml", &format!("{}{}", gmm_stage("a", 1, 100), plot_stage("pic", "a", 128)));
+    let dot = dmdpipe().args(["dag", "--format", "dot"]).arg(p.path().join("p.toml")).output().unwrap();
+    assert!(String::from_utf8_lossy(&dot.stdout).contains("\"a\" -> \"pic\""));
+    let mermaid = dmdpipe().args(["dag", "--format", "mermaid"]).arg(p.path().join("p.toml")).output().unwrap();
+    assert!(String::from_utf8_lossy(&mermaid.stdout).contains("s_a -->|points| s_pic"));
+    let text = dmdpipe().args(["dag"]).arg(p.path().join("p.toml")).output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("pic (scatter-plot)  [points <- a]"));
+}
+
+#[test]
+fn run_writes_a_log_file_and_summary() {
+    let p = Project::new();
+    p.write("p.toml", &gmm_stage("a", 1, 100));
+    let out = dmdpipe().arg("run").arg(p.path().join("p.toml")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 ran, 0 cached"), "{stdout}");
+    let logs: Vec<_> = std::fs::read_dir(p.cache().join("logs")).unwrap().collect();
+    assert_eq!(logs.len(), 1);
+    let log = std::fs::read_to_string(logs[0].as_ref().unwrap().path()).unwrap();
+    assert!(log.contains("stage{name=a kind=\"gmm2d\"}") || log.contains("stage{name=a kind=gmm2d}"), "{log}");
+    assert!(log.contains("running"));
+}
