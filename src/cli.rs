@@ -81,8 +81,19 @@ enum Command {
     },
     /// Check that every cache entry's outputs are present and unchanged.
     Verify { pipeline: Option<PathBuf> },
+    /// Benchmarks: `hash` (input hashing throughput, cold and through the stat cache).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Print the output directory of a fresh stage.
     Path { pipeline: PathBuf, stage: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// sha256 throughput over a file or directory (default: 256 MB of generated data).
+    Hash { path: Option<PathBuf> },
 }
 
 pub fn main() -> ExitCode {
@@ -223,6 +234,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             println!("{} problems", problems.len());
             Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Bench { what: BenchCommand::Hash { path } } => {
+            crate::pipeline::hash::bench(path.as_deref())?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Path { pipeline, stage } => {
             let p = load(Some(&pipeline))?;

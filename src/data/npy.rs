@@ -57,7 +57,8 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
     };
     let header = std::str::from_utf8(bytes.get(start..start + header_len).ok_or_else(|| anyhow!("truncated .npy header"))?)?;
     let descr = dict_value(header, "descr").ok_or_else(|| anyhow!("no descr in .npy header"))?;
-    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
+    let quote = descr.chars().next().filter(|c| *c == '\'' || *c == '"').ok_or_else(|| anyhow!("bad descr in .npy header"))?;
+    let descr = descr[1..].split(quote).next().unwrap_or("");
     if dict_value(header, "fortran_order").map(|v| v.starts_with("True")).unwrap_or(false) {
         bail!("Fortran-order .npy arrays are not supported");
     }
