@@ -5,3 +5,4 @@ pub mod data;
 pub mod pipeline;
 pub mod render;
 pub mod stages;
+pub mod torch_shim;

@@ -1,0 +1,69 @@
+// The few libtorch calls tch 0.24 does not expose. Tensors arrive as tch's C_tensor pointers,
+// which are at::Tensor*. Every entry point catches C++ exceptions and reports them as a string.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/Context.h>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+thread_local std::string last_error;
+
+std::vector<at::Tensor> gather(at::Tensor** ts, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+}  // namespace
+
+extern "C" {
+
+const char* dmd_last_error() { return last_error.c_str(); }
+
+// Enters (enabled=1) or leaves (enabled=0) a bf16 autocast region on CUDA.
+int dmd_autocast_bf16(int enabled) {
+  try {
+    if (enabled) {
+      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      at::autocast::set_autocast_enabled(at::kCUDA, true);
+      at::autocast::increment_nesting();
+    } else {
+      if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+      at::autocast::set_autocast_enabled(at::kCUDA, false);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
+int dmd_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0; }
+
+void dmd_set_tf32(int enabled) {
+  at::globalContext().setAllowTF32CuBLAS(enabled != 0);
+  at::globalContext().setAllowTF32CuDNN(enabled != 0);
+}
+
+int dmd_tf32_enabled() { return at::globalContext().allowTF32CuBLAS() ? 1 : 0; }
+
+// One fused AdamW step over n parameters (torch's _fused_adamw_; CPU and CUDA kernels).
+// weight_decay = 0 gives Adam. steps are float scalar tensors, incremented here.
+int dmd_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                    at::Tensor** steps, int n, double lr, double beta1, double beta2, double weight_decay, double eps) {
+  try {
+    auto p = gather(params, n), g = gather(grads, n), m = gather(exp_avgs, n), v = gather(exp_avg_sqs, n), s = gather(steps, n);
+    at::NoGradGuard no_grad;
+    for (auto& t : s) t.add_(1);
+    std::vector<at::Tensor> none;
+    at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,165 @@
+//! The Rust side of the C++ shim (src/shim/shim.cpp), and loading libtorch_cuda at start-up.
+
+use std::ffi::CStr;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Result};
+use tch::{Device, Tensor};
+
+type CTensor = *mut torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn dmd_last_error() -> *const libc::c_char;
+    fn dmd_autocast_bf16(enabled: libc::c_int) -> libc::c_int;
+    fn dmd_autocast_enabled() -> libc::c_int;
+    fn dmd_set_tf32(enabled: libc::c_int);
+    fn dmd_tf32_enabled() -> libc::c_int;
+    fn dmd_fused_adamw(
+        params: *const CTensor,
+        grads: *const CTensor,
+        exp_avgs: *const CTensor,
+        exp_avg_sqs: *const CTensor,
+        steps: *const CTensor,
+        n: libc::c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> libc::c_int;
+}
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(dmd_last_error()).to_string_lossy().into_owned() }
+}
+
+/// Loads libtorch_cuda once. rustc links with `--as-needed`, which drops it because no symbol
+/// of it is referenced; without it libtorch sees no CUDA. Returns whether CUDA is usable.
+pub fn init_cuda() -> bool {
+    static CUDA: OnceLock<bool> = OnceLock::new();
+    *CUDA.get_or_init(|| {
+        let name = c"libtorch_cuda.so";
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            let err = unsafe { CStr::from_ptr(libc::dlerror()).to_string_lossy().into_owned() };
+            tracing::info!("libtorch_cuda not loaded ({err}); running on the CPU");
+            return false;
+        }
+        tch::Cuda::is_available()
+    })
+}
+
+/// Parses a device name: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`.
+pub fn device(name: &str) -> Result<Device> {
+    let cuda = init_cuda();
+    match name {
+        "auto" => Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "cuda:0" if cuda => Ok(Device::Cuda(0)),
+        n if n.starts_with("cuda:") && cuda => Ok(Device::Cuda(n[5..].parse()?)),
+        n if n.starts_with("cuda") => bail!("device `{n}` requested but CUDA is not available (no libtorch_cuda or no GPU)"),
+        n => bail!("unknown device `{n}` (use auto, cpu, cuda or cuda:N)"),
+    }
+}
+
+/// bf16 autocast on CUDA for the guard's lifetime (tch's own guard is f16-only).
+pub struct AutocastBf16 {
+    active: bool,
+}
+
+impl AutocastBf16 {
+    pub fn new(enabled: bool) -> Result<Self> {
+        if enabled && unsafe { dmd_autocast_bf16(1) } != 0 {
+            bail!("entering bf16 autocast: {}", last_error());
+        }
+        Ok(AutocastBf16 { active: enabled })
+    }
+    pub fn is_enabled() -> bool {
+        unsafe { dmd_autocast_enabled() != 0 }
+    }
+}
+
+impl Drop for AutocastBf16 {
+    fn drop(&mut self) {
+        if self.active {
+            unsafe { dmd_autocast_bf16(0) };
+        }
+    }
+}
+
+/// TF32 for cuBLAS matmuls and cuDNN convolutions.
+pub fn set_tf32(enabled: bool) {
+    unsafe { dmd_set_tf32(enabled as libc::c_int) }
+}
+
+pub fn tf32_enabled() -> bool {
+    unsafe { dmd_tf32_enabled() != 0 }
+}
+
+/// One fused AdamW step (torch's `_fused_adamw_`) over all parameters at once.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_adamw(params: &[Tensor], grads: &[Tensor], exp_avgs: &[Tensor], exp_avg_sqs: &[Tensor], steps: &[Tensor], lr: f64, betas: (f64, f64), weight_decay: f64, eps: f64) -> Result<()> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
+        bail!("fused_adamw: lists of different lengths");
+    }
+    let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as CTensor).collect::<Vec<_>>();
+    let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
+    let rc = unsafe { dmd_fused_adamw(p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as libc::c_int, lr, betas.0, betas.1, weight_decay, eps) };
+    if rc != 0 {
+        bail!("fused AdamW: {}", last_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn fused_adamw_matches_the_textbook_update() {
+        tch::manual_seed(0);
+        let p0 = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let p = p0.copy();
+        let m = Tensor::zeros([5, 3], (Kind::Float, Device::Cpu));
+        let v = Tensor::zeros([5, 3], (Kind::Float, Device::Cpu));
+        let s = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let (lr, b1, b2, wd, eps) = (0.01, 0.9, 0.999, 0.1, 1e-8);
+        let mut pr = p0.to_kind(Kind::Double);
+        let mut mr = pr.zeros_like();
+        let mut vr = pr.zeros_like();
+        for step in 1..=3 {
+            let g = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+            fused_adamw(&[p.shallow_clone()], &[g.shallow_clone()], &[m.shallow_clone()], &[v.shallow_clone()], &[s.shallow_clone()], lr, (b1, b2), wd, eps).unwrap();
+            let gd = g.to_kind(Kind::Double);
+            pr = &pr * (1.0 - lr * wd);
+            mr = &mr * b1 + &gd * (1.0 - b1);
+            vr = &vr * b2 + &gd * &gd * (1.0 - b2);
+            let mhat = &mr / (1.0 - b1.powi(step));
+            let vhat = &vr / (1.0 - b2.powi(step));
+            pr = &pr - mhat / (vhat.sqrt() + eps) * lr;
+        }
+        let err = (p.to_kind(Kind::Double) - &pr).abs().max().double_value(&[]);
+        assert!(err < 1e-6, "max error {err}");
+        assert_eq!(s.double_value(&[]), 3.0);
+    }
+
+    #[test]
+    fn tf32_switch_round_trips() {
+        set_tf32(true);
+        assert!(tf32_enabled());
+        set_tf32(false);
+        assert!(!tf32_enabled());
+    }
+
+    #[test]
+    fn autocast_guard_sets_and_restores() {
+        assert!(!AutocastBf16::is_enabled());
+        {
+            let _g = AutocastBf16::new(true).unwrap();
+            assert!(AutocastBf16::is_enabled());
+        }
+        assert!(!AutocastBf16::is_enabled());
+    }
+}
