@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod nn;
 pub mod pipeline;
 pub mod render;
 pub mod stages;

@@ -1,0 +1,184 @@
+//! Network configurations as pipeline files write them. Defaults are EDM's: DDPM++ as in
+//! `edm-cifar10-32x32-cond-vp`, ADM as in `edm-imagenet-64x64-cond-adm`.
+
+use anyhow::{bail, Context, Result};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+fn d_res32() -> i64 { 32 }
+fn d_res64() -> i64 { 64 }
+fn d_3() -> i64 { 3 }
+fn d_10() -> i64 { 10 }
+fn d_1000() -> i64 { 1000 }
+fn d_9() -> i64 { 9 }
+fn d_128() -> i64 { 128 }
+fn d_192() -> i64 { 192 }
+fn d_222() -> Vec<i64> { vec![2, 2, 2] }
+fn d_1234() -> Vec<i64> { vec![1, 2, 3, 4] }
+fn d_4() -> i64 { 4 }
+fn d_1() -> i64 { 1 }
+fn d_16() -> Vec<i64> { vec![16] }
+fn d_32_16_8() -> Vec<i64> { vec![32, 16, 8] }
+fn d_drop13() -> f64 { 0.13 }
+fn d_drop10() -> f64 { 0.10 }
+fn d_filter() -> Vec<f64> { vec![1.0, 1.0] }
+fn d_sigma_data() -> f64 { 0.5 }
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Embedding {
+    #[default]
+    Positional,
+    Fourier,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderType {
+    #[default]
+    Standard,
+    Skip,
+    Residual,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderType {
+    #[default]
+    Standard,
+    Skip,
+}
+
+/// DDPM++ / NCSN++ (EDM's SongUNet).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SongUNetConfig {
+    #[serde(default = "d_res32")]
+    pub img_resolution: i64,
+    #[serde(default = "d_3")]
+    pub img_channels: i64,
+    /// Number of classes; 0 for an unconditional model.
+    #[serde(default = "d_10")]
+    pub label_dim: i64,
+    /// Augmentation-label dimension (EDM's CIFAR-10 models: 9); 0 for none.
+    #[serde(default = "d_9")]
+    pub augment_dim: i64,
+    #[serde(default = "d_128")]
+    pub model_channels: i64,
+    #[serde(default = "d_222")]
+    pub channel_mult: Vec<i64>,
+    #[serde(default = "d_4")]
+    pub channel_mult_emb: i64,
+    #[serde(default = "d_4")]
+    pub num_blocks: i64,
+    #[serde(default = "d_16")]
+    pub attn_resolutions: Vec<i64>,
+    #[serde(default = "d_drop13")]
+    pub dropout: f64,
+    #[serde(default)]
+    pub label_dropout: f64,
+    #[serde(default)]
+    pub embedding_type: Embedding,
+    #[serde(default = "d_1")]
+    pub channel_mult_noise: i64,
+    #[serde(default)]
+    pub encoder_type: EncoderType,
+    #[serde(default)]
+    pub decoder_type: DecoderType,
+    #[serde(default = "d_filter")]
+    pub resample_filter: Vec<f64>,
+    #[serde(default = "d_sigma_data")]
+    pub sigma_data: f64,
+}
+
+/// ADM (EDM's DhariwalUNet, the ImageNet-64 architecture).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DhariwalUNetConfig {
+    #[serde(default = "d_res64")]
+    pub img_resolution: i64,
+    #[serde(default = "d_3")]
+    pub img_channels: i64,
+    #[serde(default = "d_1000")]
+    pub label_dim: i64,
+    #[serde(default)]
+    pub augment_dim: i64,
+    #[serde(default = "d_192")]
+    pub model_channels: i64,
+    #[serde(default = "d_1234")]
+    pub channel_mult: Vec<i64>,
+    #[serde(default = "d_4")]
+    pub channel_mult_emb: i64,
+    #[serde(default = "d_3")]
+    pub num_blocks: i64,
+    #[serde(default = "d_32_16_8")]
+    pub attn_resolutions: Vec<i64>,
+    #[serde(default = "d_drop10")]
+    pub dropout: f64,
+    #[serde(default)]
+    pub label_dropout: f64,
+    #[serde(default = "d_sigma_data")]
+    pub sigma_data: f64,
+}
+
+/// A denoiser network with EDM preconditioning.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(tag = "arch", rename_all = "lowercase")]
+pub enum NetworkConfig {
+    /// DDPM++ (SongUNet): EDM's CIFAR-10, FFHQ and AFHQ models.
+    Ddpmpp(SongUNetConfig),
+    /// ADM (DhariwalUNet): EDM's ImageNet-64 model.
+    Adm(DhariwalUNetConfig),
+}
+
+impl NetworkConfig {
+    pub fn label_dim(&self) -> i64 {
+        match self {
+            NetworkConfig::Ddpmpp(c) => c.label_dim,
+            NetworkConfig::Adm(c) => c.label_dim,
+        }
+    }
+    pub fn img_resolution(&self) -> i64 {
+        match self {
+            NetworkConfig::Ddpmpp(c) => c.img_resolution,
+            NetworkConfig::Adm(c) => c.img_resolution,
+        }
+    }
+    pub fn img_channels(&self) -> i64 {
+        match self {
+            NetworkConfig::Ddpmpp(c) => c.img_channels,
+            NetworkConfig::Adm(c) => c.img_channels,
+        }
+    }
+    pub fn sigma_data(&self) -> f64 {
+        match self {
+            NetworkConfig::Ddpmpp(c) => c.sigma_data,
+            NetworkConfig::Adm(c) => c.sigma_data,
+        }
+    }
+    pub fn set_dropout(&mut self, p: f64) {
+        match self {
+            NetworkConfig::Ddpmpp(c) => c.dropout = p,
+            NetworkConfig::Adm(c) => c.dropout = p,
+        }
+    }
+
+    /// Reads EDM's constructor arguments (`model_type` plus network kwargs) as recorded in
+    /// EDM's pickles and in the golden files' metadata.
+    pub fn from_edm_kwargs(v: &serde_json::Value) -> Result<Self> {
+        let mut obj = v.as_object().context("network config must be a JSON object")?.clone();
+        let model_type = obj.remove("model_type").and_then(|m| m.as_str().map(str::to_string)).unwrap_or_else(|| "SongUNet".into());
+        if let Some(c) = obj.remove("img_channels") {
+            obj.insert("img_channels".into(), c);
+        }
+        for k in ["use_fp16", "sigma_min", "sigma_max", "in_channels", "out_channels", "beta_d", "beta_min", "M", "epsilon_t", "C_1", "C_2"] {
+            obj.remove(k);
+        }
+        let v = serde_json::Value::Object(obj);
+        Ok(match model_type.as_str() {
+            "SongUNet" => NetworkConfig::Ddpmpp(serde_json::from_value(v).context("SongUNet config")?),
+            "DhariwalUNet" => NetworkConfig::Adm(serde_json::from_value(v).context("DhariwalUNet config")?),
+            other => bail!("unsupported EDM model_type `{other}`"),
+        })
+    }
+}

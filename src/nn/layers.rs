@@ -1,0 +1,181 @@
+//! EDM's building blocks: Linear, Conv2d with a resampling filter, GroupNorm, noise embeddings,
+//! and EDM's weight initialisations. Parameter names follow EDM's state dict.
+
+use tch::nn::Path;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitMode {
+    XavierUniform,
+    XavierNormal,
+    KaimingUniform,
+    KaimingNormal,
+}
+
+/// How a layer's weight and bias are drawn (EDM's `init_mode`, `init_weight`, `init_bias`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Init {
+    pub mode: InitMode,
+    pub weight: f64,
+    pub bias: f64,
+}
+
+impl Init {
+    pub const fn new(mode: InitMode, weight: f64, bias: f64) -> Self {
+        Init { mode, weight, bias }
+    }
+}
+
+fn draw(shape: &[i64], mode: InitMode, fan_in: f64, fan_out: f64, p: &Path) -> Tensor {
+    let opts = (Kind::Float, p.device());
+    let uniform = || Tensor::rand(shape, opts) * 2.0 - 1.0;
+    match mode {
+        InitMode::XavierUniform => uniform() * (6.0 / (fan_in + fan_out)).sqrt(),
+        InitMode::XavierNormal => Tensor::randn(shape, opts) * (2.0 / (fan_in + fan_out)).sqrt(),
+        InitMode::KaimingUniform => uniform() * (3.0 / fan_in).sqrt(),
+        InitMode::KaimingNormal => Tensor::randn(shape, opts) * (1.0 / fan_in).sqrt(),
+    }
+}
+
+/// A non-trainable tensor registered under `name` (a buffer in PyTorch's terms).
+pub fn buffer(p: &Path, name: &str, value: &Tensor) -> Tensor {
+    let b = p.zeros_no_train(name, &value.size());
+    tch::no_grad(|| b.shallow_clone().copy_(&value.to_device(p.device())));
+    b
+}
+
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub in_features: i64,
+}
+
+impl Linear {
+    pub fn new(p: &Path, in_features: i64, out_features: i64, bias: bool, init: Init) -> Self {
+        let (fi, fo) = (in_features as f64, out_features as f64);
+        let weight = p.var_copy("weight", &(draw(&[out_features, in_features], init.mode, fi, fo, p) * init.weight));
+        let bias = bias.then(|| p.var_copy("bias", &(draw(&[out_features], init.mode, fi, fo, p) * init.bias)));
+        Linear { weight, bias, in_features }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// EDM's Conv2d: an optional kernel, optional 2x up/down-sampling with a separable FIR filter,
+/// optionally fused with the convolution.
+pub struct Conv2d {
+    pub weight: Option<Tensor>,
+    pub bias: Option<Tensor>,
+    pub filter: Option<Tensor>,
+    pub in_channels: i64,
+    pub out_channels: i64,
+    up: bool,
+    down: bool,
+    fused: bool,
+}
+
+pub struct ConvSpec<'a> {
+    pub kernel: i64,
+    pub bias: bool,
+    pub up: bool,
+    pub down: bool,
+    pub resample_filter: &'a [f64],
+    pub fused_resample: bool,
+}
+
+impl Default for ConvSpec<'_> {
+    fn default() -> Self {
+        ConvSpec { kernel: 3, bias: true, up: false, down: false, resample_filter: &[1.0, 1.0], fused_resample: false }
+    }
+}
+
+impl Conv2d {
+    pub fn new(p: &Path, in_channels: i64, out_channels: i64, spec: ConvSpec, init: Init) -> Self {
+        let k = spec.kernel;
+        let (fi, fo) = ((in_channels * k * k) as f64, (out_channels * k * k) as f64);
+        let weight = (k > 0).then(|| p.var_copy("weight", &(draw(&[out_channels, in_channels, k, k], init.mode, fi, fo, p) * init.weight)));
+        let bias = (k > 0 && spec.bias).then(|| p.var_copy("bias", &(draw(&[out_channels], init.mode, fi, fo, p) * init.bias)));
+        let filter = (spec.up || spec.down).then(|| {
+            let f = Tensor::from_slice(spec.resample_filter).to_kind(Kind::Float);
+            let n = spec.resample_filter.len() as i64;
+            let s: f64 = spec.resample_filter.iter().sum();
+            let f2 = f.outer(&f).reshape([1, 1, n, n]) / (s * s);
+            buffer(p, "resample_filter", &f2)
+        });
+        Conv2d { weight, bias, filter, in_channels, out_channels, up: spec.up, down: spec.down, fused: spec.fused_resample }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let w_pad = self.weight.as_ref().map(|w| w.size()[3] / 2).unwrap_or(0);
+        let f_pad = self.filter.as_ref().map(|f| (f.size()[3] - 1) / 2).unwrap_or(0);
+        let mut x = x.shallow_clone();
+        let f = self.filter.as_ref().map(|f| f.to_kind(x.kind()));
+        let w = self.weight.as_ref();
+        let up_filter = |f: &Tensor, c: i64| (f * 4.0).tile([c, 1, 1, 1]);
+        match (self.fused, self.up, self.down, w, &f) {
+            (true, true, _, Some(w), Some(f)) => {
+                let c = self.in_channels;
+                x = x.conv_transpose2d(&up_filter(f, c), None::<Tensor>, [2, 2], [(f_pad - w_pad).max(0); 2], [0, 0], c, [1, 1]);
+                x = x.conv2d(w, None::<Tensor>, [1, 1], [(w_pad - f_pad).max(0); 2], [1, 1], 1);
+            }
+            (true, _, true, Some(w), Some(f)) => {
+                let c = self.out_channels;
+                x = x.conv2d(w, None::<Tensor>, [1, 1], [w_pad + f_pad; 2], [1, 1], 1);
+                x = x.conv2d(&f.tile([c, 1, 1, 1]), None::<Tensor>, [2, 2], [0, 0], [1, 1], c);
+            }
+            _ => {
+                if let (true, Some(f)) = (self.up, &f) {
+                    let c = self.in_channels;
+                    x = x.conv_transpose2d(&up_filter(f, c), None::<Tensor>, [2, 2], [f_pad; 2], [0, 0], c, [1, 1]);
+                }
+                if let (true, Some(f)) = (self.down, &f) {
+                    let c = self.in_channels;
+                    x = x.conv2d(&f.tile([c, 1, 1, 1]), None::<Tensor>, [2, 2], [f_pad; 2], [1, 1], c);
+                }
+                if let Some(w) = w {
+                    x = x.conv2d(w, None::<Tensor>, [1, 1], [w_pad; 2], [1, 1], 1);
+                }
+            }
+        }
+        match &self.bias {
+            Some(b) => x + b.reshape([1, -1, 1, 1]),
+            None => x,
+        }
+    }
+}
+
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// EDM's rule: min(32, channels / 4) groups.
+    pub fn new(p: &Path, channels: i64, eps: f64) -> Self {
+        let groups = 32.min(channels / 4).max(1);
+        let weight = p.var_copy("weight", &Tensor::ones([channels], (Kind::Float, p.device())));
+        let bias = p.var_copy("bias", &Tensor::zeros([channels], (Kind::Float, p.device())));
+        GroupNorm { weight, bias, groups, eps }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// Sinusoidal embedding of a noise level (EDM's PositionalEmbedding).
+pub fn positional_embedding(x: &Tensor, channels: i64, max_positions: f64, endpoint: bool) -> Tensor {
+    let half = channels / 2;
+    let freqs = Tensor::arange(half, (Kind::Float, x.device())) / ((half - endpoint as i64) as f64);
+    let freqs = freqs.multiply_scalar(-(max_positions.ln())).exp();
+    let arg = x.to_kind(Kind::Float).outer(&freqs);
+    Tensor::cat(&[arg.cos(), arg.sin()], 1)
+}
+
+/// Random Fourier features of a noise level (EDM's FourierEmbedding); `freqs` is a buffer.
+pub fn fourier_embedding(x: &Tensor, freqs: &Tensor) -> Tensor {
+    let arg = x.to_kind(Kind::Float).outer(&(freqs * (2.0 * std::f64::consts::PI)));
+    Tensor::cat(&[arg.cos(), arg.sin()], 1)
+}

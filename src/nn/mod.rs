@@ -1,0 +1,13 @@
+//! Networks: EDM's DDPM++ (SongUNet) and ADM (DhariwalUNet) with EDM preconditioning, and
+//! weight import/export.
+
+pub mod config;
+pub mod dhariwal;
+pub mod layers;
+pub mod precond;
+pub mod songunet;
+pub mod unet_block;
+pub mod weights;
+
+pub use config::NetworkConfig;
+pub use precond::Denoiser;

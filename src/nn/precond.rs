@@ -1,0 +1,83 @@
+//! EDM preconditioning around a U-Net: D(x; sigma, y) = c_skip x + c_out F(c_in x; c_noise, y).
+
+use anyhow::Result;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use super::config::NetworkConfig;
+use super::dhariwal::DhariwalUNet;
+use super::songunet::SongUNet;
+
+enum UNet {
+    Song(SongUNet),
+    Dhariwal(DhariwalUNet),
+}
+
+/// A denoiser with its own parameters (a VarStore whose names are EDM's state-dict names).
+pub struct Denoiser {
+    pub vs: VarStore,
+    pub config: NetworkConfig,
+    net: UNet,
+}
+
+impl Denoiser {
+    /// Builds the network on `device` with EDM's random initialisation (seeded by the caller
+    /// through `tch::manual_seed`).
+    pub fn new(config: &NetworkConfig, device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let root = vs.root() / "model";
+        let net = match config {
+            NetworkConfig::Ddpmpp(c) => UNet::Song(SongUNet::new(&root, c)),
+            NetworkConfig::Adm(c) => UNet::Dhariwal(DhariwalUNet::new(&root, c)),
+        };
+        Denoiser { vs, config: config.clone(), net }
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn num_params(&self) -> i64 {
+        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+
+    /// The raw U-Net output F(x_in; c_noise, y).
+    pub fn raw(&self, x_in: &Tensor, c_noise: &Tensor, class_labels: Option<&Tensor>, augment_labels: Option<&Tensor>, train: bool) -> Tensor {
+        match &self.net {
+            UNet::Song(n) => n.forward(x_in, c_noise, class_labels, augment_labels, train),
+            UNet::Dhariwal(n) => n.forward(x_in, c_noise, class_labels, augment_labels, train),
+        }
+    }
+
+    /// D(x; sigma, y) in f32 (the network itself may run under autocast). `sigma` has one value
+    /// per image or a single value; `class_labels` are one-hot [N, label_dim].
+    pub fn denoise(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>, train: bool) -> Tensor {
+        self.denoise_aug(x, sigma, class_labels, None, train)
+    }
+
+    pub fn denoise_aug(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>, augment_labels: Option<&Tensor>, train: bool) -> Tensor {
+        let x = x.to_kind(Kind::Float);
+        let n = x.size()[0];
+        let sigma = sigma.to_kind(Kind::Float).reshape([-1, 1, 1, 1]);
+        let sd = self.config.sigma_data();
+        let s2 = sigma.square() + sd * sd;
+        let c_skip = s2.reciprocal() * (sd * sd);
+        let c_out = &sigma * sd / s2.sqrt();
+        let c_in = s2.sqrt().reciprocal();
+        let c_noise = (sigma.log() / 4.0).flatten(0, -1);
+        let c_noise = if c_noise.size()[0] == 1 && n > 1 { c_noise.expand([n], false) } else { c_noise };
+        let labels = match (self.config.label_dim(), class_labels) {
+            (0, _) => None,
+            (d, None) => Some(Tensor::zeros([1, d], (Kind::Float, x.device()))),
+            (d, Some(l)) => Some(l.to_kind(Kind::Float).reshape([-1, d])),
+        };
+        let f = self.raw(&(&c_in * &x), &c_noise, labels.as_ref(), augment_labels, train);
+        c_skip * &x + c_out * f.to_kind(Kind::Float)
+    }
+
+    /// Copies every parameter from `other` (same config).
+    pub fn copy_from(&mut self, other: &Denoiser) -> Result<()> {
+        self.vs.copy(&other.vs)?;
+        Ok(())
+    }
+}
