@@ -5,5 +5,6 @@ pub mod data;
 pub mod nn;
 pub mod pipeline;
 pub mod render;
+pub mod sample;
 pub mod stages;
 pub mod torch_shim;

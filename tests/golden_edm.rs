@@ -49,3 +49,48 @@ fn songunet_matches_edm() {
 fn dhariwal_unet_matches_edm() {
     check("adm_small_weights.safetensors", "adm_small_io.safetensors");
 }
+
+#[test]
+fn heun_sampler_matches_edm() {
+    let net = load("songunet_small_weights.safetensors");
+    let (io, _) = read_safetensors(&golden("songunet_small_io.safetensors")).unwrap();
+    let cfg = dmdpipe::sample::SamplerConfig::default();
+    assert_eq!(cfg.network_calls(), 35);
+    let out = dmdpipe::sample::sample(&net, &io["heun_latents"], Some(&io["class_labels"]), &cfg);
+    let e = rel_err(&out, &io["heun_out"]);
+    assert!(e < 1e-3, "heun relative error {e:e}");
+}
+
+fn manifest(name: &str) -> (NetworkConfig, Vec<(String, Vec<i64>)>) {
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden(name)).unwrap()).unwrap();
+    let config = NetworkConfig::from_edm_kwargs(&m["config"]).unwrap();
+    let mut tensors: Vec<(String, Vec<i64>)> = m["tensors"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect()))
+        .collect();
+    tensors.sort();
+    (config, tensors)
+}
+
+fn check_manifest(name: &str, params: i64) {
+    let (config, expected) = manifest(name);
+    let net = Denoiser::new(&config, Device::Cpu);
+    let mut ours: Vec<(String, Vec<i64>)> = net.vs.variables().into_iter().map(|(k, v)| (k, v.size())).collect();
+    ours.sort();
+    let missing: Vec<_> = expected.iter().filter(|e| !ours.contains(e)).collect();
+    let extra: Vec<_> = ours.iter().filter(|o| !expected.contains(o)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}\nextra {extra:?}");
+    assert_eq!(net.num_params(), params);
+}
+
+#[test]
+fn cifar10_model_has_edm_names_and_shapes() {
+    check_manifest("songunet_cifar10_cond_manifest.json", 55_735_299);
+}
+
+#[test]
+fn imagenet64_model_has_edm_names_and_shapes() {
+    check_manifest("adm_imagenet64_cond_manifest.json", 295_899_267);
+}
