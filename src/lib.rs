@@ -8,3 +8,4 @@ pub mod render;
 pub mod sample;
 pub mod stages;
 pub mod torch_shim;
+pub mod train;

@@ -132,3 +132,41 @@ mod tests {
         assert!(!a.get(0).equal(&b.get(0)));
     }
 }
+
+/// f32 images in [-1, 1] (NCHW) to uint8 NHWC bytes: clamp, then round((x + 1) * 127.5).
+pub fn to_uint8_nhwc(x: &Tensor) -> Vec<u8> {
+    let u = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous().to_device(tch::Device::Cpu);
+    let n = u.numel();
+    let mut out = vec![0u8; n];
+    u.copy_data(&mut out, n);
+    out
+}
+
+/// A grid of samples: one row per class (labelled) for a conditional network, `columns`
+/// images per row, latents from seeds `seed + row * columns + col`, so the same grid can be
+/// compared across runs. `generate` maps (latents, one-hot labels) to images in [-1, 1].
+pub fn class_grid(
+    res: i64,
+    channels: i64,
+    label_dim: i64,
+    class_names: &[String],
+    columns: usize,
+    seed: u64,
+    device: tch::Device,
+    generate: impl Fn(&Tensor, Option<&Tensor>) -> Tensor,
+) -> crate::render::Canvas {
+    let rows = if class_names.is_empty() { columns } else { class_names.len() };
+    let n = rows * columns;
+    let seeds: Vec<u64> = (0..n as u64).map(|i| seed + i).collect();
+    let mut bytes = Vec::with_capacity(n * (res * res * channels) as usize);
+    for chunk in seeds.chunks(256) {
+        let z = seeded_latents(chunk, [channels, res, res], device);
+        let labels = (label_dim > 0).then(|| {
+            let l: Vec<i64> = chunk.iter().map(|s| ((s - seed) as usize / columns) as i64).collect();
+            one_hot(&l, label_dim, device)
+        });
+        bytes.extend(to_uint8_nhwc(&tch::no_grad(|| generate(&z, labels.as_ref()))));
+    }
+    let labels = (!class_names.is_empty()).then_some(class_names);
+    crate::render::image_grid(&bytes, res as usize, res as usize, rows, columns, labels)
+}

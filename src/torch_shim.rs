@@ -29,6 +29,38 @@ unsafe extern "C" {
     ) -> libc::c_int;
 }
 
+unsafe extern "C" {
+    fn dmd_foreach_lerp(ema: *const CTensor, params: *const CTensor, n: libc::c_int, weight: f64) -> libc::c_int;
+    fn dmd_sanitize_and_clip(grads: *const CTensor, n: libc::c_int, max_norm: f64, norm_out: *mut f64) -> libc::c_int;
+}
+
+fn ptrs(ts: &[Tensor]) -> Vec<CTensor> {
+    ts.iter().map(|t| t.as_ptr() as CTensor).collect()
+}
+
+/// ema <- ema + weight * (param - ema), for all pairs at once.
+pub fn foreach_lerp(ema: &[Tensor], params: &[Tensor], weight: f64) -> Result<()> {
+    if ema.len() != params.len() {
+        bail!("foreach_lerp: lists of different lengths");
+    }
+    let (e, p) = (ptrs(ema), ptrs(params));
+    if unsafe { dmd_foreach_lerp(e.as_ptr(), p.as_ptr(), e.len() as libc::c_int, weight) } != 0 {
+        bail!("foreach_lerp: {}", last_error());
+    }
+    Ok(())
+}
+
+/// Replaces NaN/Inf in `grads`, clips their global L2 norm to `max_norm` (when > 0) and returns
+/// the norm before clipping.
+pub fn sanitize_and_clip(grads: &[Tensor], max_norm: f64) -> Result<f64> {
+    let g = ptrs(grads);
+    let mut norm = 0.0;
+    if unsafe { dmd_sanitize_and_clip(g.as_ptr(), g.len() as libc::c_int, max_norm, &mut norm) } != 0 {
+        bail!("sanitize_and_clip: {}", last_error());
+    }
+    Ok(norm)
+}
+
 fn last_error() -> String {
     unsafe { CStr::from_ptr(dmd_last_error()).to_string_lossy().into_owned() }
 }
@@ -103,7 +135,6 @@ pub fn fused_adamw(params: &[Tensor], grads: &[Tensor], exp_avgs: &[Tensor], exp
     if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
         bail!("fused_adamw: lists of different lengths");
     }
-    let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as CTensor).collect::<Vec<_>>();
     let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
     let rc = unsafe { dmd_fused_adamw(p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as libc::c_int, lr, betas.0, betas.1, weight_decay, eps) };
     if rc != 0 {
@@ -143,6 +174,21 @@ mod tests {
         let err = (p.to_kind(Kind::Double) - &pr).abs().max().double_value(&[]);
         assert!(err < 1e-6, "max error {err}");
         assert_eq!(s.double_value(&[]), 3.0);
+    }
+
+    #[test]
+    fn foreach_lerp_and_clip() {
+        let a = Tensor::from_slice(&[0.0f32, 0.0]);
+        let b = Tensor::from_slice(&[1.0f32, 2.0]);
+        foreach_lerp(&[a.shallow_clone()], &[b.shallow_clone()], 0.25).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), vec![0.25, 0.5]);
+        let g1 = Tensor::from_slice(&[3.0f32, f32::NAN]);
+        let g2 = Tensor::from_slice(&[4.0f32]);
+        let norm = sanitize_and_clip(&[g1.shallow_clone(), g2.shallow_clone()], 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        let v1 = Vec::<f32>::try_from(&g1).unwrap();
+        assert!((v1[0] - 0.6).abs() < 1e-5 && v1[1] == 0.0);
+        assert!((Vec::<f32>::try_from(&g2).unwrap()[0] - 0.8).abs() < 1e-5);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod dhariwal;
+pub mod import;
+pub mod pickle;
 pub mod layers;
 pub mod precond;
 pub mod songunet;

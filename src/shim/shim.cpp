@@ -66,4 +66,39 @@ int dmd_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_av
   }
 }
 
+// ema = lerp(ema, param, weight) for every pair, in one foreach launch per chunk.
+int dmd_foreach_lerp(at::Tensor** ema, at::Tensor** params, int n, double weight) {
+  try {
+    auto e = gather(ema, n), p = gather(params, n);
+    at::NoGradGuard no_grad;
+    at::_foreach_lerp_(e, p, at::Scalar(weight));
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
+// Replaces NaN/Inf in gradients (EDM: nan -> 0, +inf -> 1e5, -inf -> -1e5), then scales them so
+// that their global L2 norm is at most max_norm (no scaling when max_norm <= 0). Writes the norm
+// before clipping to *norm_out.
+int dmd_sanitize_and_clip(at::Tensor** grads, int n, double max_norm, double* norm_out) {
+  try {
+    auto g = gather(grads, n);
+    at::NoGradGuard no_grad;
+    for (auto& t : g) t.nan_to_num_(0.0, 1e5, -1e5);
+    auto norms = at::_foreach_norm(g, 2);
+    auto total = at::stack(norms).norm();
+    *norm_out = total.item<double>();
+    if (max_norm > 0) {
+      auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
+      at::_foreach_mul_(g, coef);
+    }
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
 }  // extern "C"

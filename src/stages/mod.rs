@@ -13,6 +13,7 @@ mod image_folder;
 mod imagenet64;
 mod scatter_plot;
 mod subset;
+pub mod teacher;
 
 pub use cifar10::Cifar10Params;
 pub use gmm2d::{Gmm2dComponent, Gmm2dParams};
@@ -20,6 +21,7 @@ pub use image_folder::ImageFolderParams;
 pub use imagenet64::Imagenet64Params;
 pub use scatter_plot::ScatterPlotParams;
 pub use subset::SubsetParams;
+pub use teacher::TeacherParams;
 
 /// What a stage's output directory holds, so references can be checked before anything runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub enum ArtifactType {
     Images,
     /// `points.safetensors` (f32 `points` [N, 2], int64 `labels`) + `dataset.json`.
     Points2d,
+    /// `denoiser.safetensors`: an EDM denoiser's weights with its config in the metadata.
+    Denoiser,
     /// Pictures and metrics only; nothing downstream consumes it.
     Report,
 }
@@ -159,6 +163,7 @@ stage_kinds! {
     "imagenet64" => Imagenet64(Imagenet64Params),
     "subset" => Subset(SubsetParams),
     "scatter-plot" => ScatterPlot(ScatterPlotParams),
+    "teacher" => Teacher(TeacherParams),
 }
 
 impl StageSpec {

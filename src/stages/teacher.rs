@@ -1,0 +1,161 @@
+//! `teacher`: an EDM denoiser, trained on a dataset stage or imported from a weights file
+//! (safetensors, EDM's `.pkl`, or a torch zip checkpoint).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{ArtifactType, FieldIssue, InputPath, Stage, StageContext, Upstream};
+use crate::data::artifact::ImageDataset;
+use crate::nn::{weights, Denoiser, NetworkConfig};
+use crate::sample::{class_grid, sample, SamplerConfig};
+use crate::train::device_data::DeviceImages;
+use crate::train::teacher::{train, TrainOptions};
+
+pub const WEIGHTS_FILE: &str = "denoiser.safetensors";
+
+fn d_columns() -> usize {
+    10
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GridOptions {
+    #[serde(default = "d_columns")]
+    pub columns: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub sampler: SamplerConfig,
+}
+
+impl Default for GridOptions {
+    fn default() -> Self {
+        GridOptions { columns: 10, seed: 0, sampler: SamplerConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherMode {
+    Train,
+    Import,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherParams {
+    pub mode: TeacherMode,
+    /// The image dataset stage to train on (mode = "train"); its class names label the grid.
+    pub dataset: Option<String>,
+    /// Weights to import (mode = "import"): `.safetensors`, EDM's `.pkl`, or a torch `.pt` zip.
+    pub weights: Option<PathBuf>,
+    /// The network. For imports, checked against the file's own config when it has one.
+    pub network: Option<NetworkConfig>,
+    #[serde(default)]
+    pub train: TrainOptions,
+    #[serde(default)]
+    pub grid: GridOptions,
+}
+
+impl Stage for TeacherParams {
+    fn version(&self) -> u32 {
+        1
+    }
+    fn output_type(&self) -> ArtifactType {
+        ArtifactType::Denoiser
+    }
+    fn upstream(&self) -> Vec<Upstream> {
+        self.dataset.iter().map(|d| Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images] }).collect()
+    }
+    fn input_paths(&self) -> Vec<InputPath> {
+        self.weights.iter().map(|w| InputPath { role: "weights", path: w.clone() }).collect()
+    }
+    fn validate(&self) -> Result<(), FieldIssue> {
+        match self.mode {
+            TeacherMode::Train if self.dataset.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs `dataset`")),
+            TeacherMode::Train if self.network.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs a `network` table").help("e.g. network = { arch = \"ddpmpp\" } for EDM's CIFAR-10 DDPM++")),
+            TeacherMode::Import if self.weights.is_none() => Err(FieldIssue::new("mode", "mode = \"import\" needs `weights`")),
+            _ if self.train.batch == 0 => Err(FieldIssue::new("train", "train.batch must be at least 1")),
+            _ if self.grid.columns == 0 => Err(FieldIssue::new("grid", "grid.columns must be at least 1")),
+            _ => Ok(()),
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
+        let device = crate::torch_shim::device(&ctx.device)?;
+        let (dataset, classes) = match &self.dataset {
+            Some(_) => {
+                let ds = ImageDataset::read(ctx.upstream_dir("dataset")?)?;
+                let classes = ds.classes.clone();
+                (Some(ds), classes)
+            }
+            None => (None, Vec::new()),
+        };
+        let mut metrics = serde_json::Map::new();
+        let ema = match self.mode {
+            TeacherMode::Import => {
+                let path = ctx.input("weights")?.to_path_buf();
+                let net = crate::nn::import::load_denoiser(&path, self.network.as_ref(), device)?;
+                metrics.insert("imported_from".into(), path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default().into());
+                net
+            }
+            TeacherMode::Train => {
+                let config = self.network.clone().expect("validated");
+                let ds = dataset.as_ref().expect("validated");
+                if ds.height as i64 != config.img_resolution() || ds.channels as i64 != config.img_channels() {
+                    bail!("dataset images are {}x{}x{}, the network expects {}x{}x{}", ds.height, ds.width, ds.channels, config.img_resolution(), config.img_resolution(), config.img_channels());
+                }
+                if config.label_dim() > 0 && config.label_dim() != ds.classes.len() as i64 {
+                    bail!("the network has label_dim {} but the dataset has {} classes", config.label_dim(), ds.classes.len());
+                }
+                tch::manual_seed(self.train.seed as i64);
+                let net = Denoiser::new(&config, device);
+                let mut ema = Denoiser::new(&config, device);
+                ema.copy_from(&net)?;
+                let data = DeviceImages::new(ds, device);
+                ctx.progress.set_length(self.train.images);
+                let bar = ctx.progress.clone();
+                let mut log = String::from("step,images,loss,images_per_second\n");
+                let summary = train(&net, &ema, &data, &self.train, &ctx.work_dir, |step, images, loss, rate| {
+                    bar.set_position(images);
+                    bar.set_message(format!("loss {loss:.4} {rate:.0} img/s"));
+                    tracing::info!(step, images, loss, rate, "train");
+                    log.push_str(&format!("{step},{images},{loss},{rate}\n"));
+                })?;
+                std::fs::write(ctx.out_dir.join("training.csv"), log)?;
+                let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
+                crate::render::line_plot("teacher loss vs images", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
+                metrics.insert("steps".into(), summary.steps.into());
+                metrics.insert("images_seen".into(), summary.images.into());
+                metrics.insert("final_loss".into(), summary.final_loss.into());
+                metrics.insert("train_seconds".into(), summary.seconds.into());
+                metrics.insert("images_per_second".into(), summary.images_per_second.into());
+                metrics.insert("resumed_from_step".into(), summary.resumed_from_step.into());
+                ema
+            }
+        };
+        weights::save_safetensors(&ema, &ctx.out_dir.join(WEIGHTS_FILE)).context("saving the teacher")?;
+        metrics.insert("parameters".into(), ema.num_params().into());
+        let cfg = &ema.config;
+        let names: Vec<String> = if cfg.label_dim() > 0 {
+            if classes.len() as i64 == cfg.label_dim() { classes } else { (0..cfg.label_dim().min(10)).map(|i| format!("class {i}")).collect() }
+        } else {
+            Vec::new()
+        };
+        ctx.progress.set_message("sample grid");
+        let grid = class_grid(cfg.img_resolution(), cfg.img_channels(), cfg.label_dim(), &names, self.grid.columns, self.grid.seed, device, |z, y| {
+            let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
+            sample(&ema, z, y, &self.grid.sampler)
+        });
+        grid.save_png(&ctx.out_dir.join("grid.png"))?;
+        metrics.insert("grid_sampler_calls".into(), self.grid.sampler.network_calls().into());
+        Ok(serde_json::Value::Object(metrics))
+    }
+}
+
+/// Loads the denoiser a `teacher` stage wrote.
+pub fn load_teacher(dir: &std::path::Path, device: tch::Device) -> anyhow::Result<Denoiser> {
+    crate::nn::import::load_denoiser(&dir.join(WEIGHTS_FILE), None, device)
+}

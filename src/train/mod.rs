@@ -1,0 +1,6 @@
+//! Training: optimiser and EMA, checkpoints, the EDM teacher loop (DMD arrives beside it).
+
+pub mod checkpoint;
+pub mod device_data;
+pub mod optim;
+pub mod teacher;

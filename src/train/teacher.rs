@@ -1,0 +1,197 @@
+//! The EDM training loop: sigma ~ logN(P_mean, P_std), loss weight (s^2 + sd^2) / (s sd)^2,
+//! Adam with a linear warm-up, EMA with a half-life in images, checkpoints and resume.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::checkpoint;
+use super::device_data::DeviceImages;
+use super::optim::{ema_beta, ema_update, AdamW};
+use crate::nn::Denoiser;
+use crate::torch_shim::AutocastBf16;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainOptions {
+    pub batch: usize,
+    /// Stop after this many training images.
+    pub images: u64,
+    /// Also stop after this many seconds of training (a wall-clock budget), if given.
+    pub max_seconds: Option<f64>,
+    pub lr: f64,
+    pub lr_warmup_images: u64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub ema_halflife_images: f64,
+    /// Limit the EMA half-life to this fraction of the images seen so far (EDM: 0.05).
+    pub ema_rampup: Option<f64>,
+    pub p_mean: f64,
+    pub p_std: f64,
+    /// Random horizontal flips.
+    pub xflip: bool,
+    pub seed: u64,
+    /// bf16 autocast on CUDA (f32 on CPU).
+    pub bf16: bool,
+    /// TF32 matmuls and convolutions on CUDA.
+    pub tf32: bool,
+    pub checkpoint_every: u64,
+    /// Steps between loss reads (and NaN checks).
+    pub log_every: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            batch: 512,
+            images: 200_000_000,
+            max_seconds: None,
+            lr: 1e-3,
+            lr_warmup_images: 10_000_000,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            ema_halflife_images: 500_000.0,
+            ema_rampup: Some(0.05),
+            p_mean: -1.2,
+            p_std: 1.2,
+            xflip: true,
+            seed: 0,
+            bf16: true,
+            tf32: true,
+            checkpoint_every: 1000,
+            log_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub images: u64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    pub final_loss: f64,
+    /// (images seen, mean loss over the log window).
+    pub loss_curve: Vec<(u64, f64)>,
+    pub resumed_from_step: u64,
+}
+
+/// EDM's loss for one batch (weighted squared error summed per image, averaged over the batch),
+/// and the per-element mean for logging.
+pub fn edm_loss(net: &Denoiser, y: &Tensor, labels: Option<&Tensor>, p_mean: f64, p_std: f64, train: bool) -> (Tensor, Tensor) {
+    let b = y.size()[0];
+    let sd = net.config.sigma_data();
+    let sigma = (Tensor::randn([b, 1, 1, 1], (Kind::Float, y.device())) * p_std + p_mean).exp();
+    let weight = (sigma.square() + sd * sd) / (&sigma * sd).square();
+    let noisy = y + Tensor::randn_like(y) * &sigma;
+    let d = net.denoise(&noisy, &sigma, labels, train);
+    let per = weight * (d - y).square();
+    let mean = per.mean(Kind::Float).detach();
+    (per.sum(Kind::Float) / b as f64, mean)
+}
+
+/// Trains `net` (and its EMA `ema`) on `data`; checkpoints into `work_dir` and resumes from it.
+/// `on_log` sees (step, images, loss, images/s) at each log point.
+pub fn train(
+    net: &Denoiser,
+    ema: &Denoiser,
+    data: &DeviceImages,
+    opts: &TrainOptions,
+    work_dir: &Path,
+    mut on_log: impl FnMut(u64, u64, f64, f64),
+) -> Result<TrainSummary> {
+    let cuda = net.device().is_cuda();
+    crate::torch_shim::set_tf32(cuda && opts.tf32);
+    tch::manual_seed(opts.seed as i64);
+    let mut opt = AdamW::new(net, opts.betas, opts.eps, 0.0);
+    let ema_names: Vec<String> = sorted_names(ema);
+    let ckpt_path = work_dir.join("checkpoint.safetensors");
+    let mut step = 0u64;
+    let mut images = 0u64;
+    let mut curve = Vec::new();
+    if ckpt_path.exists() {
+        let (t, meta) = crate::nn::weights::read_safetensors(&ckpt_path)?;
+        checkpoint::restore(&t, "net.", &opt.names, &opt.params)?;
+        checkpoint::restore(&t, "adam_m.", &opt.names, &opt.exp_avg)?;
+        checkpoint::restore(&t, "adam_v.", &opt.names, &opt.exp_avg_sq)?;
+        checkpoint::restore(&t, "adam_step.", &opt.names, &opt.steps)?;
+        let ev = ema.vs.variables();
+        let ema_t: Vec<Tensor> = ema_names.iter().map(|n| ev[n].shallow_clone()).collect();
+        checkpoint::restore(&t, "ema.", &ema_names, &ema_t)?;
+        step = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
+        images = meta.get("images").and_then(|s| s.parse().ok()).unwrap_or(0);
+        curve = meta.get("curve").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+        tch::manual_seed(opts.seed as i64 + step as i64);
+        tracing::info!(step, images, "resumed from checkpoint");
+    }
+    let resumed_from_step = step;
+    let start = Instant::now();
+    let mut window = Vec::new();
+    let mut window_start = (Instant::now(), images);
+    let mut last_loss = f64::NAN;
+    let b = opts.batch as i64;
+    while images < opts.images && opts.max_seconds.is_none_or(|m| start.elapsed().as_secs_f64() < m) {
+        opt.zero_grad();
+        let (y, labels) = data.batch(b, opts.xflip);
+        let (loss, mean) = {
+            let _ac = AutocastBf16::new(cuda && opts.bf16)?;
+            edm_loss(net, &y, labels.as_ref(), opts.p_mean, opts.p_std, true)
+        };
+        loss.backward();
+        images += b as u64;
+        step += 1;
+        let lr = opts.lr * (images as f64 / opts.lr_warmup_images.max(1) as f64).min(1.0);
+        opt.step(lr, 0.0)?;
+        ema_update(ema, net, ema_beta(opts.batch, images, opts.ema_halflife_images, opts.ema_rampup))?;
+        window.push(mean);
+        if step % opts.log_every == 0 || images >= opts.images {
+            let losses = Vec::<f64>::try_from(Tensor::stack(&window, 0).to_kind(Kind::Double))?;
+            if let Some(i) = losses.iter().position(|l| !l.is_finite()) {
+                let bad = step - losses.len() as u64 + i as u64 + 1;
+                bail!("non-finite loss ({}) at step {bad}; the last good checkpoint is kept in {}", losses[i], ckpt_path.display());
+            }
+            last_loss = losses.iter().sum::<f64>() / losses.len() as f64;
+            let rate = (images - window_start.1) as f64 / window_start.0.elapsed().as_secs_f64().max(1e-9);
+            curve.push((images, last_loss));
+            on_log(step, images, last_loss, rate);
+            window.clear();
+            window_start = (Instant::now(), images);
+            if step % opts.checkpoint_every < opts.log_every {
+                save_checkpoint(&ckpt_path, &opt, ema, &ema_names, step, images, &curve)?;
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let trained = images.saturating_sub(resumed_from_step * opts.batch as u64);
+    Ok(TrainSummary { steps: step, images, seconds, images_per_second: trained as f64 / seconds.max(1e-9), final_loss: last_loss, loss_curve: curve, resumed_from_step })
+}
+
+fn sorted_names(net: &Denoiser) -> Vec<String> {
+    let mut n: Vec<String> = net.vs.variables().into_keys().collect();
+    n.sort();
+    n
+}
+
+fn save_checkpoint(path: &Path, opt: &AdamW, ema: &Denoiser, ema_names: &[String], step: u64, images: u64, curve: &[(u64, f64)]) -> Result<()> {
+    let mut t: Vec<(String, Tensor)> = Vec::new();
+    for (i, n) in opt.names.iter().enumerate() {
+        t.push((format!("net.{n}"), opt.params[i].shallow_clone()));
+        t.push((format!("adam_m.{n}"), opt.exp_avg[i].shallow_clone()));
+        t.push((format!("adam_v.{n}"), opt.exp_avg_sq[i].shallow_clone()));
+        t.push((format!("adam_step.{n}"), opt.steps[i].shallow_clone()));
+    }
+    let ev = ema.vs.variables();
+    for n in ema_names {
+        t.push((format!("ema.{n}"), ev[n].shallow_clone()));
+    }
+    let mut meta = HashMap::new();
+    meta.insert("step".into(), step.to_string());
+    meta.insert("images".into(), images.to_string());
+    meta.insert("curve".into(), serde_json::to_string(curve)?);
+    checkpoint::save(path, &t, meta)
+}
