@@ -94,6 +94,17 @@ enum Command {
 enum BenchCommand {
     /// sha256 throughput over a file or directory (default: 256 MB of generated data).
     Hash { path: Option<PathBuf> },
+    /// Network throughput (teacher training, one-step sampling) on a device.
+    Gpu {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Tiny batches and few steps (a smoke test, e.g. on CPU).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the numbers to this JSON file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -237,6 +248,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bench { what: BenchCommand::Hash { path } } => {
             crate::pipeline::hash::bench(path.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Gpu { device, quick, out } } => {
+            init_logging(cli.verbose, None);
+            let v = crate::bench::bench_gpu(&device, quick)?;
+            let text = serde_json::to_string_pretty(&v)?;
+            println!("{text}");
+            if let Some(o) = out {
+                std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Path { pipeline, stage } => {

@@ -1,5 +1,6 @@
 //! dmdpipe: a pipeline runner for Distribution Matching Distillation of diffusion models.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod nn;

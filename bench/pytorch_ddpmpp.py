@@ -1,0 +1,252 @@
+"""PyTorch baseline for `dmdpipe bench`: EDM's DDPM++ (SongUNet) with EDM preconditioning,
+re-implemented from the EDM paper's description (same layers, names and parameter count as
+EDM's networks), timed the way EDM's training loop runs it (bf16 autocast, torch.optim.Adam,
+EMA per parameter). `--check DIR` first verifies the network against the golden outputs.
+
+usage: python3 pytorch_ddpmpp.py [--check GOLDEN_DIR] [--out FILE.json]
+"""
+import argparse, json, math, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def weight_init(shape, fan_in, fan_out):
+    return (torch.rand(*shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out))
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, cin, cout, bias=True, w=1.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight_init([cout, cin], cin, cout) * w)
+        self.bias = torch.nn.Parameter(torch.zeros(cout)) if bias else None
+        self.in_features = cin
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(torch.nn.Module):
+    def __init__(self, cin, cout, kernel, up=False, down=False, w=1.0):
+        super().__init__()
+        self.cin, self.cout, self.up, self.down = cin, cout, up, down
+        k = kernel
+        self.weight = torch.nn.Parameter(weight_init([cout, cin, k, k], cin * k * k, cout * k * k) * w) if k else None
+        self.bias = torch.nn.Parameter(torch.zeros(cout)) if k else None
+        f = torch.tensor([1.0, 1.0])
+        self.register_buffer('resample_filter', (f.ger(f) / f.sum().square()).reshape(1, 1, 2, 2) if up or down else None)
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        if self.up:
+            x = F.conv_transpose2d(x, (f * 4).tile([self.cin, 1, 1, 1]), groups=self.cin, stride=2)
+        if self.down:
+            x = F.conv2d(x, f.tile([self.cin, 1, 1, 1]), groups=self.cin, stride=2)
+        if w is not None:
+            x = F.conv2d(x, w, padding=w.shape[-1] // 2)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(torch.nn.Module):
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.groups, self.eps = min(32, c // 4), eps
+        self.weight = torch.nn.Parameter(torch.ones(c))
+        self.bias = torch.nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return F.group_norm(x, self.groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, cin, cout, emb, up=False, down=False, attention=False, dropout=0.13):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout, self.attention = cin, cout, dropout, attention
+        self.norm0 = GroupNorm(cin)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.affine = Linear(emb, cout)
+        self.norm1 = GroupNorm(cout)
+        self.conv1 = Conv2d(cout, cout, 3, w=1e-5)
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
+        if attention:
+            self.norm2 = GroupNorm(cout)
+            self.qkv = Conv2d(cout, cout * 3, 1, w=math.sqrt(0.2))
+            self.proj = Conv2d(cout, cout, 1, w=1e-5)
+
+    def forward(self, x, emb):
+        orig = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        x = F.silu(self.norm1(x + params))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = (x + (self.skip(orig) if self.skip is not None else orig)) * math.sqrt(0.5)
+        if self.attention:
+            n, c, h, w = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, h * w).unbind(2)
+            wts = torch.einsum('ncq,nck->nqk', q.float(), (k / math.sqrt(c)).float()).softmax(dim=2).to(q.dtype)
+            a = torch.einsum('nqk,nck->ncq', wts, v)
+            x = (self.proj(a.reshape(n, c, h, w)) + x) * math.sqrt(0.5)
+        return x
+
+
+class SongUNet(torch.nn.Module):
+    def __init__(self, res=32, label_dim=10, augment_dim=9, mc=128, mult=(2, 2, 2), nb=4, attn=(16,), dropout=0.13):
+        super().__init__()
+        emb = mc * 4
+        self.mc = mc
+        self.map_label = Linear(label_dim, mc) if label_dim else None
+        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0 = Linear(mc, emb)
+        self.map_layer1 = Linear(emb, emb)
+        self.enc = torch.nn.ModuleDict()
+        cout = 3
+        for level, m in enumerate(mult):
+            r = res >> level
+            if level == 0:
+                cin, cout = cout, mc
+                self.enc[f'{r}x{r}_conv'] = Conv2d(cin, cout, 3)
+            else:
+                self.enc[f'{r}x{r}_down'] = Block(cout, cout, emb, down=True, dropout=dropout)
+            for i in range(nb):
+                cin, cout = cout, mc * m
+                self.enc[f'{r}x{r}_block{i}'] = Block(cin, cout, emb, attention=r in attn, dropout=dropout)
+        skips = [b.out_channels if isinstance(b, Block) else b.cout for b in self.enc.values()]
+        self.dec = torch.nn.ModuleDict()
+        for level, m in reversed(list(enumerate(mult))):
+            r = res >> level
+            if level == len(mult) - 1:
+                self.dec[f'{r}x{r}_in0'] = Block(cout, cout, emb, attention=True, dropout=dropout)
+                self.dec[f'{r}x{r}_in1'] = Block(cout, cout, emb, dropout=dropout)
+            else:
+                self.dec[f'{r}x{r}_up'] = Block(cout, cout, emb, up=True, dropout=dropout)
+            for i in range(nb + 1):
+                cin, cout = cout + skips.pop(), mc * m
+                self.dec[f'{r}x{r}_block{i}'] = Block(cin, cout, emb, attention=(i == nb and r in attn), dropout=dropout)
+            if level == 0:
+                self.dec[f'{r}x{r}_aux_norm'] = GroupNorm(cout)
+                self.dec[f'{r}x{r}_aux_conv'] = Conv2d(cout, 3, 3, w=1e-5)
+
+    def forward(self, x, noise_labels, class_labels):
+        half = self.mc // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        e = noise_labels.float().ger(freqs)
+        emb = torch.cat([e.sin(), e.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.in_features))
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for name, b in self.enc.items():
+            x = b(x, emb) if isinstance(b, Block) else b(x)
+            skips.append(x)
+        tmp = None
+        for name, b in self.dec.items():
+            if 'aux_norm' in name:
+                tmp = b(x)
+            elif 'aux_conv' in name:
+                return b(F.silu(tmp))
+            else:
+                if x.shape[1] != b.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = b(x, emb)
+
+
+class EDMPrecond(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.model = SongUNet(**kw)
+
+    def forward(self, x, sigma, labels):
+        sigma = sigma.float().reshape(-1, 1, 1, 1)
+        s2 = sigma ** 2 + 0.25
+        F_x = self.model(x / s2.sqrt(), (sigma.log() / 4).flatten().expand(x.shape[0]), labels)
+        return 0.25 / s2 * x + sigma * 0.5 / s2.sqrt() * F_x.float()
+
+
+def check(golden):
+    from safetensors.torch import load_file
+    w = load_file(f'{golden}/songunet_small_weights.safetensors')
+    io = load_file(f'{golden}/songunet_small_io.safetensors')
+    net = EDMPrecond(res=32, mc=32, mult=(1, 2, 2), nb=2, attn=(16,)).eval()
+    missing, unexpected = net.load_state_dict(w, strict=False)
+    assert not missing, missing
+    with torch.no_grad():
+        d = net(io['x'], io['sigma'], io['class_labels'])
+    err = ((d - io['denoised']).norm() / io['denoised'].norm()).item()
+    print(f'baseline network vs EDM golden: relative error {err:.2e}')
+    assert err < 1e-4
+
+
+def bench(out):
+    dev = torch.device('cuda')
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    results = {'card': torch.cuda.get_device_name(0), 'torch': torch.__version__}
+    for mc, mult, nb, tag in [(128, (2, 2, 2), 4, 'edm55m'), (64, (2, 2, 2), 2, 'speedrun9m')]:
+        torch.manual_seed(0)
+        net = EDMPrecond(mc=mc, mult=mult, nb=nb).to(dev).train()
+        ema = EDMPrecond(mc=mc, mult=mult, nb=nb).to(dev).eval().requires_grad_(False)
+        ema.load_state_dict(net.state_dict())
+        params = sum(p.numel() for p in net.parameters() if p.requires_grad and p.grad is None and p.requires_grad)
+        results[f'{tag}_parameters'] = sum(p.numel() for p in net.parameters())
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+        for bf16 in (True, False):
+            b = 512
+            def step():
+                opt.zero_grad(set_to_none=True)
+                y = torch.rand(b, 3, 32, 32, device=dev) * 2 - 1
+                labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
+                sigma = (torch.randn(b, 1, 1, 1, device=dev) * 1.2 - 1.2).exp()
+                weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+                with torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
+                    d = net(y + torch.randn_like(y) * sigma, sigma, labels)
+                loss = (weight * (d - y) ** 2).sum() / b
+                loss.backward()
+                for p in net.parameters():
+                    if p.grad is not None:
+                        torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+                opt.step()
+                with torch.no_grad():
+                    for pe, pn in zip(ema.parameters(), net.parameters()):
+                        pe.copy_(pn.detach().lerp(pe, 0.999))
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            n = 20
+            t = time.perf_counter()
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+            results[f'{tag}_train_{"bf16" if bf16 else "tf32"}_img_s'] = n * b / (time.perf_counter() - t)
+            b = 1024
+            z = torch.randn(b, 3, 32, 32, device=dev)
+            labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
+            sig = torch.full((b,), 80.0, device=dev)
+            with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
+                for _ in range(3):
+                    ema(z * 80, sig, labels)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(10):
+                    ema(z * 80, sig, labels)
+                torch.cuda.synchronize()
+            results[f'{tag}_onestep_{"bf16" if bf16 else "tf32"}_img_s'] = 10 * b / (time.perf_counter() - t)
+        del net, ema, opt
+        torch.cuda.empty_cache()
+    print(json.dumps(results, indent=1))
+    if out:
+        json.dump(results, open(out, 'w'), indent=1)
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--check')
+    ap.add_argument('--out')
+    a = ap.parse_args()
+    if a.check:
+        check(a.check)
+    if torch.cuda.is_available():
+        bench(a.out)
