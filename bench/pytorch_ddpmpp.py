@@ -245,8 +245,9 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--check')
     ap.add_argument('--out')
+    ap.add_argument('--no-bench', action='store_true')
     a = ap.parse_args()
     if a.check:
         check(a.check)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not a.no_bench:
         bench(a.out)
