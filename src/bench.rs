@@ -63,7 +63,7 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
             let per_step = timed(device, 5.min(steps), steps, || {
                 opt.zero_grad();
                 let y = Tensor::rand([train_b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
-                let labels = one_hot(&Vec::<i64>::try_from(Tensor::randint(10, [train_b], (Kind::Int64, tch::Device::Cpu)))?, 10, device);
+                let labels = Tensor::randint(10, [train_b], (Kind::Int64, device)).one_hot(10).to_kind(Kind::Float);
                 let (loss, _) = {
                     let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
                     edm_loss(&net, &y, Some(&labels), -1.2, 1.2, true)

@@ -31,7 +31,8 @@ unsafe extern "C" {
 
 unsafe extern "C" {
     fn dmd_foreach_lerp(ema: *const CTensor, params: *const CTensor, n: libc::c_int, weight: f64) -> libc::c_int;
-    fn dmd_sanitize_and_clip(grads: *const CTensor, n: libc::c_int, max_norm: f64, norm_out: *mut f64) -> libc::c_int;
+    fn dmd_sanitize_and_clip(grads: *const CTensor, n: libc::c_int, max_norm: f64, norm_out: CTensor) -> libc::c_int;
+    fn dmd_clear_grads(params: *const CTensor, n: libc::c_int);
 }
 
 fn ptrs(ts: &[Tensor]) -> Vec<CTensor> {
@@ -50,15 +51,21 @@ pub fn foreach_lerp(ema: &[Tensor], params: &[Tensor], weight: f64) -> Result<()
     Ok(())
 }
 
-/// Replaces NaN/Inf in `grads`, clips their global L2 norm to `max_norm` (when > 0) and returns
-/// the norm before clipping.
-pub fn sanitize_and_clip(grads: &[Tensor], max_norm: f64) -> Result<f64> {
+/// Replaces NaN/Inf in `grads` and, when `max_norm` > 0, clips their global L2 norm to it and
+/// returns the norm before clipping as a 0-dim device tensor (reading it is the only sync).
+pub fn sanitize_and_clip(grads: &[Tensor], max_norm: f64) -> Result<Option<Tensor>> {
     let g = ptrs(grads);
-    let mut norm = 0.0;
-    if unsafe { dmd_sanitize_and_clip(g.as_ptr(), g.len() as libc::c_int, max_norm, &mut norm) } != 0 {
+    let norm = Tensor::zeros([], (tch::Kind::Float, grads.first().map(|t| t.device()).unwrap_or(Device::Cpu)));
+    if unsafe { dmd_sanitize_and_clip(g.as_ptr(), g.len() as libc::c_int, max_norm, norm.as_ptr() as CTensor) } != 0 {
         bail!("sanitize_and_clip: {}", last_error());
     }
-    Ok(norm)
+    Ok((max_norm > 0.0).then_some(norm))
+}
+
+/// Drops the gradients of `params` (set to none, as PyTorch's `zero_grad(set_to_none=True)`).
+pub fn clear_grads(params: &[Tensor]) {
+    let p = ptrs(params);
+    unsafe { dmd_clear_grads(p.as_ptr(), p.len() as libc::c_int) }
 }
 
 fn last_error() -> String {
@@ -184,8 +191,8 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&a).unwrap(), vec![0.25, 0.5]);
         let g1 = Tensor::from_slice(&[3.0f32, f32::NAN]);
         let g2 = Tensor::from_slice(&[4.0f32]);
-        let norm = sanitize_and_clip(&[g1.shallow_clone(), g2.shallow_clone()], 1.0).unwrap();
-        assert!((norm - 5.0).abs() < 1e-6);
+        let norm = sanitize_and_clip(&[g1.shallow_clone(), g2.shallow_clone()], 1.0).unwrap().unwrap();
+        assert!((norm.double_value(&[]) - 5.0).abs() < 1e-6);
         let v1 = Vec::<f32>::try_from(&g1).unwrap();
         assert!((v1[0] - 0.6).abs() < 1e-5 && v1[1] == 0.0);
         assert!((Vec::<f32>::try_from(&g2).unwrap()[0] - 0.8).abs() < 1e-5);

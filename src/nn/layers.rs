@@ -139,7 +139,11 @@ impl Conv2d {
             }
         }
         match &self.bias {
-            Some(b) => x + b.reshape([1, -1, 1, 1]),
+            // In the activation dtype, so bf16 activations stay bf16 under autocast.
+            Some(b) => {
+                let kind = x.kind();
+                x + b.to_kind(kind).reshape([1, -1, 1, 1])
+            }
             None => x,
         }
     }

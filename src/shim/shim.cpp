@@ -79,20 +79,25 @@ int dmd_foreach_lerp(at::Tensor** ema, at::Tensor** params, int n, double weight
   }
 }
 
+// Drops every gradient (PyTorch's zero_grad(set_to_none=True)): no kernels launched.
+void dmd_clear_grads(at::Tensor** params, int n) {
+  for (int i = 0; i < n; ++i) params[i]->mutable_grad() = at::Tensor();
+}
+
 // Replaces NaN/Inf in gradients (EDM: nan -> 0, +inf -> 1e5, -inf -> -1e5), then scales them so
 // that their global L2 norm is at most max_norm (no scaling when max_norm <= 0). Writes the norm
-// before clipping to *norm_out.
-int dmd_sanitize_and_clip(at::Tensor** grads, int n, double max_norm, double* norm_out) {
+// before clipping to *norm_out (a 0-dim tensor on the device: no host sync), when clipping.
+int dmd_sanitize_and_clip(at::Tensor** grads, int n, double max_norm, at::Tensor* norm_out) {
   try {
     auto g = gather(grads, n);
     at::NoGradGuard no_grad;
     for (auto& t : g) t.nan_to_num_(0.0, 1e5, -1e5);
-    auto norms = at::_foreach_norm(g, 2);
-    auto total = at::stack(norms).norm();
-    *norm_out = total.item<double>();
     if (max_norm > 0) {
+      auto norms = at::_foreach_norm(g, 2);
+      auto total = at::stack(norms).norm();
       auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
       at::_foreach_mul_(g, coef);
+      *norm_out = total;
     }
     return 0;
   } catch (const std::exception& ex) {

@@ -36,12 +36,7 @@ impl AdamW {
     }
 
     pub fn zero_grad(&self) {
-        for p in &self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        torch_shim::clear_grads(&self.params);
     }
 
     /// Gradients that exist (parameters unused in this step have none).
@@ -50,8 +45,8 @@ impl AdamW {
     }
 
     /// Sanitises and clips the gradients (`max_norm` <= 0: no clipping), then takes one step.
-    /// Returns the gradient norm before clipping.
-    pub fn step(&mut self, lr: f64, max_norm: f64) -> Result<f64> {
+    /// Returns the gradient norm before clipping (a device scalar) when clipping.
+    pub fn step(&mut self, lr: f64, max_norm: f64) -> Result<Option<Tensor>> {
         let idx: Vec<usize> = (0..self.params.len()).filter(|&i| self.params[i].grad().defined()).collect();
         let pick = |v: &Vec<Tensor>| idx.iter().map(|&i| v[i].shallow_clone()).collect::<Vec<_>>();
         let grads: Vec<Tensor> = idx.iter().map(|&i| self.params[i].grad()).collect();
