@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod nn;
 pub mod pipeline;
 pub mod render;
