@@ -28,6 +28,9 @@ pub enum Solver {
     Heun,
     /// 1st order: `steps` network calls.
     Euler,
+    /// One denoiser call at sigma_max: x = D(sigma_max z; sigma_max) (a DMD generator, or a
+    /// teacher used as a one-step generator).
+    OneStep,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
@@ -56,6 +59,7 @@ impl SamplerConfig {
         match self.solver {
             Solver::Heun => 2 * self.steps - 1,
             Solver::Euler => self.steps,
+            Solver::OneStep => 1,
         }
     }
 }
@@ -74,6 +78,12 @@ pub fn karras_sigmas(n: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<
 /// Runs the sampler from `latents` (standard normal, [N, C, H, W]); returns f32 images in about
 /// [-1, 1]. `class_labels` are one-hot [N, label_dim] or None.
 pub fn sample(net: &Denoiser, latents: &Tensor, class_labels: Option<&Tensor>, cfg: &SamplerConfig) -> Tensor {
+    if cfg.solver == Solver::OneStep {
+        return tch::no_grad(|| {
+            let s = Tensor::from(cfg.sigma_max as f32).to_device(latents.device());
+            net.denoise(&(latents * cfg.sigma_max), &s, class_labels, false)
+        });
+    }
     tch::no_grad(|| {
         let t = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho);
         let dev = latents.device();

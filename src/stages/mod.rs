@@ -8,17 +8,21 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod cifar10;
+pub mod fid;
 mod gmm2d;
 mod image_folder;
 mod imagenet64;
+mod sample_grid;
 mod scatter_plot;
 mod subset;
 pub mod teacher;
 
 pub use cifar10::Cifar10Params;
+pub use fid::{FidParams, FidRefParams};
 pub use gmm2d::{Gmm2dComponent, Gmm2dParams};
 pub use image_folder::ImageFolderParams;
 pub use imagenet64::Imagenet64Params;
+pub use sample_grid::SampleGridParams;
 pub use scatter_plot::ScatterPlotParams;
 pub use subset::SubsetParams;
 pub use teacher::TeacherParams;
@@ -32,6 +36,8 @@ pub enum ArtifactType {
     Points2d,
     /// `denoiser.safetensors`: an EDM denoiser's weights with its config in the metadata.
     Denoiser,
+    /// `stats.npz`: Inception feature statistics (EDM's layout).
+    FidStats,
     /// Pictures and metrics only; nothing downstream consumes it.
     Report,
 }
@@ -164,6 +170,9 @@ stage_kinds! {
     "subset" => Subset(SubsetParams),
     "scatter-plot" => ScatterPlot(ScatterPlotParams),
     "teacher" => Teacher(TeacherParams),
+    "fid-ref" => FidRef(FidRefParams),
+    "fid" => Fid(FidParams),
+    "sample-grid" => SampleGrid(SampleGridParams),
 }
 
 impl StageSpec {

@@ -1,0 +1,241 @@
+//! `fid-ref` (Inception statistics of a dataset) and `fid` (FID of a dataset or of samples from
+//! a denoiser stage against reference statistics), EDM's protocol: 2048-d pool features of the
+//! TF Inception-v3, class-balanced samples with fixed seeds, min/mean over repeats.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use super::{ArtifactType, FieldIssue, InputPath, Stage, StageContext, Upstream};
+use crate::data::artifact::ImageDataset;
+use crate::eval::fid::{frechet_distance, FidStats, StatsAccumulator};
+use crate::eval::inception::Inception;
+use crate::sample::{one_hot, sample, seeded_latents, to_uint8_nhwc, SamplerConfig};
+
+pub const STATS_FILE: &str = "stats.npz";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Strict fp32 convolutions (the reference numbers).
+    #[default]
+    Fp32,
+    /// TF32 convolutions on CUDA (about 2x faster; FID moves by ~5e-4).
+    Tf32,
+}
+
+fn d_batch() -> usize {
+    250
+}
+
+/// Streams uint8 NHWC batches through Inception; returns (statistics, seconds in Inception).
+fn stats_of(net: &Inception, batches: impl Iterator<Item = Tensor>, progress: &indicatif::ProgressBar) -> anyhow::Result<(FidStats, f64)> {
+    let mut acc = StatsAccumulator::new();
+    let mut secs = 0.0;
+    for b in batches {
+        let t = Instant::now();
+        let f = net.features(&b);
+        acc.add(&f);
+        if let Device::Cuda(i) = net.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        secs += t.elapsed().as_secs_f64();
+        progress.inc(b.size()[0] as u64);
+    }
+    Ok((acc.finish()?, secs))
+}
+
+fn dataset_batches(ds: &ImageDataset, batch: usize) -> impl Iterator<Item = Tensor> + '_ {
+    let (h, w, c) = (ds.height as i64, ds.width as i64, ds.channels as i64);
+    (0..ds.len()).step_by(batch).map(move |start| {
+        let n = batch.min(ds.len() - start);
+        Tensor::from_slice(&ds.images[start * ds.image_bytes()..(start + n) * ds.image_bytes()]).reshape([n as i64, h, w, c])
+    })
+}
+
+fn setup(device: &str, precision: Precision, inception: &std::path::Path) -> anyhow::Result<Inception> {
+    let device = crate::torch_shim::device(device)?;
+    crate::torch_shim::set_tf32(device.is_cuda() && precision == Precision::Tf32);
+    tch::Cuda::cudnn_set_benchmark(device.is_cuda());
+    Inception::load(inception, device)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FidRefParams {
+    /// The image dataset stage (e.g. the 50,000 CIFAR-10 training images).
+    pub dataset: String,
+    /// The Inception weights (inception-2015-12-05.safetensors; see `dmdpipe import-weights`).
+    pub inception: PathBuf,
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+impl Stage for FidRefParams {
+    fn version(&self) -> u32 {
+        1
+    }
+    fn output_type(&self) -> ArtifactType {
+        ArtifactType::FidStats
+    }
+    fn upstream(&self) -> Vec<Upstream> {
+        vec![Upstream { role: "dataset", stage: self.dataset.clone(), accepts: &[ArtifactType::Images] }]
+    }
+    fn input_paths(&self) -> Vec<InputPath> {
+        vec![InputPath { role: "inception", path: self.inception.clone() }]
+    }
+    fn validate(&self) -> Result<(), FieldIssue> {
+        if self.batch == 0 {
+            return Err(FieldIssue::new("batch", "batch must be at least 1"));
+        }
+        Ok(())
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
+        let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
+        let ds = ImageDataset::read(ctx.upstream_dir("dataset")?)?;
+        ctx.progress.set_length(ds.len() as u64);
+        let (stats, secs) = stats_of(&net, dataset_batches(&ds, self.batch), &ctx.progress)?;
+        stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+        Ok(serde_json::json!({ "count": stats.count, "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs }))
+    }
+}
+
+fn d_samples() -> usize {
+    50_000
+}
+fn d_repeats() -> usize {
+    1
+}
+fn d_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FidParams {
+    /// The `fid-ref` stage whose statistics are the reference.
+    pub reference: String,
+    /// Either an image dataset stage to score as it is...
+    pub images: Option<String>,
+    /// ...or a denoiser stage (`teacher`, or a DMD generator) to sample from.
+    pub generator: Option<String>,
+    /// How to sample from the generator (default: Heun, 18 steps = 35 calls; use
+    /// `solver = "onestep"` for a one-step generator).
+    #[serde(default)]
+    pub sampler: SamplerConfig,
+    #[serde(default = "d_samples")]
+    pub num_samples: usize,
+    /// Image i of repeat r uses latents from seed `seed + r * num_samples + i`.
+    #[serde(default)]
+    pub seed: u64,
+    /// Independent seed sets; EDM reports the minimum of three.
+    #[serde(default = "d_repeats")]
+    pub repeats: usize,
+    pub inception: PathBuf,
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    #[serde(default)]
+    pub precision: Precision,
+    /// bf16 autocast for the generator on CUDA.
+    #[serde(default = "d_true")]
+    pub bf16: bool,
+}
+
+impl Stage for FidParams {
+    fn version(&self) -> u32 {
+        1
+    }
+    fn output_type(&self) -> ArtifactType {
+        ArtifactType::Report
+    }
+    fn upstream(&self) -> Vec<Upstream> {
+        let mut v = vec![Upstream { role: "reference", stage: self.reference.clone(), accepts: &[ArtifactType::FidStats] }];
+        if let Some(i) = &self.images {
+            v.push(Upstream { role: "images", stage: i.clone(), accepts: &[ArtifactType::Images] });
+        }
+        if let Some(g) = &self.generator {
+            v.push(Upstream { role: "generator", stage: g.clone(), accepts: &[ArtifactType::Denoiser] });
+        }
+        v
+    }
+    fn input_paths(&self) -> Vec<InputPath> {
+        vec![InputPath { role: "inception", path: self.inception.clone() }]
+    }
+    fn validate(&self) -> Result<(), FieldIssue> {
+        match (&self.images, &self.generator) {
+            (Some(_), Some(_)) => Err(FieldIssue::new("generator", "give either `images` or `generator`, not both")),
+            (None, None) => Err(FieldIssue::new("reference", "an fid stage needs `images` or `generator`")),
+            _ if self.num_samples < 2 => Err(FieldIssue::new("num_samples", "num_samples must be at least 2")),
+            _ if self.repeats == 0 => Err(FieldIssue::new("repeats", "repeats must be at least 1")),
+            _ if self.batch == 0 => Err(FieldIssue::new("batch", "batch must be at least 1")),
+            _ => Ok(()),
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
+        let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
+        let reference = FidStats::load_npz(&ctx.upstream_dir("reference")?.join(STATS_FILE))?;
+        if self.images.is_some() {
+            let ds = ImageDataset::read(ctx.upstream_dir("images")?)?;
+            ctx.progress.set_length(ds.len() as u64);
+            let (stats, secs) = stats_of(&net, dataset_batches(&ds, self.batch), &ctx.progress)?;
+            let fid = frechet_distance(&stats, &reference)?;
+            stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+            return Ok(serde_json::json!({ "fid": fid, "num_images": ds.len(), "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs }));
+        }
+        let generator = crate::stages::teacher::load_teacher(ctx.upstream_dir("generator")?, net.device).context("loading the generator")?;
+        let cfg = generator.config.clone();
+        let (res, ch, label_dim) = (cfg.img_resolution(), cfg.img_channels(), cfg.label_dim());
+        let n = self.num_samples;
+        ctx.progress.set_length((n * self.repeats) as u64);
+        let mut fids = Vec::new();
+        let (mut gen_secs, mut inc_secs) = (0.0, 0.0);
+        for r in 0..self.repeats {
+            let base = self.seed + (r * n) as u64;
+            let mut acc = StatsAccumulator::new();
+            for start in (0..n).step_by(self.batch) {
+                let count = self.batch.min(n - start);
+                let seeds: Vec<u64> = (start..start + count).map(|i| base + i as u64).collect();
+                let t = Instant::now();
+                let z = seeded_latents(&seeds, [ch, res, res], net.device);
+                // Class-balanced: image i gets class i mod label_dim.
+                let labels = (label_dim > 0).then(|| one_hot(&(start..start + count).map(|i| (i as i64) % label_dim).collect::<Vec<_>>(), label_dim, net.device));
+                let x = {
+                    let _ac = crate::torch_shim::AutocastBf16::new(net.device.is_cuda() && self.bf16)?;
+                    sample(&generator, &z, labels.as_ref(), &self.sampler)
+                };
+                let u8s = to_uint8_nhwc(&x);
+                gen_secs += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let batch = Tensor::from_slice(&u8s).reshape([count as i64, res, res, ch]);
+                acc.add(&net.features(&batch));
+                inc_secs += t.elapsed().as_secs_f64();
+                ctx.progress.inc(count as u64);
+            }
+            let stats = acc.finish()?;
+            let fid = frechet_distance(&stats, &reference)?;
+            tracing::info!(repeat = r, fid, "fid");
+            if r == 0 {
+                stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+            }
+            fids.push(fid);
+        }
+        let min = fids.iter().cloned().fold(f64::INFINITY, f64::min);
+        let mean = fids.iter().sum::<f64>() / fids.len() as f64;
+        Ok(serde_json::json!({
+            "fid": min,
+            "fid_mean": mean,
+            "fid_repeats": fids,
+            "num_samples": n,
+            "seeds": format!("{}..{}", self.seed, self.seed + (n * self.repeats) as u64),
+            "sampler_calls": self.sampler.network_calls(),
+            "sampling_seconds": gen_secs,
+            "inception_seconds": inc_secs,
+        }))
+    }
+}
