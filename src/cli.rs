@@ -94,6 +94,20 @@ enum Command {
 enum BenchCommand {
     /// sha256 throughput over a file or directory (default: 256 MB of generated data).
     Hash { path: Option<PathBuf> },
+    /// Inception feature throughput and FID(train, test) on the 60,000 CIFAR-10 images.
+    Inception {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value = "models/inception-2015-12-05.safetensors")]
+        weights: PathBuf,
+        #[arg(long, default_value = "data/cifar-10-batches-bin")]
+        data: PathBuf,
+        /// Use only the first N images of each split (a smoke test).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Network throughput (teacher training, one-step sampling) on a device.
     Gpu {
         #[arg(long, default_value = "cuda")]
@@ -181,7 +195,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     Outcome::NeverRun => "never run".to_string(),
                     _ => format!("stale ({})", s.reasons.join("; ")),
                 };
-                println!("{:<16} {:<14} {state}", s.name, s.kind);
+                println!("{:<20} {:<13} {state}", s.name, s.kind);
             }
             Ok(if exit_code && !report.all_fresh() { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
@@ -260,6 +274,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench { what: BenchCommand::Inception { device, weights, data, limit, out } } => {
+            init_logging(cli.verbose, None);
+            let v = crate::bench::bench_inception(&device, &weights, &data, limit)?;
+            let text = serde_json::to_string_pretty(&v)?;
+            println!("{text}");
+            if let Some(o) = out {
+                std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Path { pipeline, stage } => {
             let p = load(Some(&pipeline))?;
             println!("{}", runner::output_dir(&p, &stage, cli.cache)?.display());
@@ -301,15 +325,15 @@ fn print_report(report: &RunReport, dry_run: bool) {
             Outcome::Stale | Outcome::NeverRun if dry_run => format!("would run: {}", s.reasons.join("; ")),
             _ => format!("stale: {}", s.reasons.join("; ")),
         };
-        println!("{:<16} {:<14} {what}", s.name, s.kind);
+        println!("{:<20} {:<13} {what}", s.name, s.kind);
         if s.outcome == Outcome::Ran {
             for r in &s.reasons {
-                println!("{:<16}   because {r}", "");
+                println!("{:<20}   because {r}", "");
             }
         }
         let b = brief(&s.metrics);
         if !b.is_empty() && !dry_run {
-            println!("{:<16}   {}", "", b);
+            println!("{:<20}   {}", "", b);
         }
     }
     if !dry_run {

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -93,7 +93,7 @@ pub fn canonical_json(v: &Value) -> String {
 
 /// The key manifest of a stage. Upstream outputs not known yet (they will re-run first) appear
 /// as `null`; such a manifest has no key.
-fn manifest_for(p: &Pipeline, stage: &StageDecl, trees: &HashMap<String, String>, stat: &mut StatCache) -> Result<(Value, Option<String>)> {
+fn manifest_for(p: &Pipeline, stage: &StageDecl, trees: &HashMap<String, String>, stat: &mut StatCache, missing: &mut Vec<String>) -> Result<(Value, Option<String>)> {
     let s = stage.spec.stage();
     let mut upstream = serde_json::Map::new();
     let mut complete = true;
@@ -109,10 +109,16 @@ fn manifest_for(p: &Pipeline, stage: &StageDecl, trees: &HashMap<String, String>
     let mut inputs = serde_json::Map::new();
     for input in s.input_paths() {
         let path = p.resolve(&input.path);
-        let digest = stat
-            .path_digest(&path)
-            .with_context(|| format!("stage `{}`: input `{}` ({}) cannot be read", stage.name, input.role, path.display()))?;
-        inputs.insert(input.role.to_string(), json!(digest));
+        match stat.path_digest(&path) {
+            Ok(digest) => {
+                inputs.insert(input.role.to_string(), json!(digest));
+            }
+            Err(e) => {
+                complete = false;
+                missing.push(format!("input `{}` ({}) cannot be read: {e:#}", input.role, path.display()));
+                inputs.insert(input.role.to_string(), Value::Null);
+            }
+        }
     }
     let manifest = json!({
         "key_format": KEY_FORMAT,
@@ -231,7 +237,11 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     for i in order {
         let stage = &p.stages[i];
         overall.set_message(stage.name.clone());
-        let (manifest, key) = manifest_for(p, stage, &trees, &mut stat)?;
+        let mut missing = Vec::new();
+        let (manifest, key) = manifest_for(p, stage, &trees, &mut stat, &mut missing)?;
+        if !missing.is_empty() && matches!(mode, Mode::Run) {
+            bail!("stage `{}`: {}", stage.name, missing.join("; "));
+        }
         let previous = record.stages.get(&stage.name).and_then(|k| cache.read_entry(k));
         let mut report = StageReport {
             name: stage.name.clone(),
@@ -268,7 +278,9 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
                 }
             }
         }
-        report.reasons = if forced {
+        report.reasons = if !missing.is_empty() {
+            missing.clone()
+        } else if forced {
             vec!["forced with --force".into()]
         } else if let Some(problem) = corrupted {
             vec![format!("cached output is corrupted ({problem})")]
