@@ -83,7 +83,7 @@ def features(convs, images, dev, batch=250):
 def fid(a, b):
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    m, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    m = scipy.linalg.sqrtm(s1 @ s2)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(m).real)
 
 
