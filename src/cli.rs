@@ -86,6 +86,16 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Convert weights to safetensors in Rust: EDM's `.pkl` snapshots (network + config), torch
+    /// zip checkpoints, or (with --inception) pytorch-fid's pt_inception-2015-12-05 `.pth`.
+    ImportWeights {
+        input: PathBuf,
+        /// Output file (default: the input with the extension .safetensors).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        inception: bool,
+    },
     /// Print the output directory of a fresh stage.
     Path { pipeline: PathBuf, stage: String },
 }
@@ -282,6 +292,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if let Some(o) = out {
                 std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ImportWeights { input, out, inception } => {
+            let out = out.unwrap_or_else(|| input.with_extension("safetensors"));
+            let what = crate::nn::import::import_to_safetensors(&input, &out, inception)?;
+            println!("wrote {} ({what})", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Path { pipeline, stage } => {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod pickle_writer;
+
 use std::path::{Path, PathBuf};
 
 use dmdpipe::pipeline::config::{self, Pipeline};
