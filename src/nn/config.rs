@@ -121,6 +121,32 @@ pub struct DhariwalUNetConfig {
     pub sigma_data: f64,
 }
 
+fn d_dim() -> i64 { 2 }
+fn d_hidden() -> i64 { 128 }
+fn d_mlp_layers() -> i64 { 3 }
+fn d_noise_ch() -> i64 { 16 }
+
+/// A small MLP denoiser for low-dimensional data (the 2-D toy pipeline).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Data dimension.
+    #[serde(default = "d_dim")]
+    pub dim: i64,
+    #[serde(default = "d_hidden")]
+    pub hidden: i64,
+    /// Hidden layers.
+    #[serde(default = "d_mlp_layers")]
+    pub layers: i64,
+    #[serde(default)]
+    pub label_dim: i64,
+    /// Width of the noise-level embedding.
+    #[serde(default = "d_noise_ch")]
+    pub noise_channels: i64,
+    #[serde(default = "d_sigma_data")]
+    pub sigma_data: f64,
+}
+
 /// A denoiser network with EDM preconditioning.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(tag = "arch", rename_all = "lowercase")]
@@ -129,37 +155,52 @@ pub enum NetworkConfig {
     Ddpmpp(SongUNetConfig),
     /// ADM (DhariwalUNet): EDM's ImageNet-64 model.
     Adm(DhariwalUNetConfig),
+    /// A small MLP for low-dimensional data.
+    Mlp(MlpConfig),
 }
 
 impl NetworkConfig {
+    /// Shape of one sample: [C, H, W] for images, [dim] for the MLP.
+    pub fn sample_shape(&self) -> Vec<i64> {
+        match self {
+            NetworkConfig::Mlp(c) => vec![c.dim],
+            _ => vec![self.img_channels(), self.img_resolution(), self.img_resolution()],
+        }
+    }
+
     pub fn label_dim(&self) -> i64 {
         match self {
             NetworkConfig::Ddpmpp(c) => c.label_dim,
             NetworkConfig::Adm(c) => c.label_dim,
+            NetworkConfig::Mlp(c) => c.label_dim,
         }
     }
     pub fn img_resolution(&self) -> i64 {
         match self {
             NetworkConfig::Ddpmpp(c) => c.img_resolution,
             NetworkConfig::Adm(c) => c.img_resolution,
+            NetworkConfig::Mlp(_) => 0,
         }
     }
     pub fn img_channels(&self) -> i64 {
         match self {
             NetworkConfig::Ddpmpp(c) => c.img_channels,
             NetworkConfig::Adm(c) => c.img_channels,
+            NetworkConfig::Mlp(c) => c.dim,
         }
     }
     pub fn sigma_data(&self) -> f64 {
         match self {
             NetworkConfig::Ddpmpp(c) => c.sigma_data,
             NetworkConfig::Adm(c) => c.sigma_data,
+            NetworkConfig::Mlp(c) => c.sigma_data,
         }
     }
     pub fn set_dropout(&mut self, p: f64) {
         match self {
             NetworkConfig::Ddpmpp(c) => c.dropout = p,
             NetworkConfig::Adm(c) => c.dropout = p,
+            NetworkConfig::Mlp(_) => {}
         }
     }
 

@@ -11,6 +11,44 @@ use super::songunet::SongUNet;
 enum UNet {
     Song(SongUNet),
     Dhariwal(DhariwalUNet),
+    Mlp(Mlp),
+}
+
+/// x ++ noise embedding ++ labels -> hidden layers (SiLU) -> output.
+struct Mlp {
+    layers: Vec<super::layers::Linear>,
+    noise_channels: i64,
+}
+
+impl Mlp {
+    fn new(p: &tch::nn::Path, c: &super::config::MlpConfig) -> Self {
+        use super::layers::{Init, InitMode, Linear};
+        let init = Init::new(InitMode::KaimingUniform, 1.0, 0.0);
+        let mut layers = Vec::new();
+        let mut width = c.dim + c.noise_channels + c.label_dim;
+        for i in 0..c.layers {
+            layers.push(Linear::new(&(p / format!("layer{i}")), width, c.hidden, true, init));
+            width = c.hidden;
+        }
+        layers.push(Linear::new(&(p / "out"), width, c.dim, true, Init::new(InitMode::KaimingUniform, 0.1, 0.0)));
+        Mlp { layers, noise_channels: c.noise_channels }
+    }
+    fn forward(&self, x: &Tensor, c_noise: &Tensor, labels: Option<&Tensor>) -> Tensor {
+        let emb = super::layers::positional_embedding(c_noise, self.noise_channels, 100.0, true);
+        let mut parts = vec![x.shallow_clone(), emb];
+        if let Some(l) = labels {
+            parts.push(l.shallow_clone());
+        }
+        let mut h = Tensor::cat(&parts, 1);
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h);
+            if i < last {
+                h = h.silu();
+            }
+        }
+        h
+    }
 }
 
 /// A denoiser with its own parameters (a VarStore whose names are EDM's state-dict names).
@@ -29,6 +67,7 @@ impl Denoiser {
         let net = match config {
             NetworkConfig::Ddpmpp(c) => UNet::Song(SongUNet::new(&root, c)),
             NetworkConfig::Adm(c) => UNet::Dhariwal(DhariwalUNet::new(&root, c)),
+            NetworkConfig::Mlp(c) => UNet::Mlp(Mlp::new(&root, c)),
         };
         Denoiser { vs, config: config.clone(), net }
     }
@@ -46,6 +85,7 @@ impl Denoiser {
         match &self.net {
             UNet::Song(n) => n.forward(x_in, c_noise, class_labels, augment_labels, train),
             UNet::Dhariwal(n) => n.forward(x_in, c_noise, class_labels, augment_labels, train),
+            UNet::Mlp(n) => n.forward(x_in, c_noise, class_labels),
         }
     }
 
@@ -58,7 +98,9 @@ impl Denoiser {
     pub fn denoise_aug(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>, augment_labels: Option<&Tensor>, train: bool) -> Tensor {
         let x = x.to_kind(Kind::Float);
         let n = x.size()[0];
-        let sigma = sigma.to_kind(Kind::Float).reshape([-1, 1, 1, 1]);
+        let mut shape = vec![-1i64];
+        shape.extend(std::iter::repeat_n(1, x.dim() - 1));
+        let sigma = sigma.to_kind(Kind::Float).reshape(shape.as_slice());
         let sd = self.config.sigma_data();
         let s2 = sigma.square() + sd * sd;
         let c_skip = s2.reciprocal() * (sd * sd);
@@ -73,6 +115,13 @@ impl Denoiser {
         };
         let f = self.raw(&(&c_in * &x), &c_noise, labels.as_ref(), augment_labels, train);
         c_skip * &x + c_out * f.to_kind(Kind::Float)
+    }
+
+    /// A trainable copy (same config, same weights) on the same device.
+    pub fn duplicate(&self) -> Result<Denoiser> {
+        let mut d = Denoiser::new(&self.config, self.device());
+        d.copy_from(self)?;
+        Ok(d)
     }
 
     /// Copies every parameter from `other` (same config).

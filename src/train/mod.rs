@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod device_data;
+pub mod dmd;
 pub mod optim;
 pub mod teacher;

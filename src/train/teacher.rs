@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::checkpoint;
-use super::device_data::DeviceImages;
+use super::device_data::TrainData;
 use super::optim::{ema_beta, ema_update, AdamW};
 use crate::nn::Denoiser;
 use crate::torch_shim::AutocastBf16;
@@ -86,7 +86,9 @@ pub struct TrainSummary {
 pub fn edm_loss(net: &Denoiser, y: &Tensor, labels: Option<&Tensor>, p_mean: f64, p_std: f64, train: bool) -> (Tensor, Tensor) {
     let b = y.size()[0];
     let sd = net.config.sigma_data();
-    let sigma = (Tensor::randn([b, 1, 1, 1], (Kind::Float, y.device())) * p_std + p_mean).exp();
+    let mut shape = vec![b];
+    shape.extend(std::iter::repeat_n(1, y.dim() - 1));
+    let sigma = (Tensor::randn(shape.as_slice(), (Kind::Float, y.device())) * p_std + p_mean).exp();
     let weight = (sigma.square() + sd * sd) / (&sigma * sd).square();
     let noisy = y + Tensor::randn_like(y) * &sigma;
     let d = net.denoise(&noisy, &sigma, labels, train);
@@ -100,7 +102,7 @@ pub fn edm_loss(net: &Denoiser, y: &Tensor, labels: Option<&Tensor>, p_mean: f64
 pub fn train(
     net: &Denoiser,
     ema: &Denoiser,
-    data: &DeviceImages,
+    data: &dyn TrainData,
     opts: &TrainOptions,
     work_dir: &Path,
     mut on_log: impl FnMut(u64, u64, f64, f64),
