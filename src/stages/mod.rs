@@ -11,6 +11,8 @@ mod cifar10;
 pub mod fid;
 mod gmm2d;
 mod image_folder;
+pub mod ode_pairs;
+pub mod dmd;
 mod imagenet64;
 mod sample_grid;
 mod scatter_plot;
@@ -22,6 +24,8 @@ pub use fid::{FidParams, FidRefParams};
 pub use gmm2d::{Gmm2dComponent, Gmm2dParams};
 pub use image_folder::ImageFolderParams;
 pub use imagenet64::Imagenet64Params;
+pub use ode_pairs::OdePairsParams;
+pub use dmd::DmdParams;
 pub use sample_grid::SampleGridParams;
 pub use scatter_plot::ScatterPlotParams;
 pub use subset::SubsetParams;
@@ -36,6 +40,8 @@ pub enum ArtifactType {
     Points2d,
     /// `denoiser.safetensors`: an EDM denoiser's weights with its config in the metadata.
     Denoiser,
+    /// `pairs-*.safetensors` (z, labels, x) + `pairs.json`: teacher ODE pairs.
+    Pairs,
     /// `stats.npz`: Inception feature statistics (EDM's layout).
     FidStats,
     /// Pictures and metrics only; nothing downstream consumes it.
@@ -173,6 +179,8 @@ stage_kinds! {
     "fid-ref" => FidRef(FidRefParams),
     "fid" => Fid(FidParams),
     "sample-grid" => SampleGrid(SampleGridParams),
+    "ode-pairs" => OdePairs(OdePairsParams),
+    "dmd" => Dmd(DmdParams),
 }
 
 impl StageSpec {

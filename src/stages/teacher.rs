@@ -68,7 +68,7 @@ impl Stage for TeacherParams {
         ArtifactType::Denoiser
     }
     fn upstream(&self) -> Vec<Upstream> {
-        self.dataset.iter().map(|d| Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images] }).collect()
+        self.dataset.iter().map(|d| Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images, ArtifactType::Points2d] }).collect()
     }
     fn input_paths(&self) -> Vec<InputPath> {
         self.weights.iter().map(|w| InputPath { role: "weights", path: w.clone() }).collect()
@@ -85,13 +85,17 @@ impl Stage for TeacherParams {
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
         let device = crate::torch_shim::device(&ctx.device)?;
-        let (dataset, classes) = match &self.dataset {
-            Some(_) => {
+        let points = match &self.dataset {
+            Some(_) if crate::data::artifact::read_info(ctx.upstream_dir("dataset")?)?.shape == [2] => Some(crate::data::artifact::PointsDataset::read(ctx.upstream_dir("dataset")?)?),
+            _ => None,
+        };
+        let (dataset, classes) = match (&self.dataset, &points) {
+            (Some(_), None) => {
                 let ds = ImageDataset::read(ctx.upstream_dir("dataset")?)?;
                 let classes = ds.classes.clone();
                 (Some(ds), classes)
             }
-            None => (None, Vec::new()),
+            _ => (None, Vec::new()),
         };
         let mut metrics = serde_json::Map::new();
         let ema = match self.mode {
@@ -103,6 +107,21 @@ impl Stage for TeacherParams {
             }
             TeacherMode::Train => {
                 let config = self.network.clone().expect("validated");
+                if let Some(pts) = &points {
+                    tch::manual_seed(self.train.seed as i64);
+                    let net = Denoiser::new(&config, device);
+                    let ema = net.duplicate()?;
+                    let data = crate::train::device_data::DevicePoints::new(pts, device);
+                    let summary = train(&net, &ema, &data, &self.train, &ctx.work_dir, |_, images, _, _| ctx.progress.set_position(images))?;
+                    let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
+                    crate::render::line_plot("teacher loss vs samples", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
+                    metrics.insert("steps".into(), summary.steps.into());
+                    metrics.insert("final_loss".into(), summary.final_loss.into());
+                    metrics.insert("train_seconds".into(), summary.seconds.into());
+                    weights::save_safetensors(&ema, &ctx.out_dir.join(WEIGHTS_FILE)).context("saving the teacher")?;
+                    metrics.insert("parameters".into(), ema.num_params().into());
+                    return Ok(serde_json::Value::Object(metrics));
+                }
                 let ds = dataset.as_ref().expect("validated");
                 if ds.height as i64 != config.img_resolution() || ds.channels as i64 != config.img_channels() {
                     bail!("dataset images are {}x{}x{}, the network expects {}x{}x{}", ds.height, ds.width, ds.channels, config.img_resolution(), config.img_resolution(), config.img_channels());

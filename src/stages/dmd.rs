@@ -1,0 +1,194 @@
+//! `dmd`: distils a teacher stage into a one-step generator (Distribution Matching
+//! Distillation), optionally with the regression loss on an `ode-pairs` stage. Writes the
+//! generator as a denoiser artifact (sample it with `solver = "onestep"`), the losses, grad
+//! norms and learning rate per log step (CSV + plot), and a class-labelled grid (images) or a
+//! teacher-vs-student scatter plot (2-D data).
+
+use anyhow::{bail, Context};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::{ArtifactType, FieldIssue, Stage, StageContext, Upstream};
+use crate::nn::{weights, Denoiser};
+use crate::render::{line_plot, Canvas};
+use crate::sample::{class_grid, sample, SamplerConfig, Solver};
+use crate::train::dmd::{dmd_train, DmdOptions};
+
+fn d_columns() -> usize {
+    10
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DmdParams {
+    /// The teacher (the frozen real score; also the initial generator and fake score).
+    pub teacher: String,
+    /// ODE pairs for the regression loss (omit, or set regression_weight = 0, to train without).
+    pub pairs: Option<String>,
+    /// A dataset stage: class names for the grid; for 2-D data, the reference for the energy
+    /// distance and the scatter plot.
+    pub dataset: Option<String>,
+    #[serde(default)]
+    pub train: DmdOptions,
+    #[serde(default = "d_columns")]
+    pub grid_columns: usize,
+}
+
+impl Stage for DmdParams {
+    fn version(&self) -> u32 {
+        1
+    }
+    fn output_type(&self) -> ArtifactType {
+        ArtifactType::Denoiser
+    }
+    fn upstream(&self) -> Vec<Upstream> {
+        let mut v = vec![Upstream { role: "teacher", stage: self.teacher.clone(), accepts: &[ArtifactType::Denoiser] }];
+        if let Some(p) = &self.pairs {
+            v.push(Upstream { role: "pairs", stage: p.clone(), accepts: &[ArtifactType::Pairs] });
+        }
+        if let Some(d) = &self.dataset {
+            v.push(Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images, ArtifactType::Points2d] });
+        }
+        v
+    }
+    fn validate(&self) -> Result<(), FieldIssue> {
+        let t = &self.train;
+        if t.batch == 0 || t.fake_updates_per_g == 0 {
+            return Err(FieldIssue::new("train", "train.batch and train.fake_updates_per_g must be at least 1"));
+        }
+        if !(t.t_min_index < t.t_max_index && t.t_max_index <= t.levels) {
+            return Err(FieldIssue::new("train", format!("need t_min_index < t_max_index <= levels (got {} < {} <= {})", t.t_min_index, t.t_max_index, t.levels)));
+        }
+        if t.regression_weight > 0.0 && self.pairs.is_none() {
+            return Err(FieldIssue::new("teacher", "train.regression_weight > 0 needs `pairs` (an ode-pairs stage)").help("add pairs = \"<ode-pairs stage>\", or set train.regression_weight = 0"));
+        }
+        Ok(())
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
+        let device = crate::torch_shim::device(&ctx.device)?;
+        let teacher = super::teacher::load_teacher(ctx.upstream_dir("teacher")?, device)?;
+        for (_, v) in teacher.vs.variables() {
+            let _ = v.set_requires_grad(false);
+        }
+        let mut config = teacher.config.clone();
+        config.set_dropout(0.0);
+        let init = |c: &crate::nn::NetworkConfig| -> anyhow::Result<Denoiser> {
+            let mut d = Denoiser::new(c, device);
+            d.copy_from(&teacher)?;
+            Ok(d)
+        };
+        let generator = init(&config)?;
+        let fake = init(&config)?;
+        let ema = self.train.ema_halflife_images.map(|_| init(&config)).transpose()?;
+        let pairs = match &self.pairs {
+            Some(_) => Some(super::ode_pairs::load_pairs(ctx.upstream_dir("pairs")?, device)?),
+            None => None,
+        };
+        if let Some(p) = &pairs {
+            if p.z.size()[1..] != config.sample_shape()[..] {
+                bail!("the pairs have samples of shape {:?}, the teacher {:?}", &p.z.size()[1..], config.sample_shape());
+            }
+        }
+        ctx.progress.set_length(self.train.iterations);
+        let bar = ctx.progress.clone();
+        let mut csv = String::from("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,lr,iterations_per_second\n");
+        let summary = dmd_train(&teacher, &generator, &fake, ema.as_ref(), pairs.as_ref(), &self.train, &ctx.work_dir, |r| {
+            bar.set_position(r.iteration);
+            bar.set_message(format!("dm {:.4} reg {:.4} fake {:.4} {:.1} it/s", r.loss_dm, r.loss_reg, r.loss_fake, r.iterations_per_second));
+            tracing::info!(iteration = r.iteration, loss_dm = r.loss_dm, loss_reg = r.loss_reg, loss_fake = r.loss_fake, grad_norm_g = r.grad_norm_g, lr = r.lr, "dmd");
+            csv.push_str(&format!("{},{},{},{},{},{},{},{}\n", r.iteration, r.loss_dm, r.loss_reg, r.loss_fake, r.grad_norm_g, r.grad_norm_fake, r.lr, r.iterations_per_second));
+        })?;
+        std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
+        let series = |f: fn(&crate::train::dmd::DmdLogRow) -> f64| summary.log.iter().map(|r| (r.iteration as f64, f(r))).collect::<Vec<_>>();
+        line_plot("DMD losses vs iteration", &[("loss_dm", series(|r| r.loss_dm)), ("loss_reg", series(|r| r.loss_reg)), ("loss_fake", series(|r| r.loss_fake))], true)
+            .save_png(&ctx.out_dir.join("losses.png"))?;
+        weights::save_safetensors(&generator, &ctx.out_dir.join(super::teacher::WEIGHTS_FILE)).context("saving the generator")?;
+        if let Some(e) = &ema {
+            weights::save_safetensors(e, &ctx.out_dir.join("generator_ema.safetensors"))?;
+        }
+        let last = summary.log.last();
+        let mut m = serde_json::json!({
+            "iterations": summary.iterations,
+            "seconds": summary.seconds,
+            "iterations_per_second": summary.iterations_per_second,
+            "resumed_from": summary.resumed_from,
+            "final_loss_dm": last.map(|r| r.loss_dm),
+            "final_loss_reg": last.map(|r| r.loss_reg),
+            "final_loss_fake": last.map(|r| r.loss_fake),
+            "parameters": generator.num_params(),
+        });
+        let one = SamplerConfig { solver: Solver::OneStep, sigma_max: self.train.sigma_max, ..Default::default() };
+        if matches!(config, crate::nn::NetworkConfig::Mlp(_)) {
+            let extra = toy_report(ctx, &teacher, &generator, &one, self.dataset.is_some())?;
+            m.as_object_mut().expect("object").extend(extra);
+        } else {
+            let names: Vec<String> = match &self.dataset {
+                Some(_) => crate::data::artifact::read_info(ctx.upstream_dir("dataset")?)?.classes,
+                None => (0..config.label_dim().min(10)).map(|i| format!("class {i}")).collect(),
+            };
+            let names: Vec<String> = if config.label_dim() > 0 { names.into_iter().take(10).collect() } else { Vec::new() };
+            let grid = class_grid(config.img_resolution(), config.img_channels(), config.label_dim(), &names, self.grid_columns, 0, device, |z, y| {
+                let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
+                sample(&generator, z, y, &one)
+            });
+            grid.save_png(&ctx.out_dir.join("grid.png"))?;
+        }
+        Ok(m)
+    }
+}
+
+/// 2-D data: scatter of teacher (Heun) vs student (one step) samples, and energy distances of
+/// both to the data.
+fn toy_report(ctx: &StageContext, teacher: &Denoiser, generator: &Denoiser, one: &SamplerConfig, has_data: bool) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let n = 2000usize;
+    let seeds: Vec<u64> = (0..n as u64).collect();
+    let z = super::ode_pairs::latents(&seeds, &[2], generator.device());
+    let student = sample(generator, &z, None, one);
+    let teacher_s = sample(teacher, &z, None, &SamplerConfig::default());
+    let pts = |t: &Tensor| Vec::<Vec<f32>>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float)).map(|v| v.into_iter().map(|p| [p[0], p[1]]).collect::<Vec<[f32; 2]>>());
+    let (s, t) = (pts(&student)?, pts(&teacher_s)?);
+    let mut out = serde_json::Map::new();
+    let all: Vec<&[f32; 2]> = s.iter().chain(t.iter()).collect();
+    let (mut lo, mut hi) = ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]);
+    for p in &all {
+        for d in 0..2 {
+            if p[d].is_finite() {
+                lo[d] = lo[d].min(p[d]);
+                hi[d] = hi[d].max(p[d]);
+            }
+        }
+    }
+    let mut canvas = Canvas::new(512, 512, [255, 255, 255]);
+    for p in &t {
+        canvas.dot(p[0], p[1], lo, hi, [255, 127, 14]);
+    }
+    for p in &s {
+        canvas.dot(p[0], p[1], lo, hi, [31, 119, 180]);
+    }
+    canvas.text(8, 8, "teacher heun", 2, [255, 127, 14]);
+    canvas.text(8, 26, "student one step", 2, [31, 119, 180]);
+    canvas.frame([0, 0, 0]);
+    canvas.save_png(&ctx.out_dir.join("scatter.png"))?;
+    if has_data {
+        let data = crate::data::artifact::PointsDataset::read(ctx.upstream_dir("dataset")?)?;
+        let d: Vec<[f32; 2]> = data.points.iter().take(n).copied().collect();
+        out.insert("energy_distance_student".into(), energy_distance(&s, &d).into());
+        out.insert("energy_distance_teacher".into(), energy_distance(&t, &d).into());
+    }
+    Ok(out)
+}
+
+/// 2 E|X - Y| - E|X - X'| - E|Y - Y'|.
+pub fn energy_distance(a: &[[f32; 2]], b: &[[f32; 2]]) -> f64 {
+    let mean = |p: &[[f32; 2]], q: &[[f32; 2]]| {
+        let mut s = 0.0f64;
+        for x in p {
+            for y in q {
+                s += (((x[0] - y[0]) as f64).powi(2) + ((x[1] - y[1]) as f64).powi(2)).sqrt();
+            }
+        }
+        s / (p.len() * q.len()).max(1) as f64
+    };
+    2.0 * mean(a, b) - mean(a, a) - mean(b, b)
+}
