@@ -84,7 +84,42 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
             out.insert(format!("{tag}_onestep_{prec}_img_s"), (sample_b as f64 / per_call).into());
         }
     }
+    if !quick {
+        for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
+            for batch in [56usize, 128] {
+                let ips = bench_dmd(&cfg, device, batch, 20)?;
+                out.insert(format!("{tag}_dmd_b{batch}_it_s"), ips.into());
+            }
+        }
+    } else {
+        out.insert("speedrun9m_dmd_b4_it_s".into(), bench_dmd(&ddpmpp(64, 2), device, 4, 2)?.into());
+    }
     Ok(Value::Object(out))
+}
+
+/// DMD iterations per second (generator step with the regression loss + fake-score step), bf16.
+fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations: u64) -> Result<f64> {
+    use crate::train::dmd::{dmd_train, DmdOptions, Pairs};
+    let mut cfg = cfg.clone();
+    cfg.set_dropout(0.0);
+    tch::manual_seed(0);
+    let teacher = Denoiser::new(&cfg, device);
+    let (g, f) = (teacher.duplicate()?, teacher.duplicate()?);
+    let pairs = Pairs {
+        z: Tensor::randn([1024, 3, 32, 32], (Kind::Float, device)),
+        labels: Some(Tensor::randint(10, [1024], (Kind::Int64, device)).one_hot(10).to_kind(Kind::Float)),
+        x: Tensor::randn([1024, 3, 32, 32], (Kind::Float, device)) * 0.5,
+    };
+    let work = tempfile::tempdir()?;
+    let warm = DmdOptions { batch, iterations: 3, log_every: 1000, checkpoint_every: u64::MAX, ..Default::default() };
+    dmd_train(&teacher, &g, &f, None, Some(&pairs), &warm, work.path(), |_| {})?;
+    let work = tempfile::tempdir()?;
+    let opts = DmdOptions { iterations, ..warm };
+    sync(device);
+    let t = Instant::now();
+    dmd_train(&teacher, &g, &f, None, Some(&pairs), &opts, work.path(), |_| {})?;
+    sync(device);
+    Ok(iterations as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Inception features for the 60,000 CIFAR-10 images in TF32 and strict fp32: throughput and
