@@ -3,7 +3,7 @@
 # into data/cifar-10-batches-bin of this checkout.
 set -euo pipefail
 mkdir -p /tmp/stage
-for d in devcarry/p1 devcarry/p2 devcarry/p3 devcarry/bin devcarry/golden devcarry/i1 devcarry/i2; do
+for d in devcarry/p1 devcarry/p2 devcarry/p3 devcarry/bin devcarry/golden devcarry/i1 devcarry/i2 devcarry/t1 devcarry/t2; do
   [ -d "$d" ] && cp -r "$d"/. /tmp/stage/
 done
 if [ "${1:-}" = data ]; then

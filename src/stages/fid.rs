@@ -67,8 +67,11 @@ fn setup(device: &str, precision: Precision, inception: &std::path::Path) -> any
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FidRefParams {
-    /// The image dataset stage (e.g. the 50,000 CIFAR-10 training images).
-    pub dataset: String,
+    /// The image dataset stage (e.g. the 50,000 CIFAR-10 training images); or give `stats`.
+    pub dataset: Option<String>,
+    /// Precomputed statistics in EDM's npz layout (`mu`, `sigma`), e.g. EDM's published
+    /// `cifar10-32x32.npz`, used instead of computing them from a dataset.
+    pub stats: Option<PathBuf>,
     /// The Inception weights (inception-2015-12-05.safetensors; see `dmdpipe import-weights`).
     pub inception: PathBuf,
     #[serde(default = "d_batch")]
@@ -85,18 +88,28 @@ impl Stage for FidRefParams {
         ArtifactType::FidStats
     }
     fn upstream(&self) -> Vec<Upstream> {
-        vec![Upstream { role: "dataset", stage: self.dataset.clone(), accepts: &[ArtifactType::Images] }]
+        self.dataset.iter().map(|d| Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images] }).collect()
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        vec![InputPath { role: "inception", path: self.inception.clone() }]
+        let mut v = vec![InputPath { role: "inception", path: self.inception.clone() }];
+        v.extend(self.stats.iter().map(|s| InputPath { role: "stats", path: s.clone() }));
+        v
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if self.batch == 0 {
             return Err(FieldIssue::new("batch", "batch must be at least 1"));
         }
+        if self.dataset.is_some() == self.stats.is_some() {
+            return Err(FieldIssue::new("inception", "give exactly one of `dataset` and `stats`"));
+        }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
+        if self.stats.is_some() {
+            let stats = FidStats::load_npz(ctx.input("stats")?)?;
+            stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+            return Ok(serde_json::json!({ "count": stats.count, "imported": true }));
+        }
         let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
         let ds = ImageDataset::read(ctx.upstream_dir("dataset")?)?;
         ctx.progress.set_length(ds.len() as u64);

@@ -81,6 +81,10 @@ pub struct DmdOptions {
     pub sigma_max: f64,
     pub rho: f64,
     pub bf16: bool,
+    /// Evaluate the real and fake scores for the distribution-matching gradient in fp32 even
+    /// when the generator runs in bf16: g is a small difference of two close denoiser outputs
+    /// (equal at initialisation), which bf16 rounding would swamp.
+    pub score_fp32: bool,
     pub tf32: bool,
     pub seed: u64,
     pub log_every: u64,
@@ -112,6 +116,7 @@ impl Default for DmdOptions {
             sigma_max: 80.0,
             rho: 7.0,
             bf16: true,
+            score_fp32: true,
             tf32: true,
             seed: 0,
             log_every: 10,
@@ -291,7 +296,7 @@ pub fn dmd_train(
         let g = tch::no_grad(|| -> Result<Tensor> {
             let sigma = sigma_at(opts.t_min_index, opts.t_max_index);
             let xt = &xd + Tensor::randn_like(&xd) * &sigma;
-            let _ac = AutocastBf16::new(cuda && opts.bf16)?;
+            let _ac = AutocastBf16::new(cuda && opts.bf16 && !opts.score_fp32)?;
             let real_d = real.real_denoise(&xt, &sigma, y.as_ref()).to_kind(Kind::Float);
             let fake_d = fake.denoise(&xt, &sigma, y.as_ref(), false).to_kind(Kind::Float);
             Ok(dm_gradient(&xd, &real_d, &fake_d))
