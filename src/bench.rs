@@ -5,14 +5,14 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use tch::{Kind, Tensor};
 
 use crate::nn::config::SongUNetConfig;
 use crate::nn::{Denoiser, NetworkConfig};
 use crate::sample::one_hot;
 use crate::torch_shim::{self, AutocastBf16};
-use crate::train::optim::{ema_update, AdamW};
+use crate::train::optim::{AdamW, ema_update};
 use crate::train::teacher::edm_loss;
 
 fn ddpmpp(model_channels: i64, num_blocks: i64) -> NetworkConfig {
@@ -63,7 +63,9 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
             let per_step = timed(device, 5.min(steps), steps, || {
                 opt.zero_grad();
                 let y = Tensor::rand([train_b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
-                let labels = Tensor::randint(10, [train_b], (Kind::Int64, device)).one_hot(10).to_kind(Kind::Float);
+                let labels = Tensor::randint(10, [train_b], (Kind::Int64, device))
+                    .one_hot(10)
+                    .to_kind(Kind::Float);
                 let (loss, _) = {
                     let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
                     edm_loss(&net, &y, Some(&labels), -1.2, 1.2, true)
@@ -99,7 +101,7 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
 
 /// DMD iterations per second (generator step with the regression loss + fake-score step), bf16.
 fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations: u64) -> Result<f64> {
-    use crate::train::dmd::{dmd_train, DmdOptions, Pairs};
+    use crate::train::dmd::{DmdOptions, Pairs, dmd_train};
     let mut cfg = cfg.clone();
     cfg.set_dropout(0.0);
     tch::manual_seed(0);
@@ -111,7 +113,13 @@ fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations:
         x: Tensor::randn([1024, 3, 32, 32], (Kind::Float, device)) * 0.5,
     };
     let work = tempfile::tempdir()?;
-    let warm = DmdOptions { batch, iterations: 3, log_every: 1000, checkpoint_every: u64::MAX, ..Default::default() };
+    let warm = DmdOptions {
+        batch,
+        iterations: 3,
+        log_every: 1000,
+        checkpoint_every: u64::MAX,
+        ..Default::default()
+    };
     dmd_train(&teacher, &g, &f, None, Some(&pairs), &warm, work.path(), |_| {})?;
     let work = tempfile::tempdir()?;
     let opts = DmdOptions { iterations, ..warm };
@@ -125,7 +133,7 @@ fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations:
 /// Inception features for the 60,000 CIFAR-10 images in TF32 and strict fp32: throughput and
 /// FID(train, test), the workload of `bench/pytorch_inception.py`.
 pub fn bench_inception(device_name: &str, weights: &std::path::Path, cifar_dir: &std::path::Path, limit: Option<usize>) -> Result<Value> {
-    use crate::eval::fid::{frechet_distance, StatsAccumulator};
+    use crate::eval::fid::{StatsAccumulator, frechet_distance};
     let device = torch_shim::device(device_name)?;
     tch::Cuda::cudnn_set_benchmark(device.is_cuda());
     let net = crate::eval::inception::Inception::load(weights, device)?;
@@ -152,7 +160,11 @@ pub fn bench_inception(device_name: &str, weights: &std::path::Path, cifar_dir: 
             }
             acc.finish()
         };
-        let _ = feats(&crate::data::artifact::ImageDataset { images: train.images[..3072 * 500.min(train.len())].to_vec(), labels: train.labels[..500.min(train.len())].to_vec(), ..train.clone() })?;
+        let _ = feats(&crate::data::artifact::ImageDataset {
+            images: train.images[..3072 * 500.min(train.len())].to_vec(),
+            labels: train.labels[..500.min(train.len())].to_vec(),
+            ..train.clone()
+        })?;
         sync(device);
         let t = Instant::now();
         let s_train = feats(&train)?;

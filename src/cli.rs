@@ -21,7 +21,11 @@ pub const BUILTIN_PIPELINE: &str = include_str!("../pipelines/toy2d.toml");
 const DEFAULT_PIPELINE: &str = "pipelines/toy2d.toml";
 
 #[derive(Parser, Debug)]
-#[command(name = "dmdpipe", version, about = "Distribution Matching Distillation pipelines: cached, resumable, reproducible")]
+#[command(
+    name = "dmdpipe",
+    version,
+    about = "Distribution Matching Distillation pipelines: cached, resumable, reproducible"
+)]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -169,25 +173,43 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) {
         .with_target(false)
         .with_filter(EnvFilter::try_from_env("DMDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new(level)));
     let file_layer = log_file.and_then(|path| std::fs::File::create(path).ok()).map(|f| {
-        tracing_subscriber::fmt::layer().with_writer(std::sync::Mutex::new(f)).with_ansi(false).with_filter(EnvFilter::new("info"))
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::sync::Mutex::new(f))
+            .with_ansi(false)
+            .with_filter(EnvFilter::new("info"))
     });
     let _ = tracing_subscriber::registry().with(stderr_layer).with(file_layer).try_init();
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { pipeline, force, until, dry_run, device } => {
+        Command::Run {
+            pipeline,
+            force,
+            until,
+            dry_run,
+            device,
+        } => {
             let p = load(pipeline.as_deref())?;
             let cache_dir = cli.cache.clone().unwrap_or_else(|| p.cache_dir());
             let log = (!dry_run).then(|| {
-                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
+                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string()
+                    .replace(':', "");
                 cache_dir.join("logs").join(format!("{}-{stamp}.log", p.name))
             });
             if let Some(l) = &log {
                 std::fs::create_dir_all(l.parent().expect("log has a parent")).ok();
             }
             init_logging(cli.verbose, log.as_deref());
-            let opts = RunOptions { force, until, dry_run, cache_dir: cli.cache, device, progress: true };
+            let opts = RunOptions {
+                force,
+                until,
+                dry_run,
+                cache_dir: cli.cache,
+                device,
+                progress: true,
+            };
             let report = runner::run(&p, &opts)?;
             print_report(&report, dry_run);
             if let Some(l) = log {
@@ -207,7 +229,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 };
                 println!("{:<20} {:<13} {state}", s.name, s.kind);
             }
-            Ok(if exit_code && !report.all_fresh() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if exit_code && !report.all_fresh() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Why { pipeline, stage } => {
             init_logging(cli.verbose, None);
@@ -268,13 +294,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 println!("{p}");
             }
             println!("{} problems", problems.len());
-            Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
-        Command::Bench { what: BenchCommand::Hash { path } } => {
+        Command::Bench {
+            what: BenchCommand::Hash { path },
+        } => {
             crate::pipeline::hash::bench(path.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { what: BenchCommand::Gpu { device, quick, out } } => {
+        Command::Bench {
+            what: BenchCommand::Gpu { device, quick, out },
+        } => {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_gpu(&device, quick)?;
             let text = serde_json::to_string_pretty(&v)?;
@@ -284,7 +318,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { what: BenchCommand::Inception { device, weights, data, limit, out } } => {
+        Command::Bench {
+            what:
+                BenchCommand::Inception {
+                    device,
+                    weights,
+                    data,
+                    limit,
+                    out,
+                },
+        } => {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_inception(&device, &weights, &data, limit)?;
             let text = serde_json::to_string_pretty(&v)?;
@@ -313,9 +356,18 @@ fn brief(metrics: &serde_json::Value) -> String {
     let mut parts = Vec::new();
     for (k, v) in map {
         let text = match v {
-            serde_json::Value::Number(n) => n.as_f64().map(|f| if f.fract() == 0.0 { format!("{f}") } else { format!("{f:.4}") }).unwrap_or_default(),
+            serde_json::Value::Number(n) => n
+                .as_f64()
+                .map(|f| if f.fract() == 0.0 { format!("{f}") } else { format!("{f:.4}") })
+                .unwrap_or_default(),
             serde_json::Value::Array(a) if a.len() <= 4 && a.iter().all(|x| x.is_number()) => {
-                format!("[{}]", a.iter().map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", "))
+                format!(
+                    "[{}]",
+                    a.iter()
+                        .map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
             serde_json::Value::String(s) if s.len() < 40 => s.clone(),
             _ => continue,

@@ -158,7 +158,9 @@ pub fn text_width(text: &str, scale: i64) -> i64 {
 pub fn image_grid(images: &[u8], h: usize, w: usize, rows: usize, cols: usize, labels: Option<&[String]>) -> Canvas {
     let pad = 2usize;
     let scale = if h >= 28 { 2 } else { 1 };
-    let label_w = labels.map(|l| l.iter().map(|s| text_width(s, scale)).max().unwrap_or(0) as usize + 8).unwrap_or(0);
+    let label_w = labels
+        .map(|l| l.iter().map(|s| text_width(s, scale)).max().unwrap_or(0) as usize + 8)
+        .unwrap_or(0);
     let width = label_w + cols * (w + pad) + pad;
     let height = rows * (h + pad) + pad;
     let mut canvas = Canvas::new(width as u32, height as u32, [255, 255, 255]);
@@ -181,7 +183,11 @@ pub fn line_plot(title: &str, series: &[(&str, Vec<(f64, f64)>)], log_y: bool) -
     let (w, h, m) = (640i64, 400i64, 50i64);
     let mut c = Canvas::new(w as u32, h as u32, [255, 255, 255]);
     let ty = |v: f64| if log_y { v.max(1e-12).log10() } else { v };
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter().map(|&(x, y)| (x, ty(y)))).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|&(x, y)| (x, ty(y))))
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in &pts {
         x0 = x0.min(x);
@@ -198,10 +204,22 @@ pub fn line_plot(title: &str, series: &[(&str, Vec<(f64, f64)>)], log_y: bool) -
     c.line(m, h - m, w - m, h - m, [0, 0, 0]);
     c.line(m, m, m, h - m, [0, 0, 0]);
     c.text(m, 10, title, 2, [0, 0, 0]);
-    let fmt = |v: f64| if log_y { format!("{:.3}", 10f64.powf(v)) } else { format!("{v:.3}") };
+    let fmt = |v: f64| {
+        if log_y {
+            format!("{:.3}", 10f64.powf(v))
+        } else {
+            format!("{v:.3}")
+        }
+    };
     c.text(4, m - 12, &fmt(y1), 1, [0, 0, 0]);
     c.text(4, h - m + 4, &fmt(y0), 1, [0, 0, 0]);
-    c.text(w - m - text_width(&format!("{x1:.0}"), 1), h - m + 6, &format!("{x1:.0}"), 1, [0, 0, 0]);
+    c.text(
+        w - m - text_width(&format!("{x1:.0}"), 1),
+        h - m + 6,
+        &format!("{x1:.0}"),
+        1,
+        [0, 0, 0],
+    );
     let colors = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]];
     for (i, (name, s)) in series.iter().enumerate() {
         let color = colors[i % colors.len()];
@@ -235,7 +253,10 @@ mod tests {
         let at = |x: u32, y: u32| g.pixels[((y * g.width + x) * 3) as usize];
         assert_eq!(at(label_w + 2, 2), 200, "first image's corner");
         assert_eq!(at(label_w, 2), 255, "padding stays white");
-        let dark = (0..g.height).flat_map(|y| (0..label_w).map(move |x| (x, y))).filter(|&(x, y)| at(x, y) == 0).count();
+        let dark = (0..g.height)
+            .flat_map(|y| (0..label_w).map(move |x| (x, y)))
+            .filter(|&(x, y)| at(x, y) == 0)
+            .count();
         assert!(dark > 10, "labels are drawn");
     }
 }

@@ -50,7 +50,13 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { solver: Solver::Heun, steps: 18, sigma_min: 0.002, sigma_max: 80.0, rho: 7.0 }
+        SamplerConfig {
+            solver: Solver::Heun,
+            steps: 18,
+            sigma_min: 0.002,
+            sigma_max: 80.0,
+            rho: 7.0,
+        }
     }
 }
 
@@ -87,7 +93,10 @@ pub fn sample(net: &Denoiser, latents: &Tensor, class_labels: Option<&Tensor>, c
     tch::no_grad(|| {
         let t = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho);
         let dev = latents.device();
-        let den = |x: &Tensor, s: f64| net.denoise(x, &Tensor::from(s).to_device(dev), class_labels, false).to_kind(Kind::Double);
+        let den = |x: &Tensor, s: f64| {
+            net.denoise(x, &Tensor::from(s).to_device(dev), class_labels, false)
+                .to_kind(Kind::Double)
+        };
         let mut x = latents.to_kind(Kind::Double) * t[0];
         for i in 0..cfg.steps {
             let (t_cur, t_next) = (t[i], t[i + 1]);
@@ -114,7 +123,9 @@ pub fn seeded_latents(seeds: &[u64], shape: [i64; 3], device: tch::Device) -> Te
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
         data.extend((0..per).map(|_| -> f32 { rand_distr::StandardNormal.sample(&mut rng) }));
     }
-    Tensor::from_slice(&data).reshape([seeds.len() as i64, shape[0], shape[1], shape[2]]).to_device(device)
+    Tensor::from_slice(&data)
+        .reshape([seeds.len() as i64, shape[0], shape[1], shape[2]])
+        .to_device(device)
 }
 
 /// One-hot labels [N, dim] on `device`.
@@ -145,7 +156,12 @@ mod tests {
 
 /// f32 images in [-1, 1] (NCHW) to uint8 NHWC bytes: clamp, then round((x + 1) * 127.5).
 pub fn to_uint8_nhwc(x: &Tensor) -> Vec<u8> {
-    let u = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous().to_device(tch::Device::Cpu);
+    let u = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
+        .to_device(tch::Device::Cpu);
     let n = u.numel();
     let mut out = vec![0u8; n];
     u.copy_data(&mut out, n);

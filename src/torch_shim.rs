@@ -3,7 +3,7 @@
 use std::ffi::CStr;
 use std::sync::OnceLock;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use tch::{Device, Tensor};
 
 type CTensor = *mut torch_sys::C_tensor;
@@ -137,13 +137,40 @@ pub fn tf32_enabled() -> bool {
 
 /// One fused AdamW step (torch's `_fused_adamw_`) over all parameters at once.
 #[allow(clippy::too_many_arguments)]
-pub fn fused_adamw(params: &[Tensor], grads: &[Tensor], exp_avgs: &[Tensor], exp_avg_sqs: &[Tensor], steps: &[Tensor], lr: f64, betas: (f64, f64), weight_decay: f64, eps: f64) -> Result<()> {
+pub fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    lr: f64,
+    betas: (f64, f64),
+    weight_decay: f64,
+    eps: f64,
+) -> Result<()> {
     let n = params.len();
-    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
+        .iter()
+        .any(|&l| l != n)
+    {
         bail!("fused_adamw: lists of different lengths");
     }
     let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
-    let rc = unsafe { dmd_fused_adamw(p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as libc::c_int, lr, betas.0, betas.1, weight_decay, eps) };
+    let rc = unsafe {
+        dmd_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n as libc::c_int,
+            lr,
+            betas.0,
+            betas.1,
+            weight_decay,
+            eps,
+        )
+    };
     if rc != 0 {
         bail!("fused AdamW: {}", last_error());
     }
@@ -169,7 +196,18 @@ mod tests {
         let mut vr = pr.zeros_like();
         for step in 1..=3 {
             let g = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
-            fused_adamw(&[p.shallow_clone()], &[g.shallow_clone()], &[m.shallow_clone()], &[v.shallow_clone()], &[s.shallow_clone()], lr, (b1, b2), wd, eps).unwrap();
+            fused_adamw(
+                &[p.shallow_clone()],
+                &[g.shallow_clone()],
+                &[m.shallow_clone()],
+                &[v.shallow_clone()],
+                &[s.shallow_clone()],
+                lr,
+                (b1, b2),
+                wd,
+                eps,
+            )
+            .unwrap();
             let gd = g.to_kind(Kind::Double);
             pr = &pr * (1.0 - lr * wd);
             mr = &mr * b1 + &gd * (1.0 - b1);

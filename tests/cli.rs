@@ -34,7 +34,13 @@ fn second_run_waits_for_the_lock_and_names_the_holder() {
     let p = Project::new();
     p.write("p.toml", &gmm_stage("a", 1, 100));
     let held = Cache::open(&p.cache(), LockMode::Exclusive).unwrap();
-    let mut child = dmdpipe().args(["run"]).arg(p.path().join("p.toml")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = dmdpipe()
+        .args(["run"])
+        .arg(p.path().join("p.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     assert!(child.try_wait().unwrap().is_none(), "run must wait while the cache is locked");
     drop(held);
@@ -62,11 +68,19 @@ fn readers_share_the_lock() {
 fn status_exit_code_reports_staleness() {
     let p = Project::new();
     p.write("p.toml", &gmm_stage("a", 1, 100));
-    let st = dmdpipe().args(["status", "--exit-code"]).arg(p.path().join("p.toml")).output().unwrap();
+    let st = dmdpipe()
+        .args(["status", "--exit-code"])
+        .arg(p.path().join("p.toml"))
+        .output()
+        .unwrap();
     assert_eq!(st.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&st.stdout).contains("never run"));
     assert!(dmdpipe().arg("run").arg(p.path().join("p.toml")).output().unwrap().status.success());
-    let st = dmdpipe().args(["status", "--exit-code"]).arg(p.path().join("p.toml")).output().unwrap();
+    let st = dmdpipe()
+        .args(["status", "--exit-code"])
+        .arg(p.path().join("p.toml"))
+        .output()
+        .unwrap();
     assert_eq!(st.status.code(), Some(0));
 }
 
@@ -77,16 +91,27 @@ fn config_error_exit_code_and_location() {
     let out = dmdpipe().arg("run").arg(p.path().join("p.toml")).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("p.toml:3:1") && err.contains("stages.a.sede") && err.contains("did you mean `seed`"), "{err}");
+    assert!(
+        err.contains("p.toml:3:1") && err.contains("stages.a.sede") && err.contains("did you mean `seed`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn dag_formats() {
     let p = Project::new();
     p.write("p.toml", &format!("{}{}", gmm_stage("a", 1, 100), plot_stage("pic", "a", 128)));
-    let dot = dmdpipe().args(["dag", "--format", "dot"]).arg(p.path().join("p.toml")).output().unwrap();
+    let dot = dmdpipe()
+        .args(["dag", "--format", "dot"])
+        .arg(p.path().join("p.toml"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&dot.stdout).contains("\"a\" -> \"pic\""));
-    let mermaid = dmdpipe().args(["dag", "--format", "mermaid"]).arg(p.path().join("p.toml")).output().unwrap();
+    let mermaid = dmdpipe()
+        .args(["dag", "--format", "mermaid"])
+        .arg(p.path().join("p.toml"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&mermaid.stdout).contains("s_a -->|points| s_pic"));
     let text = dmdpipe().args(["dag"]).arg(p.path().join("p.toml")).output().unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("pic (scatter-plot)  [points <- a]"));
@@ -102,6 +127,9 @@ fn run_writes_a_log_file_and_summary() {
     let logs: Vec<_> = std::fs::read_dir(p.cache().join("logs")).unwrap().collect();
     assert_eq!(logs.len(), 1);
     let log = std::fs::read_to_string(logs[0].as_ref().unwrap().path()).unwrap();
-    assert!(log.contains("stage{name=a kind=\"gmm2d\"}") || log.contains("stage{name=a kind=gmm2d}"), "{log}");
+    assert!(
+        log.contains("stage{name=a kind=\"gmm2d\"}") || log.contains("stage{name=a kind=gmm2d}"),
+        "{log}"
+    );
     assert!(log.contains("running"));
 }

@@ -5,7 +5,8 @@ use std::path::Path;
 use dmdpipe::pipeline::config::{self, Pipeline};
 use dmdpipe::pipeline::config_error::ConfigError;
 
-const GOOD_DATA: &str = "[stages.data]\nkind = \"gmm2d\"\nseed = 1\ncount = 10\ncomponents = [{ weight = 1.0, mean = [0.0, 0.0], std = 1.0 }]\n";
+const GOOD_DATA: &str =
+    "[stages.data]\nkind = \"gmm2d\"\nseed = 1\ncount = 10\ncomponents = [{ weight = 1.0, mean = [0.0, 0.0], std = 1.0 }]\n";
 
 fn parse(src: &str) -> Result<Pipeline, ConfigError> {
     let out = std::panic::catch_unwind(|| config::parse(Path::new("pipes/bad.toml"), src));
@@ -21,7 +22,10 @@ fn expect_err(src: &str, line: usize, key: &str, message: &str) -> ConfigError {
     assert_eq!(e.key, key, "key of {e}");
     assert!(e.message.contains(message), "message `{}` lacks `{message}`", e.message);
     let shown = e.to_string();
-    assert!(shown.contains(&format!("pipes/bad.toml:{line}")) || line == 0, "display names file and line: {shown}");
+    assert!(
+        shown.contains(&format!("pipes/bad.toml:{line}")) || line == 0,
+        "display names file and line: {shown}"
+    );
     e
 }
 
@@ -98,7 +102,12 @@ fn kind_not_a_string() {
 
 #[test]
 fn unknown_kind_with_suggestion() {
-    let e = expect_err("[stages.data]\nkind = \"gmm2\"\n", 2, "stages.data.kind", "unknown stage kind `gmm2`");
+    let e = expect_err(
+        "[stages.data]\nkind = \"gmm2\"\n",
+        2,
+        "stages.data.kind",
+        "unknown stage kind `gmm2`",
+    );
     assert!(e.help.unwrap().contains("did you mean `gmm2d`"));
 }
 
@@ -123,22 +132,42 @@ fn unknown_field_far_from_any() {
 
 #[test]
 fn wrong_type_string_for_integer() {
-    expect_err(&GOOD_DATA.replace("seed = 1", "seed = \"one\""), 3, "stages.data.seed", "invalid type");
+    expect_err(
+        &GOOD_DATA.replace("seed = 1", "seed = \"one\""),
+        3,
+        "stages.data.seed",
+        "invalid type",
+    );
 }
 
 #[test]
 fn negative_for_unsigned() {
-    expect_err(&GOOD_DATA.replace("count = 10", "count = -5"), 4, "stages.data.count", "invalid value: integer `-5`");
+    expect_err(
+        &GOOD_DATA.replace("count = 10", "count = -5"),
+        4,
+        "stages.data.count",
+        "invalid value: integer `-5`",
+    );
 }
 
 #[test]
 fn float_for_integer() {
-    expect_err(&GOOD_DATA.replace("count = 10", "count = 1.5"), 4, "stages.data.count", "invalid type");
+    expect_err(
+        &GOOD_DATA.replace("count = 10", "count = 1.5"),
+        4,
+        "stages.data.count",
+        "invalid type",
+    );
 }
 
 #[test]
 fn missing_required_field() {
-    let e = expect_err("[stages.data]\nkind = \"gmm2d\"\nseed = 1\ncount = 3\n", 1, "stages.data", "missing field `components`");
+    let e = expect_err(
+        "[stages.data]\nkind = \"gmm2d\"\nseed = 1\ncount = 3\n",
+        1,
+        "stages.data",
+        "missing field `components`",
+    );
     assert!(e.to_string().contains("bad.toml:1"));
 }
 
@@ -162,12 +191,22 @@ fn empty_components_fails_validation() {
 
 #[test]
 fn negative_weight_fails_validation() {
-    expect_err(&GOOD_DATA.replace("weight = 1.0", "weight = -1.0"), 5, "stages.data.components", "must be positive");
+    expect_err(
+        &GOOD_DATA.replace("weight = 1.0", "weight = -1.0"),
+        5,
+        "stages.data.components",
+        "must be positive",
+    );
 }
 
 #[test]
 fn zero_std_fails_validation() {
-    expect_err(&GOOD_DATA.replace("std = 1.0", "std = 0.0"), 5, "stages.data.components", "std 0 must be positive");
+    expect_err(
+        &GOOD_DATA.replace("std = 1.0", "std = 0.0"),
+        5,
+        "stages.data.components",
+        "std 0 must be positive",
+    );
 }
 
 #[test]
@@ -221,7 +260,12 @@ fn wrong_type_in_pipeline_table() {
 
 #[test]
 fn invalid_pipeline_name() {
-    expect_err(&format!("[pipeline]\nname = \"a b\"\n{GOOD_DATA}"), 0, "pipeline.name", "invalid pipeline name");
+    expect_err(
+        &format!("[pipeline]\nname = \"a b\"\n{GOOD_DATA}"),
+        0,
+        "pipeline.name",
+        "invalid pipeline name",
+    );
 }
 
 #[test]
@@ -241,28 +285,53 @@ fn cifar10_needs_source_or_url() {
 
 #[test]
 fn cifar10_source_and_url_conflict() {
-    expect_err("[stages.d]\nkind = \"cifar10\"\nsource = \"x\"\nurl = \"http://127.0.0.1/x\"\n", 4, "stages.d.url", "not both");
+    expect_err(
+        "[stages.d]\nkind = \"cifar10\"\nsource = \"x\"\nurl = \"http://127.0.0.1/x\"\n",
+        4,
+        "stages.d.url",
+        "not both",
+    );
 }
 
 #[test]
 fn cifar10_bad_split_value() {
-    let e = expect_err("[stages.d]\nkind = \"cifar10\"\nsource = \"x\"\nsplit = \"validation\"\n", 4, "stages.d.split", "unknown variant");
+    let e = expect_err(
+        "[stages.d]\nkind = \"cifar10\"\nsource = \"x\"\nsplit = \"validation\"\n",
+        4,
+        "stages.d.split",
+        "unknown variant",
+    );
     assert!(e.message.contains("train"));
 }
 
 #[test]
 fn cifar10_bad_archive_md5() {
-    expect_err("[stages.d]\nkind = \"cifar10\"\nurl = \"http://127.0.0.1/x\"\narchive_md5 = \"abc\"\n", 4, "stages.d.archive_md5", "32 hex");
+    expect_err(
+        "[stages.d]\nkind = \"cifar10\"\nurl = \"http://127.0.0.1/x\"\narchive_md5 = \"abc\"\n",
+        4,
+        "stages.d.archive_md5",
+        "32 hex",
+    );
 }
 
 #[test]
 fn image_folder_zero_resolution() {
-    expect_err("[stages.d]\nkind = \"image-folder\"\nsource = \"x\"\nresolution = 0\n", 4, "stages.d.resolution", "outside");
+    expect_err(
+        "[stages.d]\nkind = \"image-folder\"\nsource = \"x\"\nresolution = 0\n",
+        4,
+        "stages.d.resolution",
+        "outside",
+    );
 }
 
 #[test]
 fn image_folder_bad_transform() {
-    expect_err("[stages.d]\nkind = \"image-folder\"\nsource = \"x\"\nresolution = 8\ntransform = \"stretch\"\n", 5, "stages.d.transform", "unknown variant");
+    expect_err(
+        "[stages.d]\nkind = \"image-folder\"\nsource = \"x\"\nresolution = 8\ntransform = \"stretch\"\n",
+        5,
+        "stages.d.transform",
+        "unknown variant",
+    );
 }
 
 #[test]

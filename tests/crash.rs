@@ -29,7 +29,13 @@ fn kill_at_random_points_never_corrupts_the_cache() {
     let p = Project::new();
     let file = p.path().join("p.toml");
     let cmd = || {
-        Command::new(env!("CARGO_BIN_EXE_dmdpipe")).arg("run").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
+            .arg("run")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
     };
     // Time one full run to spread the kills over it.
     p.write("p.toml", &pipeline(1000));
@@ -64,7 +70,13 @@ fn kill_at_random_points_never_corrupts_the_cache() {
     assert!(cmd().wait().unwrap().success());
     let report = runner::status(&p.load("p.toml"), None).unwrap();
     assert!(report.all_fresh());
-    assert!(Cache::open(&p.cache(), LockMode::Shared).unwrap().check_integrity().unwrap().is_empty());
+    assert!(
+        Cache::open(&p.cache(), LockMode::Shared)
+            .unwrap()
+            .check_integrity()
+            .unwrap()
+            .is_empty()
+    );
     eprintln!("{trial} kill trials passed ({killed_mid_run} landed mid-run; full run {full:?})");
     let _ = Duration::ZERO;
 }

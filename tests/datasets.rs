@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use dmdpipe::data::artifact::ImageDataset;
-use dmdpipe::data::cifar10::{encode_batch, md5_hex, TEST_FILES, TRAIN_FILES};
-use dmdpipe::data::npy::{write_npz, NpyArray, NpyData};
+use dmdpipe::data::cifar10::{TEST_FILES, TRAIN_FILES, encode_batch, md5_hex};
+use dmdpipe::data::npy::{NpyArray, NpyData, write_npz};
 use dmdpipe::pipeline::runner::{self, RunOptions};
 
 /// Writes a fixture `cifar-10-batches-bin` with `per_file` records per file; returns
@@ -38,7 +38,10 @@ fn cifar_fixture(dir: &std::path::Path, per_file: usize) -> (Vec<u8>, Vec<i64>, 
 fn cifar10_from_a_directory() {
     let p = Project::new();
     let (images, labels, md5) = cifar_fixture(&p.path().join("data/cifar-10-batches-bin"), 12);
-    p.write("p.toml", &format!("[stages.data]\nkind = \"cifar10\"\nsource = \"data/cifar-10-batches-bin\"\n{md5}"));
+    p.write(
+        "p.toml",
+        &format!("[stages.data]\nkind = \"cifar10\"\nsource = \"data/cifar-10-batches-bin\"\n{md5}"),
+    );
     let r = p.run("p.toml");
     let ds = ImageDataset::read(r.stage("data").unwrap().output_dir.as_ref().unwrap()).unwrap();
     assert_eq!(ds.len(), 60);
@@ -56,7 +59,9 @@ fn cifar10_from_a_directory() {
 fn cifar10_wrong_md5_names_the_file() {
     let p = Project::new();
     let (_, _, md5) = cifar_fixture(&p.path().join("c"), 2);
-    let bad = md5.replacen("\"data_batch_3.bin\" = \"", "\"data_batch_3.bin\" = \"0", 1).replacen("\"\n", "\"\n", 1);
+    let bad = md5
+        .replacen("\"data_batch_3.bin\" = \"", "\"data_batch_3.bin\" = \"0", 1)
+        .replacen("\"\n", "\"\n", 1);
     let bad = {
         // keep the md5 32 characters long but wrong
         let line = bad.lines().find(|l| l.starts_with("\"data_batch_3.bin\"")).unwrap().to_string();
@@ -75,7 +80,10 @@ fn cifar10_official_md5_rejects_other_files() {
     cifar_fixture(&p.path().join("c"), 2);
     p.write("p.toml", "[stages.data]\nkind = \"cifar10\"\nsource = \"c\"\n");
     let msg = format!("{:#}", runner::run(&p.load("p.toml"), &RunOptions::default()).unwrap_err());
-    assert!(msg.contains("data_batch_1.bin") && msg.contains("5dd7e06a14cb22eb9f671a540d1b7c25"), "{msg}");
+    assert!(
+        msg.contains("data_batch_1.bin") && msg.contains("5dd7e06a14cb22eb9f671a540d1b7c25"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -113,11 +121,23 @@ fn serve(body: Vec<u8>, cut: Option<usize>, requests: usize) -> (String, Arc<Mut
                 req.extend_from_slice(&buf[..n]);
             }
             let text = String::from_utf8_lossy(&req).to_string();
-            let range = text.lines().find(|l| l.to_ascii_lowercase().starts_with("range:")).map(|l| l[6..].trim().to_string());
+            let range = text
+                .lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                .map(|l| l[6..].trim().to_string());
             seen2.lock().unwrap().push(range.clone());
-            let start = range.as_ref().and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
+            let start = range
+                .as_ref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
+                .unwrap_or(0);
             let head = if start > 0 {
-                format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n", body.len() - start, body.len() - 1, body.len())
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
+                    body.len() - start,
+                    body.len() - 1,
+                    body.len()
+                )
             } else {
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
             };
@@ -143,10 +163,17 @@ fn cifar10_download_resumes_and_verifies() {
     let archive = cifar_archive(&p.path().join("fixture"));
     let archive_md5 = md5_hex(&archive);
     let (url, seen) = serve(archive.clone(), Some(archive.len() / 2), 2);
-    p.write("p.toml", &format!("[stages.data]\nkind = \"cifar10\"\nurl = \"{url}\"\narchive_md5 = \"{archive_md5}\"\n{md5}"));
+    p.write(
+        "p.toml",
+        &format!("[stages.data]\nkind = \"cifar10\"\nurl = \"{url}\"\narchive_md5 = \"{archive_md5}\"\n{md5}"),
+    );
     let first = runner::run(&p.load("p.toml"), &RunOptions::default());
     assert!(first.is_err(), "the first download is cut short");
-    let part = std::fs::read_dir(p.cache().join("downloads")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "part")).unwrap();
+    let part = std::fs::read_dir(p.cache().join("downloads"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "part"))
+        .unwrap();
     let have = std::fs::metadata(&part).unwrap().len() as usize;
     assert!(have > 0 && have < archive.len());
     let r = p.run("p.toml");
@@ -162,7 +189,13 @@ fn cifar10_download_with_wrong_md5_is_refused() {
     cifar_fixture(&p.path().join("fixture"), 1);
     let archive = cifar_archive(&p.path().join("fixture"));
     let (url, _) = serve(archive, None, 1);
-    p.write("p.toml", &format!("[stages.data]\nkind = \"cifar10\"\nurl = \"{url}\"\narchive_md5 = \"{}\"\n", "0".repeat(32)));
+    p.write(
+        "p.toml",
+        &format!(
+            "[stages.data]\nkind = \"cifar10\"\nurl = \"{url}\"\narchive_md5 = \"{}\"\n",
+            "0".repeat(32)
+        ),
+    );
     let msg = format!("{:#}", runner::run(&p.load("p.toml"), &RunOptions::default()).unwrap_err());
     assert!(msg.contains("does not match the expected 00000000"), "{msg}");
 }
@@ -190,7 +223,10 @@ fn image_folder_resizes_and_labels_by_folder() {
     assert!(ds.image(4)[0] >= 195, "red channel of dogs is ~200");
     assert!(ds.image(0).chunks(3).all(|px| (px[2] as i32 - 77).abs() <= 2));
     // Unconditional variant
-    p.write("q.toml", "[stages.d]\nkind = \"image-folder\"\nsource = \"afhq\"\nresolution = 8\nlabels = false\n");
+    p.write(
+        "q.toml",
+        "[stages.d]\nkind = \"image-folder\"\nsource = \"afhq\"\nresolution = 8\nlabels = false\n",
+    );
     let r = p.run("q.toml");
     let ds = ImageDataset::read(r.stage("d").unwrap().output_dir.as_ref().unwrap()).unwrap();
     assert!(ds.labels.iter().all(|&l| l == 0) && ds.classes.is_empty());
@@ -201,7 +237,10 @@ fn image_folder_missing_class_is_named() {
     let p = Project::new();
     std::fs::create_dir_all(p.path().join("imgs/cat")).unwrap();
     image::RgbImage::new(4, 4).save(p.path().join("imgs/cat/a.png")).unwrap();
-    p.write("p.toml", "[stages.d]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 4\nclasses = [\"cat\", \"wild\"]\n");
+    p.write(
+        "p.toml",
+        "[stages.d]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 4\nclasses = [\"cat\", \"wild\"]\n",
+    );
     let msg = format!("{:#}", runner::run(&p.load("p.toml"), &RunOptions::default()).unwrap_err());
     assert!(msg.contains("imgs/wild") && msg.contains("missing"), "{msg}");
 }
@@ -223,8 +262,20 @@ fn imagenet64_npz_batches() {
         write_npz(
             &p.path().join(format!("in64/train_data_batch_{b}.npz")),
             &[
-                ("data", &NpyArray { shape: vec![n, 3 * r * r], data: NpyData::U8(data) }),
-                ("labels", &NpyArray { shape: vec![n], data: NpyData::I64(labels) }),
+                (
+                    "data",
+                    &NpyArray {
+                        shape: vec![n, 3 * r * r],
+                        data: NpyData::U8(data),
+                    },
+                ),
+                (
+                    "labels",
+                    &NpyArray {
+                        shape: vec![n],
+                        data: NpyData::I64(labels),
+                    },
+                ),
             ],
         )
         .unwrap();
@@ -238,7 +289,10 @@ fn imagenet64_npz_batches() {
     assert_eq!(ds.len(), 10);
     assert_eq!(&ds.image(0)[..3], &expect_first[..]);
     assert_eq!(ds.labels[..5], [0, 1, 2, 3, 4]);
-    p.write("q.toml", "[stages.d]\nkind = \"imagenet64\"\nsource = \"in64\"\nresolution = 8\nnum_classes = 3\nfiles = [\"train_data_batch_1.npz\"]\n");
+    p.write(
+        "q.toml",
+        "[stages.d]\nkind = \"imagenet64\"\nsource = \"in64\"\nresolution = 8\nnum_classes = 3\nfiles = [\"train_data_batch_1.npz\"]\n",
+    );
     let msg = format!("{:#}", runner::run(&p.load("q.toml"), &RunOptions::default()).unwrap_err());
     assert!(msg.contains("train_data_batch_1.npz") && msg.contains("outside 1..=3"), "{msg}");
 }

@@ -9,13 +9,18 @@ use dmdpipe::pipeline::runner::{self, RunOptions};
 #[test]
 fn toy2d_pipeline_distils_onto_the_mixture() {
     let p = Project::new();
-    let toy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/toy2d.toml")).unwrap().replace("root = \"..\"", "root = \".\"");
+    let toy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/toy2d.toml"))
+        .unwrap()
+        .replace("root = \"..\"", "root = \".\"");
     p.write("toy2d.toml", &toy);
     let r = p.run("toy2d.toml");
     let m = &r.stage("dmd").unwrap().metrics;
     let student = m["energy_distance_student"].as_f64().unwrap();
     let teacher = m["energy_distance_teacher"].as_f64().unwrap();
-    assert!(student < 0.1, "student energy distance {student} (the one-step teacher starts near 0.8)");
+    assert!(
+        student < 0.1,
+        "student energy distance {student} (the one-step teacher starts near 0.8)"
+    );
     assert!(teacher < 0.02, "teacher energy distance {teacher}");
     let dir = r.stage("dmd").unwrap().output_dir.clone().unwrap();
     for f in ["scatter.png", "losses.png", "dmd_log.csv", "denoiser.safetensors"] {
@@ -32,7 +37,9 @@ fn image_project(dmd_train: &str) -> Project {
     for (c, class) in ["cat", "dog"].iter().enumerate() {
         std::fs::create_dir_all(p.path().join("imgs").join(class)).unwrap();
         for i in 0..4u32 {
-            image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30 + i) as u8, (y * 30) as u8, (c * 200) as u8])).save(p.path().join("imgs").join(class).join(format!("{i}.png"))).unwrap();
+            image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30 + i) as u8, (y * 30) as u8, (c * 200) as u8]))
+                .save(p.path().join("imgs").join(class).join(format!("{i}.png")))
+                .unwrap();
         }
     }
     p.write(
@@ -47,7 +54,14 @@ fn image_project(dmd_train: &str) -> Project {
 #[test]
 fn image_dmd_with_pairs_writes_a_generator_grid_and_log() {
     let p = image_project("batch = 4\niterations = 6\nlog_every = 2\nbf16 = false\nema_halflife_images = 100\nfake_updates_per_g = 2");
-    let r = runner::run(&p.load("p.toml"), &RunOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
+    let r = runner::run(
+        &p.load("p.toml"),
+        &RunOptions {
+            device: Some("cpu".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let pairs = &r.stage("pairs").unwrap().metrics;
     assert_eq!((pairs["count"].as_i64(), pairs["shards"].as_i64()), (Some(10), Some(3)));
     let d = r.stage("dmd").unwrap();
@@ -70,13 +84,28 @@ fn dmd_resumes_from_its_checkpoint() {
     use dmdpipe::nn::gmm::GmmDenoiser;
     use dmdpipe::nn::{Denoiser, NetworkConfig};
     use dmdpipe::stages::Gmm2dComponent;
-    use dmdpipe::train::dmd::{dmd_train, DmdOptions};
+    use dmdpipe::train::dmd::{DmdOptions, dmd_train};
     let config: NetworkConfig = serde_json::from_value(serde_json::json!({"arch": "mlp", "hidden": 32, "layers": 2})).unwrap();
-    let real = GmmDenoiser::new(&[Gmm2dComponent { weight: 1.0, mean: [1.0, 0.0], std: 0.2 }], tch::Device::Cpu);
+    let real = GmmDenoiser::new(
+        &[Gmm2dComponent {
+            weight: 1.0,
+            mean: [1.0, 0.0],
+            std: 0.2,
+        }],
+        tch::Device::Cpu,
+    );
     let teacher = Denoiser::new(&config, tch::Device::Cpu);
     let (g, f) = (teacher.duplicate().unwrap(), teacher.duplicate().unwrap());
     let work = tempfile::tempdir().unwrap();
-    let opts = DmdOptions { batch: 16, iterations: 4, log_every: 2, checkpoint_every: 2, bf16: false, regression_weight: 0.0, ..Default::default() };
+    let opts = DmdOptions {
+        batch: 16,
+        iterations: 4,
+        log_every: 2,
+        checkpoint_every: 2,
+        bf16: false,
+        regression_weight: 0.0,
+        ..Default::default()
+    };
     let first = dmd_train(&real, &g, &f, None, None, &opts, work.path(), |_| {}).unwrap();
     assert_eq!((first.iterations, first.resumed_from), (4, 0));
     // A new process: fresh networks, same work dir -> continues at iteration 4 with the saved weights.

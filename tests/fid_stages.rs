@@ -72,7 +72,14 @@ columns = 4
 "#
         ),
     );
-    let r = runner::run(&p.load("p.toml"), &RunOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
+    let r = runner::run(
+        &p.load("p.toml"),
+        &RunOptions {
+            device: Some("cpu".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let self_fid = r.stage("self_fid").unwrap().metrics["fid"].as_f64().unwrap();
     assert!(self_fid.abs() < 1e-3, "FID of a set with itself: {self_fid}");
     let g = &r.stage("gen_fid").unwrap().metrics;
@@ -86,7 +93,15 @@ columns = 4
     assert_eq!(grid.height(), 2 * 10 + 2, "two labelled rows");
     // Same seeds, same grid: a re-run of the grid stage alone reproduces it byte for byte.
     let before = std::fs::read(r.stage("grid").unwrap().output_dir.as_ref().unwrap().join("grid.png")).unwrap();
-    let again = runner::run(&p.load("p.toml"), &RunOptions { device: Some("cpu".into()), force: vec!["grid".into()], ..Default::default() }).unwrap();
+    let again = runner::run(
+        &p.load("p.toml"),
+        &RunOptions {
+            device: Some("cpu".into()),
+            force: vec!["grid".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let after = std::fs::read(again.stage("grid").unwrap().output_dir.as_ref().unwrap().join("grid.png")).unwrap();
     assert_eq!(before, after);
 }

@@ -16,7 +16,10 @@ fn shared(rel: &str) -> PathBuf {
 /// The first `n` training images, uint8 NHWC, from the shared xz file.
 fn first_train_images(n: usize) -> Tensor {
     let mut xz = Vec::new();
-    std::fs::File::open(shared("data/cifar10/data_batch_1.bin.xz")).unwrap().read_to_end(&mut xz).unwrap();
+    std::fs::File::open(shared("data/cifar10/data_batch_1.bin.xz"))
+        .unwrap()
+        .read_to_end(&mut xz)
+        .unwrap();
     let mut raw = Vec::new();
     lzma_rs::xz_decompress(&mut xz.as_slice(), &mut raw).unwrap();
     let (images, _) = decode_batch(&shared("data_batch_1.bin"), &raw[..n * 3073]).unwrap();

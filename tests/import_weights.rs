@@ -105,13 +105,64 @@ fn torch_zip_checkpoint_loads_with_a_given_config() {
 
 /// pytorch-fid's module and branch names, as its FIDInceptionA..E define them.
 fn pytorch_fid_names() -> Vec<String> {
-    let mut convs: Vec<String> = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"].iter().map(|s| s.to_string()).collect();
-    let a = ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3", "branch_pool"];
+    let mut convs: Vec<String> = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let a = [
+        "branch1x1",
+        "branch5x5_1",
+        "branch5x5_2",
+        "branch3x3dbl_1",
+        "branch3x3dbl_2",
+        "branch3x3dbl_3",
+        "branch_pool",
+    ];
     let b = ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"];
-    let c = ["branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3", "branch7x7dbl_1", "branch7x7dbl_2", "branch7x7dbl_3", "branch7x7dbl_4", "branch7x7dbl_5", "branch_pool"];
-    let d = ["branch3x3_1", "branch3x3_2", "branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4"];
-    let e = ["branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"];
-    for (m, branches) in [("Mixed_5b", &a[..]), ("Mixed_5c", &a), ("Mixed_5d", &a), ("Mixed_6a", &b), ("Mixed_6b", &c), ("Mixed_6c", &c), ("Mixed_6d", &c), ("Mixed_6e", &c), ("Mixed_7a", &d), ("Mixed_7b", &e), ("Mixed_7c", &e)] {
+    let c = [
+        "branch1x1",
+        "branch7x7_1",
+        "branch7x7_2",
+        "branch7x7_3",
+        "branch7x7dbl_1",
+        "branch7x7dbl_2",
+        "branch7x7dbl_3",
+        "branch7x7dbl_4",
+        "branch7x7dbl_5",
+        "branch_pool",
+    ];
+    let d = [
+        "branch3x3_1",
+        "branch3x3_2",
+        "branch7x7x3_1",
+        "branch7x7x3_2",
+        "branch7x7x3_3",
+        "branch7x7x3_4",
+    ];
+    let e = [
+        "branch1x1",
+        "branch3x3_1",
+        "branch3x3_2a",
+        "branch3x3_2b",
+        "branch3x3dbl_1",
+        "branch3x3dbl_2",
+        "branch3x3dbl_3a",
+        "branch3x3dbl_3b",
+        "branch_pool",
+    ];
+    for (m, branches) in [
+        ("Mixed_5b", &a[..]),
+        ("Mixed_5c", &a),
+        ("Mixed_5d", &a),
+        ("Mixed_6a", &b),
+        ("Mixed_6b", &c),
+        ("Mixed_6c", &c),
+        ("Mixed_6d", &c),
+        ("Mixed_6e", &c),
+        ("Mixed_7a", &d),
+        ("Mixed_7b", &e),
+        ("Mixed_7c", &e),
+    ] {
         convs.extend(branches.iter().map(|br| format!("{m}.{br}")));
     }
     convs
@@ -123,10 +174,20 @@ fn pytorch_fid_inception_checkpoint_converts_to_the_tf_names() {
     let (tf, _) = dmdpipe::nn::weights::read_safetensors(std::path::Path::new(&real)).unwrap();
     let mut fid_style = BTreeMap::new();
     for conv in pytorch_fid_names() {
-        for (theirs, _) in [("conv.weight", "weight"), ("bn.bias", "beta"), ("bn.running_mean", "mean"), ("bn.running_var", "var")] {
+        for (theirs, _) in [
+            ("conv.weight", "weight"),
+            ("bn.bias", "beta"),
+            ("bn.running_mean", "mean"),
+            ("bn.running_var", "var"),
+        ] {
             let name = format!("{conv}.{theirs}");
             let ours = dmdpipe::nn::import::pytorch_fid_to_tf(&name).unwrap_or_else(|| panic!("no mapping for {name}"));
-            fid_style.insert(name, tf.get(&ours).unwrap_or_else(|| panic!("{ours} not in the TF weights")).shallow_clone());
+            fid_style.insert(
+                name,
+                tf.get(&ours)
+                    .unwrap_or_else(|| panic!("{ours} not in the TF weights"))
+                    .shallow_clone(),
+            );
         }
         let n = fid_style[&format!("{conv}.bn.bias")].size()[0];
         fid_style.insert(format!("{conv}.bn.weight"), Tensor::ones([n], (Kind::Float, Device::Cpu)));
@@ -136,7 +197,13 @@ fn pytorch_fid_inception_checkpoint_converts_to_the_tf_names() {
     let pth = dir.path().join("pt_inception-2015-12-05-6726825d.pth");
     torch_zip(&fid_style, &pth);
     let out = dir.path().join("inception.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe")).args(["import-weights", "--inception"]).arg(&pth).arg("--out").arg(&out).output().unwrap();
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
+        .args(["import-weights", "--inception"])
+        .arg(&pth)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     let (back, _) = dmdpipe::nn::weights::read_safetensors(&out).unwrap();
     assert_eq!(back.len(), 376);
@@ -152,12 +219,23 @@ fn import_weights_cli_and_teacher_import_stage_read_edm_pickles() {
     let p = common::Project::new();
     let pkl = p.path().join("edm-snapshot.pkl");
     std::fs::write(&pkl, edm_snapshot(&vars, &edm_kwargs())).unwrap();
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe")).arg("import-weights").arg(&pkl).output().unwrap();
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
+        .arg("import-weights")
+        .arg(&pkl)
+        .output()
+        .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     let converted = load_denoiser(&pkl.with_extension("safetensors"), None, Device::Cpu).unwrap();
     assert!(output(&converted).equal(&output(&net)));
     p.write("p.toml", "[stages.teacher]\nkind = \"teacher\"\nmode = \"import\"\nweights = \"edm-snapshot.pkl\"\ngrid = { columns = 2, sampler = { steps = 2 } }\n");
-    let r = dmdpipe::pipeline::runner::run(&p.load("p.toml"), &dmdpipe::pipeline::runner::RunOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
+    let r = dmdpipe::pipeline::runner::run(
+        &p.load("p.toml"),
+        &dmdpipe::pipeline::runner::RunOptions {
+            device: Some("cpu".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let t = r.stage("teacher").unwrap();
     assert_eq!(t.metrics["parameters"].as_i64().unwrap(), net.num_params());
     let imported = dmdpipe::stages::teacher::load_teacher(t.output_dir.as_ref().unwrap(), Device::Cpu).unwrap();

@@ -7,7 +7,13 @@ use dmdpipe::pipeline::cache::{Cache, LockMode};
 use dmdpipe::pipeline::runner::{self, Outcome, RunOptions};
 
 fn two_chains(seed_a: u64, size_a: u32) -> String {
-    format!("{}{}{}{}", gmm_stage("a", seed_a, 500), plot_stage("plot_a", "a", size_a), gmm_stage("b", 7, 500), plot_stage("plot_b", "b", 128))
+    format!(
+        "{}{}{}{}",
+        gmm_stage("a", seed_a, 500),
+        plot_stage("plot_a", "a", size_a),
+        gmm_stage("b", 7, 500),
+        plot_stage("plot_b", "b", 128)
+    )
 }
 
 #[test]
@@ -55,7 +61,12 @@ fn stage_names_and_file_location_are_not_in_the_key() {
     let cache = p.cache();
     p.write(
         "elsewhere/q.toml",
-        &format!("[pipeline]\ncache_dir = \"{}\"\n{}{}", cache.display(), gmm_stage("points", 1, 300), plot_stage("picture", "points", 128)),
+        &format!(
+            "[pipeline]\ncache_dir = \"{}\"\n{}{}",
+            cache.display(),
+            gmm_stage("points", 1, 300),
+            plot_stage("picture", "points", 128)
+        ),
     );
     let r = p.run("elsewhere/q.toml");
     assert!(r.all_fresh(), "{:?}", outcomes(&r));
@@ -66,17 +77,33 @@ fn force_reruns_but_identical_output_keeps_downstream_cached() {
     let p = Project::new();
     p.write("p.toml", &two_chains(1, 128));
     p.run("p.toml");
-    let r = p.run_with("p.toml", RunOptions { force: vec!["a".into()], ..Default::default() });
+    let r = p.run_with(
+        "p.toml",
+        RunOptions {
+            force: vec!["a".into()],
+            ..Default::default()
+        },
+    );
     assert_eq!(ran(&r), ["a"]);
     assert_eq!(r.stage("a").unwrap().reasons, ["forced with --force"]);
-    assert_eq!(r.stage("plot_a").unwrap().outcome, Outcome::Cached, "gmm2d is deterministic: same output digest");
+    assert_eq!(
+        r.stage("plot_a").unwrap().outcome,
+        Outcome::Cached,
+        "gmm2d is deterministic: same output digest"
+    );
 }
 
 #[test]
 fn until_runs_only_the_stage_and_its_ancestors() {
     let p = Project::new();
     p.write("p.toml", &two_chains(1, 128));
-    let r = p.run_with("p.toml", RunOptions { until: Some("plot_a".into()), ..Default::default() });
+    let r = p.run_with(
+        "p.toml",
+        RunOptions {
+            until: Some("plot_a".into()),
+            ..Default::default()
+        },
+    );
     assert_eq!(ran(&r), ["a", "plot_a"]);
     assert!(r.stage("b").is_none());
     let status = runner::status(&p.load("p.toml"), None).unwrap();
@@ -88,7 +115,14 @@ fn until_runs_only_the_stage_and_its_ancestors() {
 fn unknown_stage_in_force_or_until_is_an_error() {
     let p = Project::new();
     p.write("p.toml", &two_chains(1, 128));
-    let e = runner::run(&p.load("p.toml"), &RunOptions { until: Some("nope".into()), ..Default::default() }).unwrap_err();
+    let e = runner::run(
+        &p.load("p.toml"),
+        &RunOptions {
+            until: Some("nope".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("no stage named `nope`"), "{e}");
 }
 
@@ -96,12 +130,24 @@ fn unknown_stage_in_force_or_until_is_an_error() {
 fn dry_run_runs_nothing_and_explains() {
     let p = Project::new();
     p.write("p.toml", &two_chains(1, 128));
-    let r = p.run_with("p.toml", RunOptions { dry_run: true, ..Default::default() });
+    let r = p.run_with(
+        "p.toml",
+        RunOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    );
     assert!(r.stages.iter().all(|s| s.outcome == Outcome::NeverRun));
     assert_eq!(std::fs::read_dir(p.cache().join("entries")).unwrap().count(), 0);
     p.run("p.toml");
     p.write("p.toml", &two_chains(3, 128));
-    let r = p.run_with("p.toml", RunOptions { dry_run: true, ..Default::default() });
+    let r = p.run_with(
+        "p.toml",
+        RunOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    );
     assert_eq!(r.stage("a").unwrap().reasons, ["param `seed`: 1 -> 3"]);
     assert_eq!(r.stage("plot_a").unwrap().reasons, ["upstream `points` is stale and runs first"]);
     assert_eq!(r.stage("b").unwrap().outcome, Outcome::Cached);
@@ -120,7 +166,13 @@ fn why_names_the_changed_param_and_upstream() {
     let why = runner::why(&p.load("p.toml"), "a", None).unwrap();
     assert_eq!(why, ["param `count`: 500 -> 600"]);
     // After the upstream re-ran with a new output, the plot's upstream digest differs.
-    p.run_with("p.toml", RunOptions { until: Some("a".into()), ..Default::default() });
+    p.run_with(
+        "p.toml",
+        RunOptions {
+            until: Some("a".into()),
+            ..Default::default()
+        },
+    );
     let why = runner::why(&p.load("p.toml"), "plot_a", None).unwrap();
     assert_eq!(why.len(), 1);
     assert!(why[0].starts_with("upstream `points` changed: "), "{why:?}");
@@ -147,7 +199,13 @@ fn corrupted_artifact_is_detected_and_rebuilt() {
     assert_eq!(ran(&r), ["a"]);
     assert!(r.stage("a").unwrap().reasons[0].contains("corrupted"));
     assert_eq!(r.stage("plot_a").unwrap().outcome, Outcome::Cached);
-    assert!(Cache::open(&p.cache(), LockMode::Shared).unwrap().check_integrity().unwrap().is_empty());
+    assert!(
+        Cache::open(&p.cache(), LockMode::Shared)
+            .unwrap()
+            .check_integrity()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -177,11 +235,15 @@ fn input_change_reruns_and_why_says_so() {
     let p = Project::new();
     for class in ["a", "b"] {
         std::fs::create_dir_all(p.path().join("imgs").join(class)).unwrap();
-        image::RgbImage::from_pixel(6, 4, image::Rgb([1, 2, 3])).save(p.path().join("imgs").join(class).join("x.png")).unwrap();
+        image::RgbImage::from_pixel(6, 4, image::Rgb([1, 2, 3]))
+            .save(p.path().join("imgs").join(class).join("x.png"))
+            .unwrap();
     }
     p.write("p.toml", "[stages.d]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 4\n");
     p.run("p.toml");
-    image::RgbImage::from_pixel(6, 4, image::Rgb([9, 2, 3])).save(p.path().join("imgs/b/x.png")).unwrap();
+    image::RgbImage::from_pixel(6, 4, image::Rgb([9, 2, 3]))
+        .save(p.path().join("imgs/b/x.png"))
+        .unwrap();
     let why = runner::why(&p.load("p.toml"), "d", None).unwrap();
     assert_eq!(why.len(), 1);
     assert!(why[0].starts_with("input `source` changed"), "{why:?}");
@@ -214,7 +276,10 @@ fn gc_removes_only_unreferenced_artifacts() {
 #[test]
 fn missing_input_names_the_path() {
     let p = Project::new();
-    p.write("p.toml", "[stages.d]\nkind = \"image-folder\"\nsource = \"no/such/dir\"\nresolution = 4\n");
+    p.write(
+        "p.toml",
+        "[stages.d]\nkind = \"image-folder\"\nsource = \"no/such/dir\"\nresolution = 4\n",
+    );
     let e = runner::run(&p.load("p.toml"), &RunOptions::default()).unwrap_err();
     assert!(format!("{e:#}").contains("no/such/dir"), "{e:#}");
 }

@@ -8,7 +8,7 @@ use dmdpipe::data::artifact::ImageDataset;
 use dmdpipe::nn::{Denoiser, NetworkConfig};
 use dmdpipe::pipeline::runner::{self, RunOptions};
 use dmdpipe::train::device_data::DeviceImages;
-use dmdpipe::train::teacher::{train, TrainOptions};
+use dmdpipe::train::teacher::{TrainOptions, train};
 use tch::Device;
 
 const NET: &str = "{ arch = \"ddpmpp\", img_resolution = 8, label_dim = 2, augment_dim = 0, model_channels = 16, channel_mult = [1, 2], num_blocks = 1, attn_resolutions = [4], dropout = 0.0 }";
@@ -41,7 +41,14 @@ fn teacher_stage_trains_and_writes_weights_grid_and_curve() {
             "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {NET}\ngrid = {{ columns = 3, sampler = {{ steps = 4 }} }}\n[stages.teacher.train]\nbatch = 8\nimages = 160\nlr_warmup_images = 16\nlog_every = 5\ncheckpoint_every = 10\n"
         ),
     );
-    let r = runner::run(&p.load("p.toml"), &RunOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
+    let r = runner::run(
+        &p.load("p.toml"),
+        &RunOptions {
+            device: Some("cpu".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let t = r.stage("teacher").unwrap();
     assert_eq!(t.metrics["steps"], 20);
     assert_eq!(t.metrics["images_seen"], 160);
@@ -54,12 +61,18 @@ fn teacher_stage_trains_and_writes_weights_grid_and_curve() {
     assert_eq!(grid.height(), 2 * (8 + 2) + 2, "one row per class");
     assert!(dir.join("loss.png").exists() && dir.join("training.csv").exists());
     assert!(std::fs::read_to_string(dir.join("training.csv")).unwrap().lines().count() == 5);
-    assert!(!p.cache().join("work").read_dir().unwrap().any(|_| true), "work dir removed after success");
+    assert!(
+        !p.cache().join("work").read_dir().unwrap().any(|_| true),
+        "work dir removed after success"
+    );
 }
 
 fn dataset(p: &Project) -> ImageDataset {
     two_class_images(p);
-    p.write("d.toml", "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n");
+    p.write(
+        "d.toml",
+        "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n",
+    );
     let r = p.run("d.toml");
     ImageDataset::read(r.stage("data").unwrap().output_dir.as_ref().unwrap()).unwrap()
 }
@@ -74,7 +87,15 @@ fn loss_goes_down_and_training_resumes_from_its_checkpoint() {
     let mut ema = Denoiser::new(&tiny_config(), Device::Cpu);
     ema.copy_from(&net).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let opts = TrainOptions { batch: 16, images: 16 * 150, lr: 2e-3, lr_warmup_images: 160, log_every: 10, checkpoint_every: 10, ..Default::default() };
+    let opts = TrainOptions {
+        batch: 16,
+        images: 16 * 150,
+        lr: 2e-3,
+        lr_warmup_images: 160,
+        log_every: 10,
+        checkpoint_every: 10,
+        ..Default::default()
+    };
     let first = train(&net, &ema, &data, &opts, work.path(), |_, _, _, _| {}).unwrap();
     assert_eq!(first.steps, 150);
     let c = &first.loss_curve;
@@ -84,7 +105,10 @@ fn loss_goes_down_and_training_resumes_from_its_checkpoint() {
     // A new process (fresh networks) continues from the checkpoint instead of starting over.
     let net2 = Denoiser::new(&tiny_config(), Device::Cpu);
     let ema2 = Denoiser::new(&tiny_config(), Device::Cpu);
-    let more = TrainOptions { images: 16 * 170, ..opts.clone() };
+    let more = TrainOptions {
+        images: 16 * 170,
+        ..opts.clone()
+    };
     let second = train(&net2, &ema2, &data, &more, work.path(), |_, _, _, _| {}).unwrap();
     assert_eq!(second.resumed_from_step, 150);
     assert_eq!(second.steps, 170);
@@ -100,12 +124,25 @@ fn non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint() {
     let net = Denoiser::new(&tiny_config(), Device::Cpu);
     let ema = Denoiser::new(&tiny_config(), Device::Cpu);
     let work = tempfile::tempdir().unwrap();
-    let good = TrainOptions { batch: 4, images: 4 * 10, log_every: 5, checkpoint_every: 5, ..Default::default() };
+    let good = TrainOptions {
+        batch: 4,
+        images: 4 * 10,
+        log_every: 5,
+        checkpoint_every: 5,
+        ..Default::default()
+    };
     train(&net, &ema, &data, &good, work.path(), |_, _, _, _| {}).unwrap();
     let ckpt = work.path().join("checkpoint.safetensors");
     let before = std::fs::read(&ckpt).unwrap();
-    let explode = TrainOptions { images: 4 * 400, lr: 1e30, lr_warmup_images: 1, ..good };
-    let err = train(&net, &ema, &data, &explode, work.path(), |_, _, _, _| {}).unwrap_err().to_string();
+    let explode = TrainOptions {
+        images: 4 * 400,
+        lr: 1e30,
+        lr_warmup_images: 1,
+        ..good
+    };
+    let err = train(&net, &ema, &data, &explode, work.path(), |_, _, _, _| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("non-finite loss") && err.contains("at step"), "{err}");
     let step: u64 = err.split("at step ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
     assert!(step > 10);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -50,17 +50,28 @@ impl ImageDataset {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let n = self.len();
         if self.images.len() != n * self.image_bytes() {
-            bail!("image buffer holds {} bytes, expected {}", self.images.len(), n * self.image_bytes());
+            bail!(
+                "image buffer holds {} bytes, expected {}",
+                self.images.len(),
+                n * self.image_bytes()
+            );
         }
         let labels: Vec<u8> = self.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
         let tensors = [
-            ("images", TensorView::new(Dtype::U8, vec![n, self.height, self.width, self.channels], &self.images)?),
+            (
+                "images",
+                TensorView::new(Dtype::U8, vec![n, self.height, self.width, self.channels], &self.images)?,
+            ),
             ("labels", TensorView::new(Dtype::I64, vec![n], &labels)?),
         ];
         let path = dir.join(IMAGES_FILE);
         safetensors::serialize_to_file(tensors, None::<HashMap<String, String>>, &path)
             .with_context(|| format!("writing {}", path.display()))?;
-        let info = DatasetInfo { count: n, shape: vec![self.height, self.width, self.channels], classes: self.classes.clone() };
+        let info = DatasetInfo {
+            count: n,
+            shape: vec![self.height, self.width, self.channels],
+            classes: self.classes.clone(),
+        };
         write_info(dir, &info)
     }
 
@@ -68,16 +79,29 @@ impl ImageDataset {
         let path = dir.join(IMAGES_FILE);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-        let images = st.tensor("images").with_context(|| format!("{}: no `images` tensor", path.display()))?;
-        let labels = st.tensor("labels").with_context(|| format!("{}: no `labels` tensor", path.display()))?;
+        let images = st
+            .tensor("images")
+            .with_context(|| format!("{}: no `images` tensor", path.display()))?;
+        let labels = st
+            .tensor("labels")
+            .with_context(|| format!("{}: no `labels` tensor", path.display()))?;
         let shape = images.shape().to_vec();
         if images.dtype() != Dtype::U8 || shape.len() != 4 {
-            bail!("{}: `images` must be uint8 [N, H, W, C], found {:?} {:?}", path.display(), images.dtype(), shape);
+            bail!(
+                "{}: `images` must be uint8 [N, H, W, C], found {:?} {:?}",
+                path.display(),
+                images.dtype(),
+                shape
+            );
         }
         if labels.dtype() != Dtype::I64 || labels.shape() != [shape[0]] {
             bail!("{}: `labels` must be int64 [N]", path.display());
         }
-        let labels = labels.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let labels = labels
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let info = read_info(dir)?;
         Ok(ImageDataset {
             images: images.data().to_vec(),
@@ -157,22 +181,45 @@ impl PointsDataset {
         let path = dir.join(POINTS_FILE);
         safetensors::serialize_to_file(tensors, None::<HashMap<String, String>>, &path)
             .with_context(|| format!("writing {}", path.display()))?;
-        write_info(dir, &DatasetInfo { count: n, shape: vec![2], classes: self.classes.clone() })
+        write_info(
+            dir,
+            &DatasetInfo {
+                count: n,
+                shape: vec![2],
+                classes: self.classes.clone(),
+            },
+        )
     }
 
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(POINTS_FILE);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-        let pts = st.tensor("points").with_context(|| format!("{}: no `points` tensor", path.display()))?;
-        let labels = st.tensor("labels").with_context(|| format!("{}: no `labels` tensor", path.display()))?;
+        let pts = st
+            .tensor("points")
+            .with_context(|| format!("{}: no `points` tensor", path.display()))?;
+        let labels = st
+            .tensor("labels")
+            .with_context(|| format!("{}: no `labels` tensor", path.display()))?;
         if pts.dtype() != Dtype::F32 || pts.shape().len() != 2 || pts.shape()[1] != 2 {
             bail!("{}: `points` must be f32 [N, 2]", path.display());
         }
-        let vals: Vec<f32> = pts.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let vals: Vec<f32> = pts
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let points = vals.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-        let labels = labels.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-        Ok(PointsDataset { points, labels, classes: read_info(dir)?.classes })
+        let labels = labels
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Ok(PointsDataset {
+            points,
+            labels,
+            classes: read_info(dir)?.classes,
+        })
     }
 }
 

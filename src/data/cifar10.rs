@@ -3,14 +3,31 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use md5::{Digest, Md5};
 
 use super::artifact::ImageDataset;
 
 pub const RECORD_BYTES: usize = 3073;
-pub const CLASSES: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
-pub const TRAIN_FILES: [&str; 5] = ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
+pub const CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+pub const TRAIN_FILES: [&str; 5] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+];
 pub const TEST_FILES: [&str; 1] = ["test_batch.bin"];
 /// md5 of `cifar-10-binary.tar.gz` from the CIFAR-10 home page.
 pub const ARCHIVE_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
@@ -72,7 +89,10 @@ pub fn read_files(dir: &Path, files: &[&str], expected_md5: &dyn Fn(&str) -> Opt
         if let Some(expected) = expected_md5(file) {
             let actual = md5_hex(&bytes);
             if actual != expected {
-                bail!("{}: md5 {actual} does not match the expected {expected} (corrupt or different file)", path.display());
+                bail!(
+                    "{}: md5 {actual} does not match the expected {expected} (corrupt or different file)",
+                    path.display()
+                );
             }
         }
         let (im, lb) = decode_batch(&path, &bytes)?;

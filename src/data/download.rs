@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use md5::{Digest, Md5};
 
 /// Downloads `url` to `dest` unless a file with md5 `expected_md5` is already there. Bytes land
@@ -64,7 +64,9 @@ pub fn fetch(url: &str, dest: &Path, expected_md5: &str, progress: &indicatif::P
     let actual = file_md5(&part)?;
     if actual != expected_md5 {
         std::fs::remove_file(&part).ok();
-        bail!("downloaded {url}: md5 {actual} does not match the expected {expected_md5}; the partial file was removed, run again to retry");
+        bail!(
+            "downloaded {url}: md5 {actual} does not match the expected {expected_md5}; the partial file was removed, run again to retry"
+        );
     }
     std::fs::rename(&part, dest).with_context(|| format!("moving {} to {}", part.display(), dest.display()))?;
     Ok(dest.to_path_buf())

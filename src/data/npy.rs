@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum NpyData {
@@ -55,9 +55,17 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         }
         v => bail!("unsupported .npy version {v}"),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + header_len).ok_or_else(|| anyhow!("truncated .npy header"))?)?;
+    let header = std::str::from_utf8(
+        bytes
+            .get(start..start + header_len)
+            .ok_or_else(|| anyhow!("truncated .npy header"))?,
+    )?;
     let descr = dict_value(header, "descr").ok_or_else(|| anyhow!("no descr in .npy header"))?;
-    let quote = descr.chars().next().filter(|c| *c == '\'' || *c == '"').ok_or_else(|| anyhow!("bad descr in .npy header"))?;
+    let quote = descr
+        .chars()
+        .next()
+        .filter(|c| *c == '\'' || *c == '"')
+        .ok_or_else(|| anyhow!("bad descr in .npy header"))?;
     let descr = descr[1..].split(quote).next().unwrap_or("");
     if dict_value(header, "fortran_order").map(|v| v.starts_with("True")).unwrap_or(false) {
         bail!("Fortran-order .npy arrays are not supported");
@@ -76,14 +84,35 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
     let numel: usize = shape.iter().product();
     let body = &bytes[start + header_len..];
     let need = |size: usize| -> Result<&[u8]> {
-        body.get(..numel * size).ok_or_else(|| anyhow!(".npy data truncated: {} bytes for {numel} elements of {size} bytes", body.len()))
+        body.get(..numel * size)
+            .ok_or_else(|| anyhow!(".npy data truncated: {} bytes for {numel} elements of {size} bytes", body.len()))
     };
     let data = match descr {
         "|u1" | "u1" | "<u1" => NpyData::U8(need(1)?.to_vec()),
-        "<i8" => NpyData::I64(need(8)?.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-        "<i4" => NpyData::I64(need(4)?.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
-        "<f4" => NpyData::F32(need(4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-        "<f8" => NpyData::F64(need(8)?.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()),
+        "<i8" => NpyData::I64(
+            need(8)?
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        "<i4" => NpyData::I64(
+            need(4)?
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        "<f4" => NpyData::F32(
+            need(4)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        "<f8" => NpyData::F64(
+            need(8)?
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
         other => bail!("unsupported .npy dtype `{other}`"),
     };
     Ok(NpyArray { shape, data })
@@ -135,7 +164,9 @@ pub fn read_npz(path: &Path, names: &[&str]) -> Result<Vec<NpyArray>> {
                 .by_name(&format!("{name}.npy"))
                 .with_context(|| format!("{}: no array `{name}`", path.display()))?;
             let mut bytes = Vec::with_capacity(entry.size() as usize);
-            entry.read_to_end(&mut bytes).with_context(|| format!("{}: reading `{name}`", path.display()))?;
+            entry
+                .read_to_end(&mut bytes)
+                .with_context(|| format!("{}: reading `{name}`", path.display()))?;
             parse(&bytes).with_context(|| format!("{}: array `{name}`", path.display()))
         })
         .collect()
@@ -167,16 +198,32 @@ mod tests {
         ] {
             let a = NpyArray { shape: vec![2, 3], data };
             let bytes = to_bytes(&a);
-            assert_eq!((bytes.len() - a.numel() * match a.data { NpyData::U8(_) => 1, NpyData::F32(_) => 4, _ => 8 }) % 64, 0);
+            assert_eq!(
+                (bytes.len()
+                    - a.numel()
+                        * match a.data {
+                            NpyData::U8(_) => 1,
+                            NpyData::F32(_) => 4,
+                            _ => 8,
+                        })
+                    % 64,
+                0
+            );
             assert_eq!(parse(&bytes).unwrap(), a);
         }
-        let v = NpyArray { shape: vec![3], data: NpyData::I64(vec![1, 2, 3]) };
+        let v = NpyArray {
+            shape: vec![3],
+            data: NpyData::I64(vec![1, 2, 3]),
+        };
         assert_eq!(parse(&to_bytes(&v)).unwrap(), v);
     }
 
     #[test]
     fn truncated_npy_is_an_error() {
-        let a = NpyArray { shape: vec![100], data: NpyData::F32(vec![1.0; 100]) };
+        let a = NpyArray {
+            shape: vec![100],
+            data: NpyData::F32(vec![1.0; 100]),
+        };
         let bytes = to_bytes(&a);
         assert!(parse(&bytes[..bytes.len() - 4]).unwrap_err().to_string().contains("truncated"));
     }

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use tch::{Kind, Tensor};
 
-use crate::data::npy::{read_npz, write_npz, NpyArray, NpyData};
+use crate::data::npy::{NpyArray, NpyData, read_npz, write_npz};
 
 /// Running sums of features and their outer products (f64, on the features' device).
 pub struct StatsAccumulator {
@@ -24,7 +24,11 @@ impl Default for StatsAccumulator {
 
 impl StatsAccumulator {
     pub fn new() -> Self {
-        StatsAccumulator { sum: None, outer: None, count: 0 }
+        StatsAccumulator {
+            sum: None,
+            outer: None,
+            count: 0,
+        }
     }
 
     pub fn add(&mut self, features: &Tensor) {
@@ -43,14 +47,21 @@ impl StatsAccumulator {
     }
 
     pub fn finish(&self) -> Result<FidStats> {
-        let (Some(sum), Some(outer)) = (&self.sum, &self.outer) else { bail!("no features were accumulated") };
+        let (Some(sum), Some(outer)) = (&self.sum, &self.outer) else {
+            bail!("no features were accumulated")
+        };
         if self.count < 2 {
             bail!("need at least 2 images for a covariance");
         }
         let n = self.count as f64;
         let mu = sum.to_device(tch::Device::Cpu) / n;
         let sigma = (outer.to_device(tch::Device::Cpu) - mu.outer(&mu) * n) / (n - 1.0);
-        Ok(FidStats { mu: Vec::<f64>::try_from(&mu)?, sigma: Vec::<f64>::try_from(sigma.flatten(0, -1))?, dim: mu.size()[0] as usize, count: self.count })
+        Ok(FidStats {
+            mu: Vec::<f64>::try_from(&mu)?,
+            sigma: Vec::<f64>::try_from(sigma.flatten(0, -1))?,
+            dim: mu.size()[0] as usize,
+            count: self.count,
+        })
     }
 }
 
@@ -67,9 +78,18 @@ pub struct FidStats {
 impl FidStats {
     /// EDM's layout: `mu` (dim,) and `sigma` (dim, dim), float64.
     pub fn save_npz(&self, path: &Path) -> Result<()> {
-        let mu = NpyArray { shape: vec![self.dim], data: NpyData::F64(self.mu.clone()) };
-        let sigma = NpyArray { shape: vec![self.dim, self.dim], data: NpyData::F64(self.sigma.clone()) };
-        let count = NpyArray { shape: vec![1], data: NpyData::I64(vec![self.count]) };
+        let mu = NpyArray {
+            shape: vec![self.dim],
+            data: NpyData::F64(self.mu.clone()),
+        };
+        let sigma = NpyArray {
+            shape: vec![self.dim, self.dim],
+            data: NpyData::F64(self.sigma.clone()),
+        };
+        let count = NpyArray {
+            shape: vec![1],
+            data: NpyData::I64(vec![self.count]),
+        };
         write_npz(path, &[("mu", &mu), ("sigma", &sigma), ("count", &count)])
     }
 
@@ -79,8 +99,17 @@ impl FidStats {
         if a[1].shape != [dim, dim] {
             bail!("{}: sigma has shape {:?}, expected [{dim}, {dim}]", path.display(), a[1].shape);
         }
-        let count = read_npz(path, &["count"]).ok().and_then(|c| c[0].to_i64().ok()).map(|c| c[0]).unwrap_or(0);
-        Ok(FidStats { mu: a[0].to_f64(), sigma: a[1].to_f64(), dim, count })
+        let count = read_npz(path, &["count"])
+            .ok()
+            .and_then(|c| c[0].to_i64().ok())
+            .map(|c| c[0])
+            .unwrap_or(0);
+        Ok(FidStats {
+            mu: a[0].to_f64(),
+            sigma: a[1].to_f64(),
+            dim,
+            count,
+        })
     }
 }
 
@@ -98,14 +127,18 @@ pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64> {
     let s1 = mat(&a.sigma, n);
     let s2 = mat(&b.sigma, n);
     let trace = |m: &faer::Mat<f64>| (0..n).map(|i| m[(i, i)]).sum::<f64>();
-    let eig = s1.self_adjoint_eigen(faer::Side::Lower).map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
+    let eig = s1
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
     let u = eig.U();
     let s = eig.S().column_vector();
     let root = faer::Mat::from_fn(n, n, |i, j| if i == j { s[i].max(0.0).sqrt() } else { 0.0 });
     let sqrt_s1 = u * &root * u.transpose();
     let m = &sqrt_s1 * &s2 * &sqrt_s1;
     let m = faer::Mat::from_fn(n, n, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
-    let ev = m.self_adjoint_eigenvalues(faer::Side::Lower).map_err(|e| anyhow::anyhow!("eigenvalues failed: {e:?}"))?;
+    let ev = m
+        .self_adjoint_eigenvalues(faer::Side::Lower)
+        .map_err(|e| anyhow::anyhow!("eigenvalues failed: {e:?}"))?;
     let tr_sqrt: f64 = ev.iter().map(|l| l.max(0.0).sqrt()).sum();
     Ok(d2 + trace(&s1) + trace(&s2) - 2.0 * tr_sqrt)
 }

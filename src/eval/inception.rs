@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use tch::{Device, Kind, Tensor};
 
 struct ConvBn {
@@ -18,7 +18,8 @@ struct ConvBn {
 
 impl ConvBn {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, Some(&self.bias), [self.stride; 2], self.padding, [1, 1], 1).relu()
+        x.conv2d(&self.weight, Some(&self.bias), [self.stride; 2], self.padding, [1, 1], 1)
+            .relu()
     }
 }
 
@@ -39,7 +40,8 @@ impl Inception {
     /// Loads `net.layers.<module>.{weight,beta,mean,var}` tensors (the layout of
     /// inception-2015-12-05.safetensors) onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let (t, _) = crate::nn::weights::read_safetensors(path).with_context(|| format!("loading the Inception weights {}", path.display()))?;
+        let (t, _) =
+            crate::nn::weights::read_safetensors(path).with_context(|| format!("loading the Inception weights {}", path.display()))?;
         Self::from_tensors(&t, device).with_context(|| format!("{}", path.display()))
     }
 
@@ -48,13 +50,23 @@ impl Inception {
         for (name, stride, pad) in layer_table() {
             let get = |what: &str| -> Result<Tensor> {
                 let key = format!("net.layers.{name}.{what}");
-                t.get(&key).map(|x| x.to_kind(Kind::Double)).with_context(|| format!("missing tensor `{key}`"))
+                t.get(&key)
+                    .map(|x| x.to_kind(Kind::Double))
+                    .with_context(|| format!("missing tensor `{key}`"))
             };
             let (w, beta, mean, var) = (get("weight")?, get("beta")?, get("mean")?, get("var")?);
             let scale = (var + 1e-3).rsqrt();
             let weight = (&w * scale.reshape([-1, 1, 1, 1])).to_kind(Kind::Float).to_device(device);
             let bias = (beta - mean * &scale).to_kind(Kind::Float).to_device(device);
-            convs.insert(name.clone(), ConvBn { weight, bias, stride, padding: pad });
+            convs.insert(
+                name.clone(),
+                ConvBn {
+                    weight,
+                    bias,
+                    stride,
+                    padding: pad,
+                },
+            );
         }
         if convs.len() != 94 {
             bail!("expected 94 conv layers, built {}", convs.len());
@@ -108,7 +120,14 @@ impl Inception {
                 1,
             );
         }
-        x = Tensor::cat(&[self.c("mixed_3.conv", &x), self.chain("mixed_3.tower", &["conv", "conv_1", "conv_2"], &x), max_pool(&x, 2, 0)], 1);
+        x = Tensor::cat(
+            &[
+                self.c("mixed_3.conv", &x),
+                self.chain("mixed_3.tower", &["conv", "conv_1", "conv_2"], &x),
+                max_pool(&x, 2, 0),
+            ],
+            1,
+        );
         for m in ["mixed_4", "mixed_5", "mixed_6", "mixed_7"] {
             x = Tensor::cat(
                 &[
@@ -120,7 +139,14 @@ impl Inception {
                 1,
             );
         }
-        x = Tensor::cat(&[self.chain("mixed_8.tower", &["conv", "conv_1"], &x), self.chain("mixed_8.tower_1", &["conv", "conv_1", "conv_2", "conv_3"], &x), max_pool(&x, 2, 0)], 1);
+        x = Tensor::cat(
+            &[
+                self.chain("mixed_8.tower", &["conv", "conv_1"], &x),
+                self.chain("mixed_8.tower_1", &["conv", "conv_1", "conv_2", "conv_3"], &x),
+                max_pool(&x, 2, 0),
+            ],
+            1,
+        );
         for (m, max) in [("mixed_9", false), ("mixed_10", true)] {
             let a = self.c(&format!("{m}.tower_conv"), &x);
             let b = self.c(&format!("{m}.tower_1_conv_1"), &self.c(&format!("{m}.tower_1_conv"), &x));

@@ -1,28 +1,64 @@
 //! Network configurations as pipeline files write them. Defaults are EDM's: DDPM++ as in
 //! `edm-cifar10-32x32-cond-vp`, ADM as in `edm-imagenet-64x64-cond-adm`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-fn d_res32() -> i64 { 32 }
-fn d_res64() -> i64 { 64 }
-fn d_3() -> i64 { 3 }
-fn d_10() -> i64 { 10 }
-fn d_1000() -> i64 { 1000 }
-fn d_9() -> i64 { 9 }
-fn d_128() -> i64 { 128 }
-fn d_192() -> i64 { 192 }
-fn d_222() -> Vec<i64> { vec![2, 2, 2] }
-fn d_1234() -> Vec<i64> { vec![1, 2, 3, 4] }
-fn d_4() -> i64 { 4 }
-fn d_1() -> i64 { 1 }
-fn d_16() -> Vec<i64> { vec![16] }
-fn d_32_16_8() -> Vec<i64> { vec![32, 16, 8] }
-fn d_drop13() -> f64 { 0.13 }
-fn d_drop10() -> f64 { 0.10 }
-fn d_filter() -> Vec<f64> { vec![1.0, 1.0] }
-fn d_sigma_data() -> f64 { 0.5 }
+fn d_res32() -> i64 {
+    32
+}
+fn d_res64() -> i64 {
+    64
+}
+fn d_3() -> i64 {
+    3
+}
+fn d_10() -> i64 {
+    10
+}
+fn d_1000() -> i64 {
+    1000
+}
+fn d_9() -> i64 {
+    9
+}
+fn d_128() -> i64 {
+    128
+}
+fn d_192() -> i64 {
+    192
+}
+fn d_222() -> Vec<i64> {
+    vec![2, 2, 2]
+}
+fn d_1234() -> Vec<i64> {
+    vec![1, 2, 3, 4]
+}
+fn d_4() -> i64 {
+    4
+}
+fn d_1() -> i64 {
+    1
+}
+fn d_16() -> Vec<i64> {
+    vec![16]
+}
+fn d_32_16_8() -> Vec<i64> {
+    vec![32, 16, 8]
+}
+fn d_drop13() -> f64 {
+    0.13
+}
+fn d_drop10() -> f64 {
+    0.10
+}
+fn d_filter() -> Vec<f64> {
+    vec![1.0, 1.0]
+}
+fn d_sigma_data() -> f64 {
+    0.5
+}
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -121,10 +157,18 @@ pub struct DhariwalUNetConfig {
     pub sigma_data: f64,
 }
 
-fn d_dim() -> i64 { 2 }
-fn d_hidden() -> i64 { 128 }
-fn d_mlp_layers() -> i64 { 3 }
-fn d_noise_ch() -> i64 { 16 }
+fn d_dim() -> i64 {
+    2
+}
+fn d_hidden() -> i64 {
+    128
+}
+fn d_mlp_layers() -> i64 {
+    3
+}
+fn d_noise_ch() -> i64 {
+    16
+}
 
 /// A small MLP denoiser for low-dimensional data (the 2-D toy pipeline).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
@@ -208,11 +252,26 @@ impl NetworkConfig {
     /// EDM's pickles and in the golden files' metadata.
     pub fn from_edm_kwargs(v: &serde_json::Value) -> Result<Self> {
         let mut obj = v.as_object().context("network config must be a JSON object")?.clone();
-        let model_type = obj.remove("model_type").and_then(|m| m.as_str().map(str::to_string)).unwrap_or_else(|| "SongUNet".into());
+        let model_type = obj
+            .remove("model_type")
+            .and_then(|m| m.as_str().map(str::to_string))
+            .unwrap_or_else(|| "SongUNet".into());
         if let Some(c) = obj.remove("img_channels") {
             obj.insert("img_channels".into(), c);
         }
-        for k in ["use_fp16", "sigma_min", "sigma_max", "in_channels", "out_channels", "beta_d", "beta_min", "M", "epsilon_t", "C_1", "C_2"] {
+        for k in [
+            "use_fp16",
+            "sigma_min",
+            "sigma_max",
+            "in_channels",
+            "out_channels",
+            "beta_d",
+            "beta_min",
+            "M",
+            "epsilon_t",
+            "C_1",
+            "C_2",
+        ] {
             obj.remove(k);
         }
         let v = serde_json::Value::Object(obj);

@@ -4,7 +4,7 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::config::DhariwalUNetConfig;
-use super::layers::{positional_embedding, Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear};
+use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear, positional_embedding};
 use super::unet_block::{BlockConfig, UNetBlock};
 
 enum Layer {
@@ -48,8 +48,15 @@ impl DhariwalUNet {
         let map_augment = (c.augment_dim > 0).then(|| Linear::new(&(p / "map_augment"), c.augment_dim, c.model_channels, false, init_zero));
         let map_layer0 = Linear::new(&(p / "map_layer0"), c.model_channels, emb_channels, true, init);
         let map_layer1 = Linear::new(&(p / "map_layer1"), emb_channels, emb_channels, true, init);
-        let map_label = (c.label_dim > 0)
-            .then(|| Linear::new(&(p / "map_label"), c.label_dim, emb_channels, false, Init::new(InitMode::KaimingNormal, (c.label_dim as f64).sqrt(), 0.0)));
+        let map_label = (c.label_dim > 0).then(|| {
+            Linear::new(
+                &(p / "map_label"),
+                c.label_dim,
+                emb_channels,
+                false,
+                Init::new(InitMode::KaimingNormal, (c.label_dim as f64).sqrt(), 0.0),
+            )
+        });
         let pe = p / "enc";
         let mut enc = Vec::new();
         let mut skips = Vec::new();
@@ -59,16 +66,38 @@ impl DhariwalUNet {
             if level == 0 {
                 let cin = cout;
                 cout = c.model_channels * mult;
-                enc.push(Layer::Conv(Conv2d::new(&(&pe / format!("{res}x{res}_conv")), cin, cout, ConvSpec::default(), init)));
+                enc.push(Layer::Conv(Conv2d::new(
+                    &(&pe / format!("{res}x{res}_conv")),
+                    cin,
+                    cout,
+                    ConvSpec::default(),
+                    init,
+                )));
             } else {
-                enc.push(Layer::Block(UNetBlock::new(&(&pe / format!("{res}x{res}_down")), cout, cout, false, true, false, &bk)));
+                enc.push(Layer::Block(UNetBlock::new(
+                    &(&pe / format!("{res}x{res}_down")),
+                    cout,
+                    cout,
+                    false,
+                    true,
+                    false,
+                    &bk,
+                )));
             }
             skips.push(cout);
             for idx in 0..c.num_blocks {
                 let cin = cout;
                 cout = c.model_channels * mult;
                 let attn = c.attn_resolutions.contains(&res);
-                enc.push(Layer::Block(UNetBlock::new(&(&pe / format!("{res}x{res}_block{idx}")), cin, cout, false, false, attn, &bk)));
+                enc.push(Layer::Block(UNetBlock::new(
+                    &(&pe / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    &bk,
+                )));
                 skips.push(cout);
             }
         }
@@ -78,24 +107,74 @@ impl DhariwalUNet {
         for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
             let res = c.img_resolution >> level;
             if level == levels - 1 {
-                dec.push(UNetBlock::new(&(&pd / format!("{res}x{res}_in0")), cout, cout, false, false, true, &bk));
-                dec.push(UNetBlock::new(&(&pd / format!("{res}x{res}_in1")), cout, cout, false, false, false, &bk));
+                dec.push(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_in0")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    true,
+                    &bk,
+                ));
+                dec.push(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_in1")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    false,
+                    &bk,
+                ));
             } else {
-                dec.push(UNetBlock::new(&(&pd / format!("{res}x{res}_up")), cout, cout, true, false, false, &bk));
+                dec.push(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_up")),
+                    cout,
+                    cout,
+                    true,
+                    false,
+                    false,
+                    &bk,
+                ));
             }
             for idx in 0..=c.num_blocks {
                 let cin = cout + skips.pop().expect("one skip per encoder layer");
                 cout = c.model_channels * mult;
                 let attn = c.attn_resolutions.contains(&res);
-                dec.push(UNetBlock::new(&(&pd / format!("{res}x{res}_block{idx}")), cin, cout, false, false, attn, &bk));
+                dec.push(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    &bk,
+                ));
             }
         }
         let out_norm = GroupNorm::new(&(p / "out_norm"), cout, 1e-5);
         let out_conv = Conv2d::new(&(p / "out_conv"), cout, c.img_channels, ConvSpec::default(), init_zero);
-        DhariwalUNet { model_channels: c.model_channels, map_augment, map_layer0, map_layer1, map_label, enc, dec, out_norm, out_conv, label_dropout: c.label_dropout }
+        DhariwalUNet {
+            model_channels: c.model_channels,
+            map_augment,
+            map_layer0,
+            map_layer1,
+            map_label,
+            enc,
+            dec,
+            out_norm,
+            out_conv,
+            label_dropout: c.label_dropout,
+        }
     }
 
-    pub fn forward(&self, x: &Tensor, noise_labels: &Tensor, class_labels: Option<&Tensor>, augment_labels: Option<&Tensor>, train: bool) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        noise_labels: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let mut emb = positional_embedding(noise_labels, self.model_channels, 10000.0, false);
         if let (Some(m), Some(a)) = (&self.map_augment, augment_labels) {
             emb = emb + m.forward(a);
@@ -105,7 +184,9 @@ impl DhariwalUNet {
             let mut labels = labels.shallow_clone();
             if train && self.label_dropout > 0.0 {
                 let n = labels.size()[0];
-                let keep = Tensor::rand([n, 1], (Kind::Float, labels.device())).ge(self.label_dropout).to_kind(labels.kind());
+                let keep = Tensor::rand([n, 1], (Kind::Float, labels.device()))
+                    .ge(self.label_dropout)
+                    .to_kind(labels.kind());
                 labels = labels * keep;
             }
             emb = emb + m.forward(&labels);

@@ -30,8 +30,12 @@ impl GmmDenoiser {
         let sigma = sigma.to_kind(Kind::Double).reshape([-1, 1]).expand([n, 1], false);
         let k = self.weights.len() as i64;
         let dev = x.device();
-        let s2 = Tensor::from_slice(&self.stds.iter().map(|s| s * s).collect::<Vec<_>>()).to_device(dev).reshape([1, k]);
-        let logw = Tensor::from_slice(&self.weights.iter().map(|w| w.ln()).collect::<Vec<_>>()).to_device(dev).reshape([1, k]);
+        let s2 = Tensor::from_slice(&self.stds.iter().map(|s| s * s).collect::<Vec<_>>())
+            .to_device(dev)
+            .reshape([1, k]);
+        let logw = Tensor::from_slice(&self.weights.iter().map(|w| w.ln()).collect::<Vec<_>>())
+            .to_device(dev)
+            .reshape([1, k]);
         let var = &s2 + sigma.square(); // [N, K]
         let mu = self.means.to_kind(Kind::Double); // [K, 2]
         let diff = x.unsqueeze(1) - mu.unsqueeze(0); // [N, K, 2]
@@ -40,7 +44,9 @@ impl GmmDenoiser {
         let r = logp.softmax(1, Kind::Double); // [N, K]
         let shrink = (&s2 / &var).unsqueeze(2); // [N, K, 1]
         let post = mu.unsqueeze(0) + shrink * diff; // [N, K, 2]
-        (r.unsqueeze(2) * post).sum_dim_intlist([1i64].as_slice(), false, Kind::Double).to_kind(Kind::Float)
+        (r.unsqueeze(2) * post)
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
+            .to_kind(Kind::Float)
     }
 }
 
@@ -50,7 +56,14 @@ mod tests {
 
     #[test]
     fn single_gaussian_denoiser_is_linear_shrinkage() {
-        let g = GmmDenoiser::new(&[Gmm2dComponent { weight: 1.0, mean: [1.0, -1.0], std: 0.5 }], Device::Cpu);
+        let g = GmmDenoiser::new(
+            &[Gmm2dComponent {
+                weight: 1.0,
+                mean: [1.0, -1.0],
+                std: 0.5,
+            }],
+            Device::Cpu,
+        );
         let x = Tensor::from_slice(&[3.0f32, 1.0]).reshape([1, 2]);
         let d = g.denoise(&x, &Tensor::from(1.0f32));
         let v = Vec::<f32>::try_from(d.flatten(0, -1)).unwrap();
@@ -61,9 +74,25 @@ mod tests {
     #[test]
     fn matches_the_posterior_mean_by_monte_carlo() {
         // E[y | x] by importance weights over many mixture samples.
-        let comps = [Gmm2dComponent { weight: 1.0, mean: [2.0, 0.0], std: 0.3 }, Gmm2dComponent { weight: 3.0, mean: [-1.0, 1.0], std: 0.6 }];
+        let comps = [
+            Gmm2dComponent {
+                weight: 1.0,
+                mean: [2.0, 0.0],
+                std: 0.3,
+            },
+            Gmm2dComponent {
+                weight: 3.0,
+                mean: [-1.0, 1.0],
+                std: 0.6,
+            },
+        ];
         let g = GmmDenoiser::new(&comps, Device::Cpu);
-        let ys = crate::stages::Gmm2dParams { seed: 1, count: 400_000, components: comps.to_vec() }.sample();
+        let ys = crate::stages::Gmm2dParams {
+            seed: 1,
+            count: 400_000,
+            components: comps.to_vec(),
+        }
+        .sample();
         let sigma = 0.8f64;
         let x0 = [0.5f64, 0.4];
         let (mut num, mut den) = ([0.0f64; 2], 0.0f64);
@@ -75,8 +104,14 @@ mod tests {
             den += w;
         }
         let mc = [num[0] / den, num[1] / den];
-        let d = g.denoise(&Tensor::from_slice(&[x0[0] as f32, x0[1] as f32]).reshape([1, 2]), &Tensor::from(sigma as f32));
+        let d = g.denoise(
+            &Tensor::from_slice(&[x0[0] as f32, x0[1] as f32]).reshape([1, 2]),
+            &Tensor::from(sigma as f32),
+        );
         let v = Vec::<f32>::try_from(d.flatten(0, -1)).unwrap();
-        assert!((v[0] as f64 - mc[0]).abs() < 0.01 && (v[1] as f64 - mc[1]).abs() < 0.01, "{v:?} vs {mc:?}");
+        assert!(
+            (v[0] as f64 - mc[0]).abs() < 0.01 && (v[1] as f64 - mc[1]).abs() < 0.01,
+            "{v:?} vs {mc:?}"
+        );
     }
 }

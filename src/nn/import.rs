@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use tch::{Device, Tensor};
 
-use super::{weights, Denoiser, NetworkConfig};
+use super::{Denoiser, NetworkConfig, weights};
 
 /// Tensors by EDM state-dict name plus the network config, if the file records one.
 pub struct Imported {
@@ -27,8 +27,14 @@ pub fn read_weights(path: &Path) -> Result<Imported> {
             Ok(Imported { tensors, config })
         }
         "pkl" => super::pickle::read_edm_pickle(path),
-        "pt" | "pth" | "zip" => Ok(Imported { tensors: super::pickle::read_torch_zip(path)?, config: None }),
-        _ => bail!("{}: unknown weights format (expected .safetensors, .pkl, .pt or .pth)", path.display()),
+        "pt" | "pth" | "zip" => Ok(Imported {
+            tensors: super::pickle::read_torch_zip(path)?,
+            config: None,
+        }),
+        _ => bail!(
+            "{}: unknown weights format (expected .safetensors, .pkl, .pt or .pth)",
+            path.display()
+        ),
     }
 }
 
@@ -48,11 +54,19 @@ pub fn load_denoiser(path: &Path, expected: Option<&NetworkConfig>, device: Devi
     let imported = read_weights(path)?;
     let config = match (&imported.config, expected) {
         (Some(file), Some(exp)) if !same_arch(file, exp) => {
-            bail!("{}: the file's network config differs from the pipeline's `network`:\n  file:     {}\n  pipeline: {}", path.display(), serde_json::to_string(file)?, serde_json::to_string(exp)?)
+            bail!(
+                "{}: the file's network config differs from the pipeline's `network`:\n  file:     {}\n  pipeline: {}",
+                path.display(),
+                serde_json::to_string(file)?,
+                serde_json::to_string(exp)?
+            )
         }
         (Some(file), _) => file.clone(),
         (None, Some(exp)) => exp.clone(),
-        (None, None) => bail!("{}: the file records no network config; give `network` in the pipeline", path.display()),
+        (None, None) => bail!(
+            "{}: the file records no network config; give `network` in the pipeline",
+            path.display()
+        ),
     };
     let net = Denoiser::new(&config, device);
     weights::load_into(&net, &imported.tensors, &path.display().to_string())?;
@@ -148,7 +162,10 @@ pub fn convert_pytorch_fid_inception(tensors: &HashMap<String, Tensor>) -> Resul
         }
     }
     if out.len() != 376 {
-        bail!("found {} of the 376 Inception tensors: not pytorch-fid's pt_inception checkpoint", out.len());
+        bail!(
+            "found {} of the 376 Inception tensors: not pytorch-fid's pt_inception checkpoint",
+            out.len()
+        );
     }
     Ok(out)
 }
@@ -159,13 +176,24 @@ pub fn import_to_safetensors(input: &Path, output: &Path, inception: bool) -> Re
         let tensors = super::pickle::read_torch_zip(input)?;
         let tf = convert_pytorch_fid_inception(&tensors).with_context(|| format!("{}", input.display()))?;
         let pairs: Vec<(String, Tensor)> = tf.into_iter().collect();
-        crate::train::checkpoint::save(output, &pairs, HashMap::from([("format".to_string(), "inception-2015-12-05".to_string())]))?;
+        crate::train::checkpoint::save(
+            output,
+            &pairs,
+            HashMap::from([("format".to_string(), "inception-2015-12-05".to_string())]),
+        )?;
         return Ok(format!("{} Inception tensors", pairs.len()));
     }
     let imported = read_weights(input)?;
-    let config = imported.config.clone().with_context(|| format!("{}: no network config recorded; only EDM pickles carry one", input.display()))?;
+    let config = imported
+        .config
+        .clone()
+        .with_context(|| format!("{}: no network config recorded; only EDM pickles carry one", input.display()))?;
     let net = Denoiser::new(&config, Device::Cpu);
     weights::load_into(&net, &imported.tensors, &input.display().to_string())?;
     weights::save_safetensors(&net, output)?;
-    Ok(format!("{} parameters, config {}", net.num_params(), serde_json::to_string(&config)?))
+    Ok(format!(
+        "{} parameters, config {}",
+        net.num_params(),
+        serde_json::to_string(&config)?
+    ))
 }

@@ -86,7 +86,14 @@ pub struct ConvSpec<'a> {
 
 impl Default for ConvSpec<'_> {
     fn default() -> Self {
-        ConvSpec { kernel: 3, bias: true, up: false, down: false, resample_filter: &[1.0, 1.0], fused_resample: false }
+        ConvSpec {
+            kernel: 3,
+            bias: true,
+            up: false,
+            down: false,
+            resample_filter: &[1.0, 1.0],
+            fused_resample: false,
+        }
     }
 }
 
@@ -94,7 +101,12 @@ impl Conv2d {
     pub fn new(p: &Path, in_channels: i64, out_channels: i64, spec: ConvSpec, init: Init) -> Self {
         let k = spec.kernel;
         let (fi, fo) = ((in_channels * k * k) as f64, (out_channels * k * k) as f64);
-        let weight = (k > 0).then(|| p.var_copy("weight", &(draw(&[out_channels, in_channels, k, k], init.mode, fi, fo, p) * init.weight)));
+        let weight = (k > 0).then(|| {
+            p.var_copy(
+                "weight",
+                &(draw(&[out_channels, in_channels, k, k], init.mode, fi, fo, p) * init.weight),
+            )
+        });
         let bias = (k > 0 && spec.bias).then(|| p.var_copy("bias", &(draw(&[out_channels], init.mode, fi, fo, p) * init.bias)));
         let filter = (spec.up || spec.down).then(|| {
             let f = Tensor::from_slice(spec.resample_filter).to_kind(Kind::Float);
@@ -103,7 +115,16 @@ impl Conv2d {
             let f2 = f.outer(&f).reshape([1, 1, n, n]) / (s * s);
             buffer(p, "resample_filter", &f2)
         });
-        Conv2d { weight, bias, filter, in_channels, out_channels, up: spec.up, down: spec.down, fused: spec.fused_resample }
+        Conv2d {
+            weight,
+            bias,
+            filter,
+            in_channels,
+            out_channels,
+            up: spec.up,
+            down: spec.down,
+            fused: spec.fused_resample,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -116,7 +137,15 @@ impl Conv2d {
         match (self.fused, self.up, self.down, w, &f) {
             (true, true, _, Some(w), Some(f)) => {
                 let c = self.in_channels;
-                x = x.conv_transpose2d(&up_filter(f, c), None::<Tensor>, [2, 2], [(f_pad - w_pad).max(0); 2], [0, 0], c, [1, 1]);
+                x = x.conv_transpose2d(
+                    &up_filter(f, c),
+                    None::<Tensor>,
+                    [2, 2],
+                    [(f_pad - w_pad).max(0); 2],
+                    [0, 0],
+                    c,
+                    [1, 1],
+                );
                 x = x.conv2d(w, None::<Tensor>, [1, 1], [(w_pad - f_pad).max(0); 2], [1, 1], 1);
             }
             (true, _, true, Some(w), Some(f)) => {

@@ -11,11 +11,11 @@ use std::io::Read;
 use std::path::Path;
 use std::rc::Rc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use tch::{Kind, Tensor};
 
-use super::import::Imported;
 use super::NetworkConfig;
+use super::import::Imported;
 
 #[derive(Debug)]
 pub struct Object {
@@ -93,10 +93,22 @@ impl Value {
             Value::Bool(b) => (*b).into(),
             Value::Int(i) => (*i).into(),
             Value::Float(f) if f.is_finite() => (*f).into(),
-            Value::Float(f) => (if *f > 0.0 { "inf" } else if *f < 0.0 { "-inf" } else { "nan" }).into(),
+            Value::Float(f) => (if *f > 0.0 {
+                "inf"
+            } else if *f < 0.0 {
+                "-inf"
+            } else {
+                "nan"
+            })
+            .into(),
             Value::Str(s) => s.as_ref().into(),
             Value::List(_) | Value::Tuple(_) => self.seq().iter().map(Value::to_json).collect::<Vec<_>>().into(),
-            Value::Dict(d) => serde_json::Value::Object(d.borrow().iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.to_json()))).collect()),
+            Value::Dict(d) => serde_json::Value::Object(
+                d.borrow()
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.to_json())))
+                    .collect(),
+            ),
             _ => serde_json::Value::Null,
         }
     }
@@ -131,11 +143,20 @@ pub struct Unpickler<'a, 'p> {
 
 impl<'a, 'p> Unpickler<'a, 'p> {
     pub fn new(data: &'a [u8], persistent: &'p mut PersistentLoad<'p>) -> Self {
-        Unpickler { data, pos: 0, stack: Vec::new(), memo: HashMap::new(), persistent }
+        Unpickler {
+            data,
+            pos: 0,
+            stack: Vec::new(),
+            memo: HashMap::new(),
+            persistent,
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let s = self.data.get(self.pos..self.pos + n).ok_or_else(|| anyhow!("pickle truncated at byte {}", self.pos))?;
+        let s = self
+            .data
+            .get(self.pos..self.pos + n)
+            .ok_or_else(|| anyhow!("pickle truncated at byte {}", self.pos))?;
         self.pos += n;
         Ok(s)
     }
@@ -150,15 +171,24 @@ impl<'a, 'p> Unpickler<'a, 'p> {
     }
     fn line(&mut self) -> Result<String> {
         let rest = &self.data[self.pos..];
-        let end = rest.iter().position(|&b| b == b'\n').ok_or_else(|| anyhow!("unterminated line in pickle"))?;
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| anyhow!("unterminated line in pickle"))?;
         self.pos += end + 1;
         Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
     }
     fn pop(&mut self) -> Result<Value> {
-        self.stack.pop().ok_or_else(|| anyhow!("pickle stack underflow at byte {}", self.pos))
+        self.stack
+            .pop()
+            .ok_or_else(|| anyhow!("pickle stack underflow at byte {}", self.pos))
     }
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
-        let m = self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or_else(|| anyhow!("pickle MARK not found"))?;
+        let m = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or_else(|| anyhow!("pickle MARK not found"))?;
         let items = self.stack.split_off(m + 1);
         self.stack.pop();
         Ok(items)
@@ -249,7 +279,11 @@ impl<'a, 'p> Unpickler<'a, 'p> {
                 b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
                 b'd' => {
                     let items = self.pop_mark()?;
-                    let pairs = items.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0].clone(), c[1].clone())).collect();
+                    let pairs = items
+                        .chunks(2)
+                        .filter(|c| c.len() == 2)
+                        .map(|c| (c[0].clone(), c[1].clone()))
+                        .collect();
                     self.stack.push(Value::Dict(Rc::new(RefCell::new(pairs))));
                 }
                 b'l' => {
@@ -277,7 +311,9 @@ impl<'a, 'p> Unpickler<'a, 'p> {
                 b'u' => {
                     let items = self.pop_mark()?;
                     match self.top()? {
-                        Value::Dict(d) => d.borrow_mut().extend(items.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0].clone(), c[1].clone()))),
+                        Value::Dict(d) => d
+                            .borrow_mut()
+                            .extend(items.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0].clone(), c[1].clone()))),
                         other => bail!("SETITEMS on {other:?}"),
                     }
                 }
@@ -328,7 +364,9 @@ impl<'a, 'p> Unpickler<'a, 'p> {
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Some(m), Some(n)) = (module.as_str(), name.as_str()) else { bail!("STACK_GLOBAL needs two strings") };
+                    let (Some(m), Some(n)) = (module.as_str(), name.as_str()) else {
+                        bail!("STACK_GLOBAL needs two strings")
+                    };
                     self.stack.push(Value::Global(Rc::new((m.to_string(), n.to_string()))));
                 }
                 b'R' => {
@@ -381,16 +419,28 @@ impl<'a, 'p> Unpickler<'a, 'p> {
     /// REDUCE / NEWOBJ: interpret the globals these files use, keep the rest as objects.
     fn reduce(&mut self, func: Value, args: Vec<Value>) -> Result<Value> {
         let Value::Global(g) = &func else {
-            return Ok(Value::Object(Rc::new(RefCell::new(Object { module: String::new(), name: "<call>".into(), args, state: None }))));
+            return Ok(Value::Object(Rc::new(RefCell::new(Object {
+                module: String::new(),
+                name: "<call>".into(),
+                args,
+                state: None,
+            }))));
         };
         let (module, name) = (g.0.as_str(), g.1.as_str());
         Ok(match (module, name) {
             ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
                 let seq = |v: &Value| v.seq().iter().map(|x| x.as_int().unwrap_or(0)).collect::<Vec<_>>();
                 let offset = args.get(1).and_then(Value::as_int).unwrap_or(0);
-                Value::Tensor(Rc::new(TensorRef { storage: args[0].clone(), offset, size: seq(&args[2]), stride: seq(&args[3]) }))
+                Value::Tensor(Rc::new(TensorRef {
+                    storage: args[0].clone(),
+                    offset,
+                    size: seq(&args[2]),
+                    stride: seq(&args[3]),
+                }))
             }
-            ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => args.first().cloned().unwrap_or(Value::None),
+            ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
+                args.first().cloned().unwrap_or(Value::None)
+            }
             ("torch.storage", "_load_from_bytes") => match args.first() {
                 Some(Value::Bytes(b)) => load_legacy_storage(b)?,
                 _ => bail!("_load_from_bytes without bytes"),
@@ -414,8 +464,15 @@ impl<'a, 'p> Unpickler<'a, 'p> {
                 Some(Value::Bytes(b)) if b.len() == 4 => Value::Float(f32::from_le_bytes(b[..].try_into().unwrap()) as f64),
                 _ => Value::None,
             },
-            ("builtins", "set") | ("builtins", "frozenset") | ("__builtin__", "set") => Value::List(Rc::new(RefCell::new(args.first().map(|a| a.seq()).unwrap_or_default()))),
-            _ => Value::Object(Rc::new(RefCell::new(Object { module: module.to_string(), name: name.to_string(), args, state: None }))),
+            ("builtins", "set") | ("builtins", "frozenset") | ("__builtin__", "set") => {
+                Value::List(Rc::new(RefCell::new(args.first().map(|a| a.seq()).unwrap_or_default())))
+            }
+            _ => Value::Object(Rc::new(RefCell::new(Object {
+                module: module.to_string(),
+                name: name.to_string(),
+                args,
+                state: None,
+            }))),
         })
     }
 }
@@ -479,9 +536,17 @@ pub fn load_legacy_storage(bytes: &[u8]) -> Result<Value> {
     let keys: Vec<String> = keys.seq().iter().filter_map(|k| k.as_str().map(str::to_string)).collect();
     let elem = kind.elt_size_in_bytes();
     for k in keys {
-        let numel = u64::from_le_bytes(bytes.get(pos..pos + 8).ok_or_else(|| anyhow!("storage size truncated"))?.try_into().unwrap()) as usize;
+        let numel = u64::from_le_bytes(
+            bytes
+                .get(pos..pos + 8)
+                .ok_or_else(|| anyhow!("storage size truncated"))?
+                .try_into()
+                .unwrap(),
+        ) as usize;
         pos += 8;
-        let data = bytes.get(pos..pos + numel * elem).ok_or_else(|| anyhow!("storage data truncated: {numel} elements of {elem} bytes"))?;
+        let data = bytes
+            .get(pos..pos + numel * elem)
+            .ok_or_else(|| anyhow!("storage data truncated: {numel} elements of {elem} bytes"))?;
         pos += numel * elem;
         if k == key {
             return Ok(Value::Storage(Rc::new((kind, data.to_vec()))));
@@ -493,12 +558,18 @@ pub fn load_legacy_storage(bytes: &[u8]) -> Result<Value> {
 /// A tensor value as a contiguous f32 (or its own integer kind) CPU tensor.
 pub fn to_tensor(v: &Value) -> Result<Tensor> {
     let Value::Tensor(t) = v else { bail!("not a tensor: {v:?}") };
-    let Value::Storage(s) = &t.storage else { bail!("tensor without a loaded storage") };
+    let Value::Storage(s) = &t.storage else {
+        bail!("tensor without a loaded storage")
+    };
     let (kind, bytes) = (s.0, &s.1);
     let numel = bytes.len() / kind.elt_size_in_bytes();
     let flat = Tensor::from_data_size(bytes, &[numel as i64], kind);
     let view = flat.as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset).contiguous();
-    Ok(if matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Double) { view.to_kind(Kind::Float) } else { view })
+    Ok(if matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Double) {
+        view.to_kind(Kind::Float)
+    } else {
+        view
+    })
 }
 
 /// Walks an nn.Module (EDM persistent object or plain module) and collects its parameters and
@@ -515,7 +586,10 @@ fn collect_state(obj: &Value, prefix: &str, out: &mut HashMap<String, Tensor>) -
     for key in ["_parameters", "_buffers"] {
         for (k, v) in state.get(key).map(|d| d.items()).unwrap_or_default() {
             if let (Some(name), Value::Tensor(_)) = (k.as_str(), &v) {
-                out.insert(format!("{prefix}{name}"), to_tensor(&v).with_context(|| format!("tensor {prefix}{name}"))?);
+                out.insert(
+                    format!("{prefix}{name}"),
+                    to_tensor(&v).with_context(|| format!("tensor {prefix}{name}"))?,
+                );
             }
         }
     }
@@ -539,8 +613,12 @@ fn init_kwargs(obj: &Value) -> Option<serde_json::Value> {
 pub fn read_edm_pickle(path: &Path) -> Result<Imported> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut no_persistent = |pid: &Value| -> Result<Value> { bail!("unexpected persistent id {pid:?} in an EDM pickle") };
-    let top = Unpickler::new(&bytes, &mut no_persistent).load().with_context(|| format!("{}: not a readable pickle", path.display()))?;
-    let ema = top.get("ema").ok_or_else(|| anyhow!("{}: the pickle has no `ema` entry (not an EDM snapshot?)", path.display()))?;
+    let top = Unpickler::new(&bytes, &mut no_persistent)
+        .load()
+        .with_context(|| format!("{}: not a readable pickle", path.display()))?;
+    let ema = top
+        .get("ema")
+        .ok_or_else(|| anyhow!("{}: the pickle has no `ema` entry (not an EDM snapshot?)", path.display()))?;
     let mut tensors = HashMap::new();
     collect_state(&ema, "", &mut tensors).with_context(|| format!("{}", path.display()))?;
     if tensors.is_empty() {
@@ -570,15 +648,26 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
         let (kind, key) = storage_pid(pid)?;
         let mut data = Vec::new();
         let name = format!("{prefix}data/{key}");
-        zip.borrow_mut().by_name(&name).with_context(|| format!("missing storage {name}"))?.read_to_end(&mut data)?;
+        zip.borrow_mut()
+            .by_name(&name)
+            .with_context(|| format!("missing storage {name}"))?
+            .read_to_end(&mut data)?;
         Ok(Value::Storage(Rc::new((kind, data))))
     };
-    let top = Unpickler::new(&pkl, &mut persistent).load().with_context(|| format!("{}: data.pkl", path.display()))?;
-    let dict = ["state_dict", "model", "ema", "net"].iter().find_map(|k| top.get(k).filter(|v| matches!(v, Value::Dict(_)))).unwrap_or(top);
+    let top = Unpickler::new(&pkl, &mut persistent)
+        .load()
+        .with_context(|| format!("{}: data.pkl", path.display()))?;
+    let dict = ["state_dict", "model", "ema", "net"]
+        .iter()
+        .find_map(|k| top.get(k).filter(|v| matches!(v, Value::Dict(_))))
+        .unwrap_or(top);
     let mut out = HashMap::new();
     for (k, v) in dict.items() {
         if let (Some(name), Value::Tensor(_)) = (k.as_str(), &v) {
-            out.insert(name.to_string(), to_tensor(&v).with_context(|| format!("{}: tensor {name}", path.display()))?);
+            out.insert(
+                name.to_string(),
+                to_tensor(&v).with_context(|| format!("{}: tensor {name}", path.display()))?,
+            );
         }
     }
     if out.is_empty() {

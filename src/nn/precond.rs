@@ -30,8 +30,17 @@ impl Mlp {
             layers.push(Linear::new(&(p / format!("layer{i}")), width, c.hidden, true, init));
             width = c.hidden;
         }
-        layers.push(Linear::new(&(p / "out"), width, c.dim, true, Init::new(InitMode::KaimingUniform, 0.1, 0.0)));
-        Mlp { layers, noise_channels: c.noise_channels }
+        layers.push(Linear::new(
+            &(p / "out"),
+            width,
+            c.dim,
+            true,
+            Init::new(InitMode::KaimingUniform, 0.1, 0.0),
+        ));
+        Mlp {
+            layers,
+            noise_channels: c.noise_channels,
+        }
     }
     fn forward(&self, x: &Tensor, c_noise: &Tensor, labels: Option<&Tensor>) -> Tensor {
         let emb = super::layers::positional_embedding(c_noise, self.noise_channels, 100.0, true);
@@ -69,7 +78,11 @@ impl Denoiser {
             NetworkConfig::Adm(c) => UNet::Dhariwal(DhariwalUNet::new(&root, c)),
             NetworkConfig::Mlp(c) => UNet::Mlp(Mlp::new(&root, c)),
         };
-        Denoiser { vs, config: config.clone(), net }
+        Denoiser {
+            vs,
+            config: config.clone(),
+            net,
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -81,7 +94,14 @@ impl Denoiser {
     }
 
     /// The raw U-Net output F(x_in; c_noise, y).
-    pub fn raw(&self, x_in: &Tensor, c_noise: &Tensor, class_labels: Option<&Tensor>, augment_labels: Option<&Tensor>, train: bool) -> Tensor {
+    pub fn raw(
+        &self,
+        x_in: &Tensor,
+        c_noise: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         match &self.net {
             UNet::Song(n) => n.forward(x_in, c_noise, class_labels, augment_labels, train),
             UNet::Dhariwal(n) => n.forward(x_in, c_noise, class_labels, augment_labels, train),
@@ -95,7 +115,14 @@ impl Denoiser {
         self.denoise_aug(x, sigma, class_labels, None, train)
     }
 
-    pub fn denoise_aug(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>, augment_labels: Option<&Tensor>, train: bool) -> Tensor {
+    pub fn denoise_aug(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let x = x.to_kind(Kind::Float);
         let n = x.size()[0];
         let mut shape = vec![-1i64];
@@ -107,7 +134,11 @@ impl Denoiser {
         let c_out = &sigma * sd / s2.sqrt();
         let c_in = s2.sqrt().reciprocal();
         let c_noise = (sigma.log() / 4.0).flatten(0, -1);
-        let c_noise = if c_noise.size()[0] == 1 && n > 1 { c_noise.expand([n], false) } else { c_noise };
+        let c_noise = if c_noise.size()[0] == 1 && n > 1 {
+            c_noise.expand([n], false)
+        } else {
+            c_noise
+        };
         let labels = match (self.config.label_dim(), class_labels) {
             (0, _) => None,
             (d, None) => Some(Tensor::zeros([1, d], (Kind::Float, x.device()))),

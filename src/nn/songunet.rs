@@ -4,7 +4,7 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::config::{DecoderType, Embedding, EncoderType, SongUNetConfig};
-use super::layers::{buffer, fourier_embedding, positional_embedding, Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear};
+use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear, buffer, fourier_embedding, positional_embedding};
 use super::unet_block::{BlockConfig, UNetBlock};
 
 enum Enc {
@@ -57,8 +57,13 @@ impl SongUNet {
             init_attn,
         };
         let filt = &c.resample_filter;
-        let fourier_freqs = (c.embedding_type == Embedding::Fourier)
-            .then(|| buffer(&(p / "map_noise"), "freqs", &(Tensor::randn([noise_channels / 2], (Kind::Float, p.device())) * 16.0)));
+        let fourier_freqs = (c.embedding_type == Embedding::Fourier).then(|| {
+            buffer(
+                &(p / "map_noise"),
+                "freqs",
+                &(Tensor::randn([noise_channels / 2], (Kind::Float, p.device())) * 16.0),
+            )
+        });
         let map_label = (c.label_dim > 0).then(|| Linear::new(&(p / "map_label"), c.label_dim, noise_channels, true, init));
         let map_augment = (c.augment_dim > 0).then(|| Linear::new(&(p / "map_augment"), c.augment_dim, noise_channels, false, init));
         let map_layer0 = Linear::new(&(p / "map_layer0"), noise_channels, emb_channels, true, init);
@@ -74,21 +79,67 @@ impl SongUNet {
             if level == 0 {
                 let cin = cout;
                 cout = c.model_channels;
-                enc.push(Enc::Conv(Conv2d::new(&(&pe / format!("{res}x{res}_conv")), cin, cout, ConvSpec::default(), init)));
+                enc.push(Enc::Conv(Conv2d::new(
+                    &(&pe / format!("{res}x{res}_conv")),
+                    cin,
+                    cout,
+                    ConvSpec::default(),
+                    init,
+                )));
                 skips.push(cout);
             } else {
-                enc.push(Enc::Block(UNetBlock::new(&(&pe / format!("{res}x{res}_down")), cout, cout, false, true, false, &bk)));
+                enc.push(Enc::Block(UNetBlock::new(
+                    &(&pe / format!("{res}x{res}_down")),
+                    cout,
+                    cout,
+                    false,
+                    true,
+                    false,
+                    &bk,
+                )));
                 skips.push(cout);
                 match c.encoder_type {
                     EncoderType::Skip => {
-                        let down = ConvSpec { kernel: 0, down: true, resample_filter: filt, ..Default::default() };
-                        enc.push(Enc::AuxDown(Conv2d::new(&(&pe / format!("{res}x{res}_aux_down")), caux, caux, down, init)));
-                        let one = ConvSpec { kernel: 1, ..Default::default() };
-                        enc.push(Enc::AuxSkip(Conv2d::new(&(&pe / format!("{res}x{res}_aux_skip")), caux, cout, one, init)));
+                        let down = ConvSpec {
+                            kernel: 0,
+                            down: true,
+                            resample_filter: filt,
+                            ..Default::default()
+                        };
+                        enc.push(Enc::AuxDown(Conv2d::new(
+                            &(&pe / format!("{res}x{res}_aux_down")),
+                            caux,
+                            caux,
+                            down,
+                            init,
+                        )));
+                        let one = ConvSpec {
+                            kernel: 1,
+                            ..Default::default()
+                        };
+                        enc.push(Enc::AuxSkip(Conv2d::new(
+                            &(&pe / format!("{res}x{res}_aux_skip")),
+                            caux,
+                            cout,
+                            one,
+                            init,
+                        )));
                     }
                     EncoderType::Residual => {
-                        let spec = ConvSpec { kernel: 3, down: true, resample_filter: filt, fused_resample: true, ..Default::default() };
-                        enc.push(Enc::AuxResidual(Conv2d::new(&(&pe / format!("{res}x{res}_aux_residual")), caux, cout, spec, init)));
+                        let spec = ConvSpec {
+                            kernel: 3,
+                            down: true,
+                            resample_filter: filt,
+                            fused_resample: true,
+                            ..Default::default()
+                        };
+                        enc.push(Enc::AuxResidual(Conv2d::new(
+                            &(&pe / format!("{res}x{res}_aux_residual")),
+                            caux,
+                            cout,
+                            spec,
+                            init,
+                        )));
                         caux = cout;
                     }
                     EncoderType::Standard => {}
@@ -98,7 +149,15 @@ impl SongUNet {
                 let cin = cout;
                 cout = c.model_channels * mult;
                 let attn = c.attn_resolutions.contains(&res);
-                enc.push(Enc::Block(UNetBlock::new(&(&pe / format!("{res}x{res}_block{idx}")), cin, cout, false, false, attn, &bk)));
+                enc.push(Enc::Block(UNetBlock::new(
+                    &(&pe / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    &bk,
+                )));
                 skips.push(cout);
             }
         }
@@ -109,24 +168,73 @@ impl SongUNet {
         for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
             let res = c.img_resolution >> level;
             if level == levels - 1 {
-                dec.push(Dec::Block(UNetBlock::new(&(&pd / format!("{res}x{res}_in0")), cout, cout, false, false, true, &bk)));
-                dec.push(Dec::Block(UNetBlock::new(&(&pd / format!("{res}x{res}_in1")), cout, cout, false, false, false, &bk)));
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_in0")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    true,
+                    &bk,
+                )));
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_in1")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    false,
+                    &bk,
+                )));
             } else {
-                dec.push(Dec::Block(UNetBlock::new(&(&pd / format!("{res}x{res}_up")), cout, cout, true, false, false, &bk)));
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_up")),
+                    cout,
+                    cout,
+                    true,
+                    false,
+                    false,
+                    &bk,
+                )));
             }
             for idx in 0..=c.num_blocks {
                 let cin = cout + skips.pop().expect("one skip per encoder layer");
                 cout = c.model_channels * mult;
                 let attn = idx == c.num_blocks && c.attn_resolutions.contains(&res);
-                dec.push(Dec::Block(UNetBlock::new(&(&pd / format!("{res}x{res}_block{idx}")), cin, cout, false, false, attn, &bk)));
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(&pd / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    &bk,
+                )));
             }
             if c.decoder_type == DecoderType::Skip || level == 0 {
                 if c.decoder_type == DecoderType::Skip && level < levels - 1 {
-                    let up = ConvSpec { kernel: 0, up: true, resample_filter: filt, ..Default::default() };
-                    dec.push(Dec::AuxUp(Conv2d::new(&(&pd / format!("{res}x{res}_aux_up")), c.img_channels, c.img_channels, up, init)));
+                    let up = ConvSpec {
+                        kernel: 0,
+                        up: true,
+                        resample_filter: filt,
+                        ..Default::default()
+                    };
+                    dec.push(Dec::AuxUp(Conv2d::new(
+                        &(&pd / format!("{res}x{res}_aux_up")),
+                        c.img_channels,
+                        c.img_channels,
+                        up,
+                        init,
+                    )));
                 }
                 dec.push(Dec::AuxNorm(GroupNorm::new(&(&pd / format!("{res}x{res}_aux_norm")), cout, 1e-6)));
-                dec.push(Dec::AuxConv(Conv2d::new(&(&pd / format!("{res}x{res}_aux_conv")), cout, c.img_channels, ConvSpec::default(), init_zero)));
+                dec.push(Dec::AuxConv(Conv2d::new(
+                    &(&pd / format!("{res}x{res}_aux_conv")),
+                    cout,
+                    c.img_channels,
+                    ConvSpec::default(),
+                    init_zero,
+                )));
             }
         }
         SongUNet {
@@ -143,7 +251,14 @@ impl SongUNet {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, noise_labels: &Tensor, class_labels: Option<&Tensor>, augment_labels: Option<&Tensor>, train: bool) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        noise_labels: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let emb = match (&self.embedding, &self.fourier_freqs) {
             (Embedding::Fourier, Some(f)) => fourier_embedding(noise_labels, f),
             _ => positional_embedding(noise_labels, self.noise_channels, 10000.0, true),
@@ -154,7 +269,9 @@ impl SongUNet {
         if let (Some(map_label), Some(labels)) = (&self.map_label, class_labels) {
             let mut labels = labels.shallow_clone();
             if train && self.label_dropout > 0.0 {
-                let keep = Tensor::rand([n, 1], (Kind::Float, labels.device())).ge(self.label_dropout).to_kind(labels.kind());
+                let keep = Tensor::rand([n, 1], (Kind::Float, labels.device()))
+                    .ge(self.label_dropout)
+                    .to_kind(labels.kind());
                 labels = labels * keep;
             }
             emb = emb + map_label.forward(&(labels * (map_label.in_features as f64).sqrt()));

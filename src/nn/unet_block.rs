@@ -40,11 +40,27 @@ pub struct UNetBlock {
 
 impl UNetBlock {
     pub fn new(p: &Path, in_channels: i64, out_channels: i64, up: bool, down: bool, attention: bool, c: &BlockConfig) -> Self {
-        let num_heads = if !attention { 0 } else { c.num_heads.unwrap_or(out_channels / c.channels_per_head) };
-        let resample = |kernel| ConvSpec { kernel, up, down, resample_filter: c.resample_filter, ..Default::default() };
+        let num_heads = if !attention {
+            0
+        } else {
+            c.num_heads.unwrap_or(out_channels / c.channels_per_head)
+        };
+        let resample = |kernel| ConvSpec {
+            kernel,
+            up,
+            down,
+            resample_filter: c.resample_filter,
+            ..Default::default()
+        };
         let norm0 = GroupNorm::new(&(p / "norm0"), in_channels, c.eps);
         let conv0 = Conv2d::new(&(p / "conv0"), in_channels, out_channels, resample(3), c.init);
-        let affine = Linear::new(&(p / "affine"), c.emb_channels, out_channels * if c.adaptive_scale { 2 } else { 1 }, true, c.init);
+        let affine = Linear::new(
+            &(p / "affine"),
+            c.emb_channels,
+            out_channels * if c.adaptive_scale { 2 } else { 1 },
+            true,
+            c.init,
+        );
         let norm1 = GroupNorm::new(&(p / "norm1"), out_channels, c.eps);
         let conv1 = Conv2d::new(&(p / "conv1"), out_channels, out_channels, ConvSpec::default(), c.init_zero);
         let skip = (out_channels != in_channels || up || down).then(|| {
@@ -52,7 +68,10 @@ impl UNetBlock {
             Conv2d::new(&(p / "skip"), in_channels, out_channels, resample(kernel), c.init)
         });
         let attn = (num_heads > 0).then(|| {
-            let one = |_| ConvSpec { kernel: 1, ..Default::default() };
+            let one = |_| ConvSpec {
+                kernel: 1,
+                ..Default::default()
+            };
             (
                 GroupNorm::new(&(p / "norm2"), out_channels, c.eps),
                 Conv2d::new(&(p / "qkv"), out_channels, out_channels * 3, one(()), c.init_attn),
@@ -104,7 +123,10 @@ impl UNetBlock {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
             } else {
                 let scale = 1.0 / ((c / heads) as f64).sqrt();
-                let w = q.to_kind(Kind::Float).matmul(&(k.to_kind(Kind::Float) * scale).transpose(-1, -2)).softmax(-1, Kind::Float);
+                let w = q
+                    .to_kind(Kind::Float)
+                    .matmul(&(k.to_kind(Kind::Float) * scale).transpose(-1, -2))
+                    .softmax(-1, Kind::Float);
                 w.matmul(&v.to_kind(Kind::Float)).to_kind(v.kind())
             };
             let a = a.squeeze_dim(1).transpose(1, 2).reshape([n, c, h, w]);

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, TensorView};
 use tch::{Kind, Tensor};
 
@@ -12,7 +12,8 @@ use super::precond::Denoiser;
 /// Reads all tensors of a safetensors file as f32 CPU tensors, plus its metadata.
 pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
@@ -79,7 +80,10 @@ pub fn save_safetensors(net: &Denoiser, path: &Path) -> Result<()> {
             ((*n).clone(), bytes, t.size().iter().map(|&s| s as usize).collect())
         })
         .collect();
-    let views: Vec<(String, TensorView)> = data.iter().map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?))).collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
     let mut meta = HashMap::new();
     meta.insert("config".to_string(), serde_json::to_string(&net.config)?);
     safetensors::serialize_to_file(views, Some(meta), path).with_context(|| format!("writing {}", path.display()))

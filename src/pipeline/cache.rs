@@ -11,11 +11,11 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::fsutil::{atomic_write, du, remove_tree, sync_dir};
-use super::hash::{tree_digest, FileDigest, StatCache};
+use super::hash::{FileDigest, StatCache, tree_digest};
 
 pub const ENTRY_FORMAT: u32 = 1;
 
@@ -89,7 +89,11 @@ impl Cache {
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
-                let holder = if holder.trim().is_empty() { "another dmdpipe process".to_string() } else { holder.trim().to_string() };
+                let holder = if holder.trim().is_empty() {
+                    "another dmdpipe process".to_string()
+                } else {
+                    holder.trim().to_string()
+                };
                 eprintln!("the cache {} is locked by {holder}; waiting for it to finish", root.display());
                 match mode {
                     LockMode::Shared => file.lock_shared(),
@@ -101,12 +105,20 @@ impl Cache {
         }
         if mode == LockMode::Exclusive {
             let args: Vec<String> = std::env::args().collect();
-            let info = format!("pid {} ({}) since {}\n", std::process::id(), args.join(" "), humantime::format_rfc3339_seconds(std::time::SystemTime::now()));
+            let info = format!(
+                "pid {} ({}) since {}\n",
+                std::process::id(),
+                args.join(" "),
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            );
             file.set_len(0)?;
             file.rewind()?;
             file.write_all(info.as_bytes())?;
         }
-        Ok(Cache { root: root.to_path_buf(), _lock: file })
+        Ok(Cache {
+            root: root.to_path_buf(),
+            _lock: file,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -133,7 +145,9 @@ impl Cache {
 
     pub fn read_entry(&self, key: &str) -> Option<Entry> {
         let bytes = std::fs::read(self.entry_path(key)).ok()?;
-        serde_json::from_slice::<Entry>(&bytes).ok().filter(|e| e.format == ENTRY_FORMAT && e.key == key)
+        serde_json::from_slice::<Entry>(&bytes)
+            .ok()
+            .filter(|e| e.format == ENTRY_FORMAT && e.key == key)
     }
 
     /// Checks that every output file of `entry` is present with its recorded digest.
@@ -155,7 +169,9 @@ impl Cache {
 
     /// A fresh directory for a running stage, inside the cache so that the final move is a rename.
     pub fn new_tmp_dir(&self, label: &str) -> Result<PathBuf> {
-        let dir = tempfile::Builder::new().prefix(&format!("{label}-")).tempdir_in(self.root.join("tmp"))?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{label}-"))
+            .tempdir_in(self.root.join("tmp"))?;
         Ok(dir.keep())
     }
 
@@ -169,8 +185,20 @@ impl Cache {
 
     /// Accepts a stage's outputs: moves `out_dir` into the store, then writes the entry.
     /// A kill at any point leaves either no entry or a complete one.
-    pub fn commit(&self, key: &str, manifest: serde_json::Value, out_dir: &Path, metrics: serde_json::Value, info: (&str, &str, f64), stat: &mut StatCache) -> Result<Entry> {
-        for entry in walkdir::WalkDir::new(out_dir).into_iter().filter_map(Result::ok).filter(|e| e.file_type().is_file()) {
+    pub fn commit(
+        &self,
+        key: &str,
+        manifest: serde_json::Value,
+        out_dir: &Path,
+        metrics: serde_json::Value,
+        info: (&str, &str, f64),
+        stat: &mut StatCache,
+    ) -> Result<Entry> {
+        for entry in walkdir::WalkDir::new(out_dir)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+        {
             File::open(entry.path())?.sync_all()?;
             let mut perm = entry.metadata()?.permissions();
             perm.set_readonly(true);
@@ -179,7 +207,10 @@ impl Cache {
         let files = stat.tree(out_dir)?;
         let tree = tree_digest(&files);
         let dest = self.object_dir(&tree);
-        let existing_ok = dest.is_dir() && files.iter().all(|f| stat.file_digest(&dest.join(&f.path)).map(|d| d == f.digest).unwrap_or(false));
+        let existing_ok = dest.is_dir()
+            && files
+                .iter()
+                .all(|f| stat.file_digest(&dest.join(&f.path)).map(|d| d == f.digest).unwrap_or(false));
         if existing_ok {
             remove_tree(out_dir)?;
         } else {
@@ -216,7 +247,10 @@ impl Cache {
     }
 
     pub fn write_record(&self, pipeline: &str, record: &PipelineRecord) -> Result<()> {
-        atomic_write(&self.root.join("pipelines").join(format!("{pipeline}.json")), &serde_json::to_vec_pretty(record)?)
+        atomic_write(
+            &self.root.join("pipelines").join(format!("{pipeline}.json")),
+            &serde_json::to_vec_pretty(record)?,
+        )
     }
 
     pub fn append_history(&self, pipeline: &str, line: &serde_json::Value) -> Result<()> {
@@ -232,7 +266,8 @@ impl Cache {
         for e in std::fs::read_dir(self.root.join("pipelines"))? {
             let path = e?.path();
             if path.extension().is_some_and(|x| x == "json") {
-                let rec: PipelineRecord = serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
+                let rec: PipelineRecord =
+                    serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
                 keys.extend(rec.stages.into_values());
             }
         }

@@ -5,14 +5,14 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
-use serde::de::Deserialize;
 use serde::Serialize;
+use serde::de::Deserialize;
 use serde_spanned::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use super::config_error::{did_you_mean, ConfigError};
+use super::config_error::{ConfigError, did_you_mean};
 use super::graph;
-use crate::stages::{StageSpec, KINDS};
+use crate::stages::{KINDS, StageSpec};
 
 /// The `[pipeline]` table.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, JsonSchema)]
@@ -79,28 +79,36 @@ impl Pipeline {
     }
 
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() { path.to_path_buf() } else { self.root.join(path) }
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.root.join(path)
+        }
     }
 
     /// An error located at a stage's field (or the stage's table when the field is absent).
     pub fn error_at_field(&self, stage: &StageDecl, field: &str, message: impl Into<String>) -> ConfigError {
         let span = stage.spans.fields.get(field).cloned().unwrap_or(stage.spans.name.clone());
-        ConfigError::at(&self.file, &self.source, Some(span), format!("stages.{}.{field}", stage.name), message)
+        ConfigError::at(
+            &self.file,
+            &self.source,
+            Some(span),
+            format!("stages.{}.{field}", stage.name),
+            message,
+        )
     }
 }
 
 pub fn load(path: &Path) -> Result<Pipeline, ConfigError> {
-    let source = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::whole_file(path, format!("cannot read pipeline file {}: {e}", path.display()))
-    })?;
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::whole_file(path, format!("cannot read pipeline file {}: {e}", path.display())))?;
     parse(path, &source)
 }
 
 pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
     let err = |span: Option<Range<usize>>, key: &str, msg: String| ConfigError::at(path, source, span, key, msg);
     let doc = DeTable::parse(source).map_err(|e| {
-        err(e.span(), "", format!("invalid TOML: {}", e.message().trim_end()))
-            .with_help("see https://toml.io for the syntax")
+        err(e.span(), "", format!("invalid TOML: {}", e.message().trim_end())).with_help("see https://toml.io for the syntax")
     })?;
     let mut settings = PipelineSettings::default();
     let mut stages_table: Option<(Range<usize>, DeTable)> = None;
@@ -108,14 +116,18 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
         let span = value.span();
         match key.get_ref().as_ref() {
             "pipeline" => {
-                settings = PipelineSettings::deserialize(ValueDeserializer::from(value))
-                    .map_err(|e| serde_error(path, source, "pipeline", e))?;
+                settings =
+                    PipelineSettings::deserialize(ValueDeserializer::from(value)).map_err(|e| serde_error(path, source, "pipeline", e))?;
             }
             "stages" => match value.into_inner() {
                 DeValue::Table(t) => stages_table = Some((span, t)),
                 other => {
-                    return Err(err(Some(span), "stages", format!("`stages` must be a table, found {}", other.type_str()))
-                        .with_help("declare each stage as [stages.NAME] with a `kind` field"));
+                    return Err(err(
+                        Some(span),
+                        "stages",
+                        format!("`stages` must be a table, found {}", other.type_str()),
+                    )
+                    .with_help("declare each stage as [stages.NAME] with a `kind` field"));
                 }
             },
             other => {
@@ -148,13 +160,21 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
         None => dir,
     };
     let name = settings.name.clone().unwrap_or_else(|| {
-        path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into())
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".into())
     });
     if !valid_name(&name) {
-        return Err(err(None, "pipeline.name", format!("invalid pipeline name `{name}`"))
-            .with_help("use letters, digits, `-` and `_`"));
+        return Err(err(None, "pipeline.name", format!("invalid pipeline name `{name}`")).with_help("use letters, digits, `-` and `_`"));
     }
-    let pipeline = Pipeline { file: path.to_path_buf(), source: source.to_string(), name, settings, root, stages };
+    let pipeline = Pipeline {
+        file: path.to_path_buf(),
+        source: source.to_string(),
+        name,
+        settings,
+        root,
+        stages,
+    };
     validate(&pipeline)?;
     Ok(pipeline)
 }
@@ -184,25 +204,39 @@ fn parse_stage(
                 .with_help(format!("write [stages.{name}], not [[stages.{name}]]")));
         }
         other => {
-            return Err(err(table_span, &key_path, format!("stage `{name}` must be a table, found {}", other.type_str()))
-                .with_help(format!("write [stages.{name}] followed by `kind = \"...\"` and its fields")));
+            return Err(err(
+                table_span,
+                &key_path,
+                format!("stage `{name}` must be a table, found {}", other.type_str()),
+            )
+            .with_help(format!("write [stages.{name}] followed by `kind = \"...\"` and its fields")));
         }
     };
-    let mut spans = FieldSpans { table: table_span.clone(), name: key.span(), fields: BTreeMap::new() };
+    let mut spans = FieldSpans {
+        table: table_span.clone(),
+        name: key.span(),
+        fields: BTreeMap::new(),
+    };
     for (k, v) in table.iter() {
         spans.fields.insert(k.get_ref().to_string(), k.span().start..v.span().end);
     }
     let kind_entry = table.iter().find(|(k, _)| k.get_ref() == "kind");
     let kind = match kind_entry {
         None => {
-            return Err(err(key.span(), &format!("{key_path}.kind"), format!("stage `{name}` has no `kind`"))
-                .with_help(format!("add `kind = \"...\"`; known kinds: {}", KINDS.join(", "))));
+            return Err(
+                err(key.span(), &format!("{key_path}.kind"), format!("stage `{name}` has no `kind`"))
+                    .with_help(format!("add `kind = \"...\"`; known kinds: {}", KINDS.join(", "))),
+            );
         }
         Some((_, v)) => match v.get_ref().as_str() {
             Some(s) => (s.to_string(), v.span()),
             None => {
-                return Err(err(v.span(), &format!("{key_path}.kind"), format!("`kind` must be a string, found {}", v.get_ref().type_str()))
-                    .with_help(format!("known kinds: {}", KINDS.join(", "))));
+                return Err(err(
+                    v.span(),
+                    &format!("{key_path}.kind"),
+                    format!("`kind` must be a string, found {}", v.get_ref().type_str()),
+                )
+                .with_help(format!("known kinds: {}", KINDS.join(", "))));
             }
         },
     };
@@ -221,8 +255,16 @@ fn parse_stage(
         Some(Ok(spec)) => spec,
         Some(Err(e)) => {
             let sub = e.span().and_then(|s| locate_key(&located, &s)).unwrap_or_default();
-            let key = if sub.is_empty() { key_path.clone() } else { format!("{key_path}.{}", sub.join(".")) };
-            let mut ce = err(e.span().unwrap_or(table_span.clone()), &key, format!("stage `{name}` (kind `{}`): {}", kind.0, e.message().trim_end()));
+            let key = if sub.is_empty() {
+                key_path.clone()
+            } else {
+                format!("{key_path}.{}", sub.join("."))
+            };
+            let mut ce = err(
+                e.span().unwrap_or(table_span.clone()),
+                &key,
+                format!("stage `{name}` (kind `{}`): {}", kind.0, e.message().trim_end()),
+            );
             if let Some(help) = unknown_field_help(e.message()) {
                 ce = ce.with_help(help);
             }
@@ -299,7 +341,11 @@ fn validate(p: &Pipeline) -> Result<(), ConfigError> {
                     None => format!("stages here: {}", names.join(", ")),
                 };
                 return Err(p
-                    .error_at_field(stage, up.role, format!("stage `{}` refers to a stage `{}` that does not exist", stage.name, up.stage))
+                    .error_at_field(
+                        stage,
+                        up.role,
+                        format!("stage `{}` refers to a stage `{}` that does not exist", stage.name, up.stage),
+                    )
                     .with_help(help));
             };
             let produced = target.spec.stage().output_type();
@@ -326,7 +372,14 @@ fn validate(p: &Pipeline) -> Result<(), ConfigError> {
     if let Some(cycle) = graph::find_cycle(p) {
         let first = p.stage(&cycle[0]).expect("cycle names existing stages");
         let next = &cycle[1 % cycle.len()];
-        let role = first.spec.stage().upstream().into_iter().find(|u| &u.stage == next).map(|u| u.role).unwrap_or("kind");
+        let role = first
+            .spec
+            .stage()
+            .upstream()
+            .into_iter()
+            .find(|u| &u.stage == next)
+            .map(|u| u.role)
+            .unwrap_or("kind");
         let mut shown = cycle.clone();
         shown.push(cycle[0].clone());
         return Err(p

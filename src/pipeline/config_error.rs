@@ -33,13 +33,7 @@ impl ConfigError {
     }
 
     /// An error at byte range `span` of `source`.
-    pub fn at(
-        file: &Path,
-        source: &str,
-        span: Option<Range<usize>>,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn at(file: &Path, source: &str, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> Self {
         let (line, column, snippet) = match span {
             Some(span) => {
                 let (l, c) = line_col(source, span.start);

@@ -25,7 +25,13 @@ pub fn sync_dir(dir: &Path) {
 
 /// Total size in bytes of the files under `path`.
 pub fn du(path: &Path) -> u64 {
-    walkdir::WalkDir::new(path).into_iter().filter_map(Result::ok).filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+    walkdir::WalkDir::new(path)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Removes a directory tree that may contain read-only files.

@@ -9,7 +9,14 @@ fn deps(p: &Pipeline) -> Vec<Vec<usize>> {
     let index: HashMap<&str, usize> = p.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     p.stages
         .iter()
-        .map(|s| s.spec.stage().upstream().iter().filter_map(|u| index.get(u.stage.as_str()).copied()).collect())
+        .map(|s| {
+            s.spec
+                .stage()
+                .upstream()
+                .iter()
+                .filter_map(|u| index.get(u.stage.as_str()).copied())
+                .collect()
+        })
         .collect()
 }
 
@@ -52,7 +59,9 @@ pub fn topo_order(p: &Pipeline) -> Vec<usize> {
     let mut done = vec![false; d.len()];
     let mut order = Vec::new();
     while order.len() < d.len() {
-        let next = (0..d.len()).find(|&i| !done[i] && d[i].iter().all(|&j| done[j])).expect("validated: no cycle");
+        let next = (0..d.len())
+            .find(|&i| !done[i] && d[i].iter().all(|&j| done[j]))
+            .expect("validated: no cycle");
         done[next] = true;
         order.push(next);
     }
@@ -85,7 +94,13 @@ pub fn render(p: &Pipeline, format: DagFormat) -> String {
         DagFormat::Text => {
             for i in topo_order(p) {
                 let s = &p.stages[i];
-                let ups: Vec<String> = s.spec.stage().upstream().iter().map(|u| format!("{} <- {}", u.role, u.stage)).collect();
+                let ups: Vec<String> = s
+                    .spec
+                    .stage()
+                    .upstream()
+                    .iter()
+                    .map(|u| format!("{} <- {}", u.role, u.stage))
+                    .collect();
                 if ups.is_empty() {
                     out.push_str(&format!("{} ({})\n", s.name, s.spec.kind()));
                 } else {

@@ -96,8 +96,16 @@ impl StatCache {
     }
 
     pub fn load(path: &Path) -> Self {
-        let entries = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        StatCache { path: Some(path.to_path_buf()), entries, dirty: false, bytes_hashed: 0 }
+        let entries = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        StatCache {
+            path: Some(path.to_path_buf()),
+            entries,
+            dirty: false,
+            bytes_hashed: 0,
+        }
     }
 
     pub fn save(&mut self) -> Result<()> {
@@ -121,7 +129,13 @@ impl StatCache {
         }
         let digest = sha256_file(&abs)?;
         self.bytes_hashed += stat.size;
-        self.entries.insert(key, StatEntry { stat, digest: digest.clone() });
+        self.entries.insert(
+            key,
+            StatEntry {
+                stat,
+                digest: digest.clone(),
+            },
+        );
         self.dirty = true;
         Ok(digest)
     }
@@ -135,9 +149,17 @@ impl StatCache {
                 continue;
             }
             let rel = entry.path().strip_prefix(dir).expect("walkdir stays under its root");
-            let rel = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            let rel = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
             let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            files.push(FileDigest { path: rel, digest: self.file_digest(entry.path())?, size });
+            files.push(FileDigest {
+                path: rel,
+                digest: self.file_digest(entry.path())?,
+                size,
+            });
         }
         Ok(files)
     }
@@ -145,7 +167,11 @@ impl StatCache {
     /// Digest of a file, or of a directory tree.
     pub fn path_digest(&mut self, path: &Path) -> Result<String> {
         let meta = std::fs::metadata(path).with_context(|| format!("input {} does not exist", path.display()))?;
-        if meta.is_dir() { Ok(tree_digest(&self.tree(path)?)) } else { self.file_digest(path) }
+        if meta.is_dir() {
+            Ok(tree_digest(&self.tree(path)?))
+        } else {
+            self.file_digest(path)
+        }
     }
 }
 
@@ -201,10 +227,21 @@ mod tests {
 
     #[test]
     fn tree_digest_depends_on_paths_and_contents_not_order() {
-        let a = FileDigest { path: "a".into(), digest: "1".into(), size: 1 };
-        let b = FileDigest { path: "b/c".into(), digest: "2".into(), size: 1 };
+        let a = FileDigest {
+            path: "a".into(),
+            digest: "1".into(),
+            size: 1,
+        };
+        let b = FileDigest {
+            path: "b/c".into(),
+            digest: "2".into(),
+            size: 1,
+        };
         assert_eq!(tree_digest(&[a.clone(), b.clone()]), tree_digest(&[b.clone(), a.clone()]));
-        let renamed = FileDigest { path: "b/d".into(), ..b.clone() };
+        let renamed = FileDigest {
+            path: "b/d".into(),
+            ..b.clone()
+        };
         assert_ne!(tree_digest(&[a.clone(), b]), tree_digest(&[a, renamed]));
     }
 }

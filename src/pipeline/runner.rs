@@ -6,15 +6,15 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{Result, anyhow, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::cache::{Cache, Entry, LockMode, PipelineRecord};
 use super::config::{Pipeline, StageDecl};
 use super::graph;
-use super::hash::{sha256_bytes, StatCache};
+use super::hash::{StatCache, sha256_bytes};
 use crate::stages::StageContext;
 
 /// Version of the key manifest layout; bumping it invalidates every cache entry.
@@ -83,7 +83,10 @@ pub fn canonical_json(v: &Value) -> String {
     match v {
         Value::Object(map) => {
             let sorted: BTreeMap<&String, &Value> = map.iter().collect();
-            let items: Vec<String> = sorted.iter().map(|(k, v)| format!("{}:{}", Value::String((*k).clone()), canonical_json(v))).collect();
+            let items: Vec<String> = sorted
+                .iter()
+                .map(|(k, v)| format!("{}:{}", Value::String((*k).clone()), canonical_json(v)))
+                .collect();
             format!("{{{}}}", items.join(","))
         }
         Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
@@ -93,7 +96,13 @@ pub fn canonical_json(v: &Value) -> String {
 
 /// The key manifest of a stage. Upstream outputs not known yet (they will re-run first) appear
 /// as `null`; such a manifest has no key.
-fn manifest_for(p: &Pipeline, stage: &StageDecl, trees: &HashMap<String, String>, stat: &mut StatCache, missing: &mut Vec<String>) -> Result<(Value, Option<String>)> {
+fn manifest_for(
+    p: &Pipeline,
+    stage: &StageDecl,
+    trees: &HashMap<String, String>,
+    stat: &mut StatCache,
+    missing: &mut Vec<String>,
+) -> Result<(Value, Option<String>)> {
     let s = stage.spec.stage();
     let mut upstream = serde_json::Map::new();
     let mut complete = true;
@@ -141,7 +150,10 @@ pub fn diff_manifests(old: &Value, new: &Value) -> Vec<String> {
     if old["kind"] != new["kind"] {
         out.push(format!("kind changed: {} -> {}", old["kind"], new["kind"]));
     } else if old["kind_version"] != new["kind_version"] {
-        out.push(format!("implementation of {} changed: version {} -> {}", new["kind"], old["kind_version"], new["kind_version"]));
+        out.push(format!(
+            "implementation of {} changed: version {} -> {}",
+            new["kind"], old["kind_version"], new["kind_version"]
+        ));
     }
     diff_values("param", "", &old["params"], &new["params"], &mut out);
     for (section, label) in [("upstream", "upstream"), ("inputs", "input")] {
@@ -163,7 +175,9 @@ pub fn diff_manifests(old: &Value, new: &Value) -> Vec<String> {
 }
 
 fn short(v: &Value) -> String {
-    v.as_str().map(|s| s.chars().take(12).collect::<String>() + "…").unwrap_or_else(|| v.to_string())
+    v.as_str()
+        .map(|s| s.chars().take(12).collect::<String>() + "…")
+        .unwrap_or_else(|| v.to_string())
 }
 
 fn diff_values(label: &str, path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
@@ -197,7 +211,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<RunReport> {
 
 /// `dmdpipe status`: what `run` would do, under a shared lock.
 pub fn status(p: &Pipeline, cache_dir: Option<PathBuf>) -> Result<RunReport> {
-    execute(p, &RunOptions { dry_run: true, cache_dir, ..Default::default() }, Mode::DryRun)
+    execute(
+        p,
+        &RunOptions {
+            dry_run: true,
+            cache_dir,
+            ..Default::default()
+        },
+        Mode::DryRun,
+    )
 }
 
 fn check_names(p: &Pipeline, names: impl IntoIterator<Item = String>) -> Result<()> {
@@ -215,7 +237,14 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     let started = Instant::now();
     let cache_dir = opts.cache_dir.clone().unwrap_or_else(|| p.cache_dir());
     super::cache::check_root(&cache_dir)?;
-    let cache = Cache::open(&cache_dir, if matches!(mode, Mode::Run) { LockMode::Exclusive } else { LockMode::Shared })?;
+    let cache = Cache::open(
+        &cache_dir,
+        if matches!(mode, Mode::Run) {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        },
+    )?;
     if matches!(mode, Mode::Run) {
         cache.clean_tmp()?;
     }
@@ -225,10 +254,19 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
         Some(u) => graph::ancestors_and_self(p, u),
         None => p.stages.iter().map(|s| s.name.clone()).collect(),
     };
-    let order: Vec<usize> = graph::topo_order(p).into_iter().filter(|&i| selected.contains(&p.stages[i].name)).collect();
-    let multi = MultiProgress::with_draw_target(if opts.progress { indicatif::ProgressDrawTarget::stderr() } else { indicatif::ProgressDrawTarget::hidden() });
+    let order: Vec<usize> = graph::topo_order(p)
+        .into_iter()
+        .filter(|&i| selected.contains(&p.stages[i].name))
+        .collect();
+    let multi = MultiProgress::with_draw_target(if opts.progress {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::hidden()
+    });
     let overall = multi.add(ProgressBar::new(order.len() as u64));
-    overall.set_style(ProgressStyle::with_template("{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} stages {msg}").expect("valid template"));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} stages {msg}").expect("valid template"),
+    );
     overall.set_prefix(p.name.clone());
     let device = opts.device.clone().or(p.settings.device.clone()).unwrap_or_else(|| "auto".into());
     let mut trees: HashMap<String, String> = HashMap::new();
@@ -288,7 +326,11 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
             match &previous {
                 Some(prev) => {
                     let d = diff_manifests(&prev.manifest, &manifest);
-                    if d.is_empty() { vec!["the last accepted output is gone (gc or deleted)".into()] } else { d }
+                    if d.is_empty() {
+                        vec!["the last accepted output is gone (gc or deleted)".into()]
+                    } else {
+                        d
+                    }
                 }
                 None if record.stages.contains_key(&stage.name) => vec!["the last accepted entry is gone (gc or deleted)".into()],
                 None => {
@@ -323,10 +365,19 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     }
     overall.finish_and_clear();
     stat.save()?;
-    let report = RunReport { pipeline: p.name.clone(), stages: reports, seconds: started.elapsed().as_secs_f64(), bytes_hashed: stat.bytes_hashed };
+    let report = RunReport {
+        pipeline: p.name.clone(),
+        stages: reports,
+        seconds: started.elapsed().as_secs_f64(),
+        bytes_hashed: stat.bytes_hashed,
+    };
     if matches!(mode, Mode::Run) {
         cache.write_record(&p.name, &record)?;
-        let stages: Vec<Value> = report.stages.iter().map(|s| json!({"stage": s.name, "outcome": s.outcome, "key": s.key, "seconds": s.seconds, "metrics": s.metrics})).collect();
+        let stages: Vec<Value> = report
+            .stages
+            .iter()
+            .map(|s| json!({"stage": s.name, "outcome": s.outcome, "key": s.key, "seconds": s.seconds, "metrics": s.metrics}))
+            .collect();
         cache.append_history(
             &p.name,
             &json!({"time": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(), "ok": failure.is_none(), "seconds": report.seconds, "stages": stages}),
@@ -356,10 +407,20 @@ fn run_stage(
     std::fs::create_dir_all(&out_dir)?;
     let work_dir = cache.work_dir(key);
     std::fs::create_dir_all(&work_dir)?;
-    let upstream = s.upstream().into_iter().map(|u| (u.role.to_string(), cache.object_dir(&trees[&u.stage]))).collect();
-    let inputs = s.input_paths().into_iter().map(|i| (i.role.to_string(), p.resolve(&i.path))).collect();
+    let upstream = s
+        .upstream()
+        .into_iter()
+        .map(|u| (u.role.to_string(), cache.object_dir(&trees[&u.stage])))
+        .collect();
+    let inputs = s
+        .input_paths()
+        .into_iter()
+        .map(|i| (i.role.to_string(), p.resolve(&i.path)))
+        .collect();
     let bar = multi.add(ProgressBar::new(0));
-    bar.set_style(ProgressStyle::with_template("{prefix:>12} {spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} {spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}").expect("valid template"),
+    );
     bar.set_prefix(stage.name.clone());
     let mut ctx = StageContext {
         stage_name: stage.name.clone(),
@@ -388,12 +449,20 @@ fn run_stage(
         }
         Err(panic) => {
             let _ = super::fsutil::remove_tree(&tmp);
-            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             tracing::error!("panicked after {seconds:.2}s: {msg}");
             bail!("stage `{}` (kind `{}`) panicked: {msg}", stage.name, stage.spec.kind());
         }
     };
-    let metrics = if metrics.is_object() { metrics } else { json!({ "value": metrics }) };
+    let metrics = if metrics.is_object() {
+        metrics
+    } else {
+        json!({ "value": metrics })
+    };
     std::fs::write(out_dir.join("metrics.json"), serde_json::to_vec_pretty(&metrics)?)?;
     let entry = cache.commit(key, manifest, &out_dir, metrics, (&stage.name, &p.name, seconds), stat)?;
     let _ = super::fsutil::remove_tree(&tmp);
@@ -405,19 +474,42 @@ fn run_stage(
 /// `dmdpipe why`: what in the key of `stage` differs from its last accepted run.
 pub fn why(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<Vec<String>> {
     check_names(p, [stage_name.to_string()])?;
-    let report = execute(p, &RunOptions { dry_run: true, until: Some(stage_name.to_string()), cache_dir, ..Default::default() }, Mode::DryRun)?;
+    let report = execute(
+        p,
+        &RunOptions {
+            dry_run: true,
+            until: Some(stage_name.to_string()),
+            cache_dir,
+            ..Default::default()
+        },
+        Mode::DryRun,
+    )?;
     let r = report.stage(stage_name).expect("selected");
     Ok(match r.outcome {
-        Outcome::Cached => vec![format!("`{stage_name}` is fresh: nothing in its key changed (key {})", r.key.as_deref().unwrap_or("?"))],
+        Outcome::Cached => vec![format!(
+            "`{stage_name}` is fresh: nothing in its key changed (key {})",
+            r.key.as_deref().unwrap_or("?")
+        )],
         _ => r.reasons.clone(),
     })
 }
 
 /// A stage's artifact directory in the cache, when it is fresh.
 pub fn output_dir(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<PathBuf> {
-    let report = execute(p, &RunOptions { dry_run: true, until: Some(stage_name.to_string()), cache_dir, ..Default::default() }, Mode::DryRun)?;
+    let report = execute(
+        p,
+        &RunOptions {
+            dry_run: true,
+            until: Some(stage_name.to_string()),
+            cache_dir,
+            ..Default::default()
+        },
+        Mode::DryRun,
+    )?;
     let r = report.stage(stage_name).ok_or_else(|| anyhow!("no stage `{stage_name}`"))?;
-    r.output_dir.clone().ok_or_else(|| anyhow!("stage `{stage_name}` is not fresh; run the pipeline first"))
+    r.output_dir
+        .clone()
+        .ok_or_else(|| anyhow!("stage `{stage_name}` is not fresh; run the pipeline first"))
 }
 
 /// Record of the last accepted runs (for tests and tooling).

@@ -63,7 +63,10 @@ impl Cifar10Params {
         if !self.verify_md5 {
             return None;
         }
-        self.md5.get(file).cloned().or_else(|| cifar::official_md5(file).map(str::to_string))
+        self.md5
+            .get(file)
+            .cloned()
+            .or_else(|| cifar::official_md5(file).map(str::to_string))
     }
 
     /// Downloads and unpacks the archive (once per archive md5) and returns the batches dir.
@@ -81,7 +84,12 @@ impl Cifar10Params {
             .unpack(&unpack)
             .with_context(|| format!("unpacking {}", archive.display()))?;
         let dir = unpack.join(cifar::ARCHIVE_DIR);
-        anyhow::ensure!(dir.is_dir(), "{}: the archive has no {}/ directory", archive.display(), cifar::ARCHIVE_DIR);
+        anyhow::ensure!(
+            dir.is_dir(),
+            "{}: the archive has no {}/ directory",
+            archive.display(),
+            cifar::ARCHIVE_DIR
+        );
         Ok(dir)
     }
 }
@@ -94,7 +102,13 @@ impl Stage for Cifar10Params {
         ArtifactType::Images
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        self.source.iter().map(|p| InputPath { role: "source", path: p.clone() }).collect()
+        self.source
+            .iter()
+            .map(|p| InputPath {
+                role: "source",
+                path: p.clone(),
+            })
+            .collect()
     }
     fn non_key_fields(&self) -> &'static [&'static str] {
         // The archive's content is pinned by `archive_md5`; where it is served from does not matter.
@@ -103,8 +117,10 @@ impl Stage for Cifar10Params {
     fn validate(&self) -> Result<(), FieldIssue> {
         match (&self.source, &self.url) {
             (Some(_), Some(_)) => Err(FieldIssue::new("url", "give either `source` or `url`, not both")),
-            (None, None) => Err(FieldIssue::new("kind", "a cifar10 stage needs `source` (a cifar-10-batches-bin directory) or `url`")
-                .help("e.g. source = \"data/cifar-10-batches-bin\"")),
+            (None, None) => Err(
+                FieldIssue::new("kind", "a cifar10 stage needs `source` (a cifar-10-batches-bin directory) or `url`")
+                    .help("e.g. source = \"data/cifar-10-batches-bin\""),
+            ),
             _ if self.archive_md5.len() != 32 || !self.archive_md5.chars().all(|c| c.is_ascii_hexdigit()) => {
                 Err(FieldIssue::new("archive_md5", "`archive_md5` must be 32 hex digits"))
             }

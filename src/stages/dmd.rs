@@ -4,16 +4,16 @@
 //! norms and learning rate per log step (CSV + plot), and a class-labelled grid (images) or a
 //! teacher-vs-student scatter plot (2-D data).
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{ArtifactType, FieldIssue, Stage, StageContext, Upstream};
-use crate::nn::{weights, Denoiser};
-use crate::render::{line_plot, Canvas};
-use crate::sample::{class_grid, sample, SamplerConfig, Solver};
-use crate::train::dmd::{dmd_train, DmdOptions};
+use crate::nn::{Denoiser, weights};
+use crate::render::{Canvas, line_plot};
+use crate::sample::{SamplerConfig, Solver, class_grid, sample};
+use crate::train::dmd::{DmdOptions, dmd_train};
 
 fn d_columns() -> usize {
     10
@@ -43,25 +43,49 @@ impl Stage for DmdParams {
         ArtifactType::Denoiser
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream { role: "teacher", stage: self.teacher.clone(), accepts: &[ArtifactType::Denoiser] }];
+        let mut v = vec![Upstream {
+            role: "teacher",
+            stage: self.teacher.clone(),
+            accepts: &[ArtifactType::Denoiser],
+        }];
         if let Some(p) = &self.pairs {
-            v.push(Upstream { role: "pairs", stage: p.clone(), accepts: &[ArtifactType::Pairs] });
+            v.push(Upstream {
+                role: "pairs",
+                stage: p.clone(),
+                accepts: &[ArtifactType::Pairs],
+            });
         }
         if let Some(d) = &self.dataset {
-            v.push(Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images, ArtifactType::Points2d] });
+            v.push(Upstream {
+                role: "dataset",
+                stage: d.clone(),
+                accepts: &[ArtifactType::Images, ArtifactType::Points2d],
+            });
         }
         v
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         let t = &self.train;
         if t.batch == 0 || t.fake_updates_per_g == 0 {
-            return Err(FieldIssue::new("train", "train.batch and train.fake_updates_per_g must be at least 1"));
+            return Err(FieldIssue::new(
+                "train",
+                "train.batch and train.fake_updates_per_g must be at least 1",
+            ));
         }
         if !(t.t_min_index < t.t_max_index && t.t_max_index <= t.levels) {
-            return Err(FieldIssue::new("train", format!("need t_min_index < t_max_index <= levels (got {} < {} <= {})", t.t_min_index, t.t_max_index, t.levels)));
+            return Err(FieldIssue::new(
+                "train",
+                format!(
+                    "need t_min_index < t_max_index <= levels (got {} < {} <= {})",
+                    t.t_min_index, t.t_max_index, t.levels
+                ),
+            ));
         }
         if t.regression_weight > 0.0 && self.pairs.is_none() {
-            return Err(FieldIssue::new("teacher", "train.regression_weight > 0 needs `pairs` (an ode-pairs stage)").help("add pairs = \"<ode-pairs stage>\", or set train.regression_weight = 0"));
+            return Err(
+                FieldIssue::new("teacher", "train.regression_weight > 0 needs `pairs` (an ode-pairs stage)")
+                    .help("add pairs = \"<ode-pairs stage>\", or set train.regression_weight = 0"),
+            );
         }
         Ok(())
     }
@@ -87,22 +111,58 @@ impl Stage for DmdParams {
         };
         if let Some(p) = &pairs {
             if p.z.size()[1..] != config.sample_shape()[..] {
-                bail!("the pairs have samples of shape {:?}, the teacher {:?}", &p.z.size()[1..], config.sample_shape());
+                bail!(
+                    "the pairs have samples of shape {:?}, the teacher {:?}",
+                    &p.z.size()[1..],
+                    config.sample_shape()
+                );
             }
         }
         ctx.progress.set_length(self.train.iterations);
         let bar = ctx.progress.clone();
         let mut csv = String::from("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,lr,iterations_per_second\n");
-        let summary = dmd_train(&teacher, &generator, &fake, ema.as_ref(), pairs.as_ref(), &self.train, &ctx.work_dir, |r| {
-            bar.set_position(r.iteration);
-            bar.set_message(format!("dm {:.4} reg {:.4} fake {:.4} {:.1} it/s", r.loss_dm, r.loss_reg, r.loss_fake, r.iterations_per_second));
-            tracing::info!(iteration = r.iteration, loss_dm = r.loss_dm, loss_reg = r.loss_reg, loss_fake = r.loss_fake, grad_norm_g = r.grad_norm_g, lr = r.lr, "dmd");
-            csv.push_str(&format!("{},{},{},{},{},{},{},{}\n", r.iteration, r.loss_dm, r.loss_reg, r.loss_fake, r.grad_norm_g, r.grad_norm_fake, r.lr, r.iterations_per_second));
-        })?;
+        let summary = dmd_train(
+            &teacher,
+            &generator,
+            &fake,
+            ema.as_ref(),
+            pairs.as_ref(),
+            &self.train,
+            &ctx.work_dir,
+            |r| {
+                bar.set_position(r.iteration);
+                bar.set_message(format!(
+                    "dm {:.4} reg {:.4} fake {:.4} {:.1} it/s",
+                    r.loss_dm, r.loss_reg, r.loss_fake, r.iterations_per_second
+                ));
+                tracing::info!(
+                    iteration = r.iteration,
+                    loss_dm = r.loss_dm,
+                    loss_reg = r.loss_reg,
+                    loss_fake = r.loss_fake,
+                    grad_norm_g = r.grad_norm_g,
+                    lr = r.lr,
+                    "dmd"
+                );
+                csv.push_str(&format!(
+                    "{},{},{},{},{},{},{},{}\n",
+                    r.iteration, r.loss_dm, r.loss_reg, r.loss_fake, r.grad_norm_g, r.grad_norm_fake, r.lr, r.iterations_per_second
+                ));
+            },
+        )?;
         std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
-        let series = |f: fn(&crate::train::dmd::DmdLogRow) -> f64| summary.log.iter().map(|r| (r.iteration as f64, f(r))).collect::<Vec<_>>();
-        line_plot("DMD losses vs iteration", &[("loss_dm", series(|r| r.loss_dm)), ("loss_reg", series(|r| r.loss_reg)), ("loss_fake", series(|r| r.loss_fake))], true)
-            .save_png(&ctx.out_dir.join("losses.png"))?;
+        let series =
+            |f: fn(&crate::train::dmd::DmdLogRow) -> f64| summary.log.iter().map(|r| (r.iteration as f64, f(r))).collect::<Vec<_>>();
+        line_plot(
+            "DMD losses vs iteration",
+            &[
+                ("loss_dm", series(|r| r.loss_dm)),
+                ("loss_reg", series(|r| r.loss_reg)),
+                ("loss_fake", series(|r| r.loss_fake)),
+            ],
+            true,
+        )
+        .save_png(&ctx.out_dir.join("losses.png"))?;
         weights::save_safetensors(&generator, &ctx.out_dir.join(super::teacher::WEIGHTS_FILE)).context("saving the generator")?;
         if let Some(e) = &ema {
             weights::save_safetensors(e, &ctx.out_dir.join("generator_ema.safetensors"))?;
@@ -118,7 +178,11 @@ impl Stage for DmdParams {
             "final_loss_fake": last.map(|r| r.loss_fake),
             "parameters": generator.num_params(),
         });
-        let one = SamplerConfig { solver: Solver::OneStep, sigma_max: self.train.sigma_max, ..Default::default() };
+        let one = SamplerConfig {
+            solver: Solver::OneStep,
+            sigma_max: self.train.sigma_max,
+            ..Default::default()
+        };
         if matches!(config, crate::nn::NetworkConfig::Mlp(_)) {
             let extra = toy_report(ctx, &teacher, &generator, &one, self.dataset.is_some())?;
             m.as_object_mut().expect("object").extend(extra);
@@ -127,11 +191,24 @@ impl Stage for DmdParams {
                 Some(_) => crate::data::artifact::read_info(ctx.upstream_dir("dataset")?)?.classes,
                 None => (0..config.label_dim().min(10)).map(|i| format!("class {i}")).collect(),
             };
-            let names: Vec<String> = if config.label_dim() > 0 { names.into_iter().take(10).collect() } else { Vec::new() };
-            let grid = class_grid(config.img_resolution(), config.img_channels(), config.label_dim(), &names, self.grid_columns, 0, device, |z, y| {
-                let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
-                sample(&generator, z, y, &one)
-            });
+            let names: Vec<String> = if config.label_dim() > 0 {
+                names.into_iter().take(10).collect()
+            } else {
+                Vec::new()
+            };
+            let grid = class_grid(
+                config.img_resolution(),
+                config.img_channels(),
+                config.label_dim(),
+                &names,
+                self.grid_columns,
+                0,
+                device,
+                |z, y| {
+                    let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
+                    sample(&generator, z, y, &one)
+                },
+            );
             grid.save_png(&ctx.out_dir.join("grid.png"))?;
         }
         Ok(m)
@@ -140,13 +217,22 @@ impl Stage for DmdParams {
 
 /// 2-D data: scatter of teacher (Heun) vs student (one step) samples, and energy distances of
 /// both to the data.
-fn toy_report(ctx: &StageContext, teacher: &Denoiser, generator: &Denoiser, one: &SamplerConfig, has_data: bool) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+fn toy_report(
+    ctx: &StageContext,
+    teacher: &Denoiser,
+    generator: &Denoiser,
+    one: &SamplerConfig,
+    has_data: bool,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let n = 2000usize;
     let seeds: Vec<u64> = (0..n as u64).collect();
     let z = super::ode_pairs::latents(&seeds, &[2], generator.device());
     let student = sample(generator, &z, None, one);
     let teacher_s = sample(teacher, &z, None, &SamplerConfig::default());
-    let pts = |t: &Tensor| Vec::<Vec<f32>>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float)).map(|v| v.into_iter().map(|p| [p[0], p[1]]).collect::<Vec<[f32; 2]>>());
+    let pts = |t: &Tensor| {
+        Vec::<Vec<f32>>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float))
+            .map(|v| v.into_iter().map(|p| [p[0], p[1]]).collect::<Vec<[f32; 2]>>())
+    };
     let (s, t) = (pts(&student)?, pts(&teacher_s)?);
     let mut out = serde_json::Map::new();
     let all: Vec<&[f32; 2]> = s.iter().chain(t.iter()).collect();

@@ -12,9 +12,9 @@ use tch::{Device, Tensor};
 
 use super::{ArtifactType, FieldIssue, InputPath, Stage, StageContext, Upstream};
 use crate::data::artifact::ImageDataset;
-use crate::eval::fid::{frechet_distance, FidStats, StatsAccumulator};
+use crate::eval::fid::{FidStats, StatsAccumulator, frechet_distance};
 use crate::eval::inception::Inception;
-use crate::sample::{one_hot, sample, seeded_latents, to_uint8_nhwc, SamplerConfig};
+use crate::sample::{SamplerConfig, one_hot, sample, seeded_latents, to_uint8_nhwc};
 
 pub const STATS_FILE: &str = "stats.npz";
 
@@ -88,11 +88,24 @@ impl Stage for FidRefParams {
         ArtifactType::FidStats
     }
     fn upstream(&self) -> Vec<Upstream> {
-        self.dataset.iter().map(|d| Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images] }).collect()
+        self.dataset
+            .iter()
+            .map(|d| Upstream {
+                role: "dataset",
+                stage: d.clone(),
+                accepts: &[ArtifactType::Images],
+            })
+            .collect()
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        let mut v = vec![InputPath { role: "inception", path: self.inception.clone() }];
-        v.extend(self.stats.iter().map(|s| InputPath { role: "stats", path: s.clone() }));
+        let mut v = vec![InputPath {
+            role: "inception",
+            path: self.inception.clone(),
+        }];
+        v.extend(self.stats.iter().map(|s| InputPath {
+            role: "stats",
+            path: s.clone(),
+        }));
         v
     }
     fn validate(&self) -> Result<(), FieldIssue> {
@@ -168,17 +181,32 @@ impl Stage for FidParams {
         ArtifactType::Report
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream { role: "reference", stage: self.reference.clone(), accepts: &[ArtifactType::FidStats] }];
+        let mut v = vec![Upstream {
+            role: "reference",
+            stage: self.reference.clone(),
+            accepts: &[ArtifactType::FidStats],
+        }];
         if let Some(i) = &self.images {
-            v.push(Upstream { role: "images", stage: i.clone(), accepts: &[ArtifactType::Images] });
+            v.push(Upstream {
+                role: "images",
+                stage: i.clone(),
+                accepts: &[ArtifactType::Images],
+            });
         }
         if let Some(g) = &self.generator {
-            v.push(Upstream { role: "generator", stage: g.clone(), accepts: &[ArtifactType::Denoiser] });
+            v.push(Upstream {
+                role: "generator",
+                stage: g.clone(),
+                accepts: &[ArtifactType::Denoiser],
+            });
         }
         v
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        vec![InputPath { role: "inception", path: self.inception.clone() }]
+        vec![InputPath {
+            role: "inception",
+            path: self.inception.clone(),
+        }]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         match (&self.images, &self.generator) {
@@ -199,9 +227,12 @@ impl Stage for FidParams {
             let (stats, secs) = stats_of(&net, dataset_batches(&ds, self.batch), &ctx.progress)?;
             let fid = frechet_distance(&stats, &reference)?;
             stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
-            return Ok(serde_json::json!({ "fid": fid, "num_images": ds.len(), "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs }));
+            return Ok(
+                serde_json::json!({ "fid": fid, "num_images": ds.len(), "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs }),
+            );
         }
-        let generator = crate::stages::teacher::load_teacher(ctx.upstream_dir("generator")?, net.device).context("loading the generator")?;
+        let generator =
+            crate::stages::teacher::load_teacher(ctx.upstream_dir("generator")?, net.device).context("loading the generator")?;
         let cfg = generator.config.clone();
         let (res, ch, label_dim) = (cfg.img_resolution(), cfg.img_channels(), cfg.label_dim());
         let n = self.num_samples;
@@ -217,7 +248,13 @@ impl Stage for FidParams {
                 let t = Instant::now();
                 let z = seeded_latents(&seeds, [ch, res, res], net.device);
                 // Class-balanced: image i gets class i mod label_dim.
-                let labels = (label_dim > 0).then(|| one_hot(&(start..start + count).map(|i| (i as i64) % label_dim).collect::<Vec<_>>(), label_dim, net.device));
+                let labels = (label_dim > 0).then(|| {
+                    one_hot(
+                        &(start..start + count).map(|i| (i as i64) % label_dim).collect::<Vec<_>>(),
+                        label_dim,
+                        net.device,
+                    )
+                });
                 let x = {
                     let _ac = crate::torch_shim::AutocastBf16::new(net.device.is_cuda() && self.bf16)?;
                     sample(&generator, &z, labels.as_ref(), &self.sampler)

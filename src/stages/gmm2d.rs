@@ -72,10 +72,16 @@ impl Stage for Gmm2dParams {
         }
         for (i, c) in self.components.iter().enumerate() {
             if !(c.weight > 0.0 && c.weight.is_finite()) {
-                return Err(FieldIssue::new("components", format!("component {i}: weight {} must be positive", c.weight)));
+                return Err(FieldIssue::new(
+                    "components",
+                    format!("component {i}: weight {} must be positive", c.weight),
+                ));
             }
             if !(c.std > 0.0 && c.std.is_finite()) {
-                return Err(FieldIssue::new("components", format!("component {i}: std {} must be positive", c.std)));
+                return Err(FieldIssue::new(
+                    "components",
+                    format!("component {i}: std {} must be positive", c.std),
+                ));
             }
             if !c.mean.iter().all(|m| m.is_finite()) {
                 return Err(FieldIssue::new("components", format!("component {i}: mean must be finite")));
@@ -109,14 +115,28 @@ mod tests {
             seed: 3,
             count: 20000,
             components: vec![
-                Gmm2dComponent { weight: 3.0, mean: [2.0, 0.0], std: 0.1 },
-                Gmm2dComponent { weight: 1.0, mean: [-2.0, 1.0], std: 0.2 },
+                Gmm2dComponent {
+                    weight: 3.0,
+                    mean: [2.0, 0.0],
+                    std: 0.1,
+                },
+                Gmm2dComponent {
+                    weight: 1.0,
+                    mean: [-2.0, 1.0],
+                    std: 0.2,
+                },
             ],
         };
         let ds = p.sample();
         let frac0 = ds.labels.iter().filter(|&&l| l == 0).count() as f64 / 20000.0;
         assert!((frac0 - 0.75).abs() < 0.015, "{frac0}");
-        let pts1: Vec<_> = ds.points.iter().zip(&ds.labels).filter(|(_, l)| **l == 1).map(|(p, _)| *p).collect();
+        let pts1: Vec<_> = ds
+            .points
+            .iter()
+            .zip(&ds.labels)
+            .filter(|(_, l)| **l == 1)
+            .map(|(p, _)| *p)
+            .collect();
         let mx = pts1.iter().map(|p| p[0] as f64).sum::<f64>() / pts1.len() as f64;
         let var = pts1.iter().map(|p| (p[1] as f64 - 1.0).powi(2)).sum::<f64>() / pts1.len() as f64;
         assert!((mx + 2.0).abs() < 0.02 && (var.sqrt() - 0.2).abs() < 0.01);

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use image::imageops::FilterType;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -81,7 +81,9 @@ impl ImageFolderParams {
     }
 
     fn load(&self, path: &Path) -> anyhow::Result<Vec<u8>> {
-        let img = image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?.to_rgb8();
+        let img = image::open(path)
+            .with_context(|| format!("cannot decode image {}", path.display()))?
+            .to_rgb8();
         let (w, h) = img.dimensions();
         let img = match self.transform {
             Transform::CenterCrop => {
@@ -91,7 +93,11 @@ impl ImageFolderParams {
             Transform::Resize => img,
         };
         let r = self.resolution;
-        let out = if img.dimensions() == (r, r) { img } else { image::imageops::resize(&img, r, r, FilterType::Lanczos3) };
+        let out = if img.dimensions() == (r, r) {
+            img
+        } else {
+            image::imageops::resize(&img, r, r, FilterType::Lanczos3)
+        };
         Ok(out.into_raw())
     }
 }
@@ -104,11 +110,17 @@ impl Stage for ImageFolderParams {
         ArtifactType::Images
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        vec![InputPath { role: "source", path: self.source.clone() }]
+        vec![InputPath {
+            role: "source",
+            path: self.source.clone(),
+        }]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if self.resolution == 0 || self.resolution > 4096 {
-            return Err(FieldIssue::new("resolution", format!("resolution {} is outside 1..=4096", self.resolution)));
+            return Err(FieldIssue::new(
+                "resolution",
+                format!("resolution {} is outside 1..=4096", self.resolution),
+            ));
         }
         if matches!(&self.classes, Some(c) if c.is_empty()) {
             return Err(FieldIssue::new("classes", "`classes` is empty").help("omit it to use every subfolder"));
@@ -130,11 +142,17 @@ impl Stage for ImageFolderParams {
                 .filter(|e| e.file_type().is_file())
                 .map(|e| e.into_path())
                 .filter(|p| {
-                    p.extension().map(|x| self.extensions.iter().any(|e| x.eq_ignore_ascii_case(e.as_str()))).unwrap_or(false)
+                    p.extension()
+                        .map(|x| self.extensions.iter().any(|e| x.eq_ignore_ascii_case(e.as_str())))
+                        .unwrap_or(false)
                 })
                 .collect();
             if these.is_empty() {
-                bail!("class folder {} holds no images with extensions {:?}", dir.display(), self.extensions);
+                bail!(
+                    "class folder {} holds no images with extensions {:?}",
+                    dir.display(),
+                    self.extensions
+                );
             }
             these.sort();
             files.extend(these.into_iter().map(|p| (label as i64, p)));
@@ -153,7 +171,11 @@ impl Stage for ImageFolderParams {
             width: self.resolution as usize,
             channels: 3,
             labels,
-            classes: if self.labels { classes.into_iter().map(|(n, _)| n).collect() } else { Vec::new() },
+            classes: if self.labels {
+                classes.into_iter().map(|(n, _)| n).collect()
+            } else {
+                Vec::new()
+            },
         };
         ds.write(&ctx.out_dir)?;
         Ok(ds.metrics())

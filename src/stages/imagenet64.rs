@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +45,10 @@ impl Stage for Imagenet64Params {
         ArtifactType::Images
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        vec![InputPath { role: "source", path: self.source.clone() }]
+        vec![InputPath {
+            role: "source",
+            path: self.source.clone(),
+        }]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if self.files.is_empty() {
@@ -73,9 +76,15 @@ impl Stage for Imagenet64Params {
             }
             let arrays = npy::read_npz(&path, &["data", "labels"])?;
             let (data, lab) = (&arrays[0], &arrays[1]);
-            let npy::NpyData::U8(bytes) = &data.data else { bail!("{}: `data` must be uint8", path.display()) };
+            let npy::NpyData::U8(bytes) = &data.data else {
+                bail!("{}: `data` must be uint8", path.display())
+            };
             if data.shape.len() != 2 || data.shape[1] != per {
-                bail!("{}: `data` has shape {:?}, expected [N, {per}] for resolution {r}", path.display(), data.shape);
+                bail!(
+                    "{}: `data` has shape {:?}, expected [N, {per}] for resolution {r}",
+                    path.display(),
+                    data.shape
+                );
             }
             let lab = lab.to_i64().with_context(|| format!("{}: `labels`", path.display()))?;
             if lab.len() != data.shape[0] {

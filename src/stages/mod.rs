@@ -8,24 +8,24 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod cifar10;
+pub mod dmd;
 pub mod fid;
 mod gmm2d;
 mod image_folder;
-pub mod ode_pairs;
-pub mod dmd;
 mod imagenet64;
+pub mod ode_pairs;
 mod sample_grid;
 mod scatter_plot;
 mod subset;
 pub mod teacher;
 
 pub use cifar10::Cifar10Params;
+pub use dmd::DmdParams;
 pub use fid::{FidParams, FidRefParams};
 pub use gmm2d::{Gmm2dComponent, Gmm2dParams};
 pub use image_folder::ImageFolderParams;
 pub use imagenet64::Imagenet64Params;
 pub use ode_pairs::OdePairsParams;
-pub use dmd::DmdParams;
 pub use sample_grid::SampleGridParams;
 pub use scatter_plot::ScatterPlotParams;
 pub use subset::SubsetParams;
@@ -74,7 +74,11 @@ pub struct FieldIssue {
 
 impl FieldIssue {
     pub fn new(field: &str, message: impl Into<String>) -> Self {
-        FieldIssue { field: field.to_string(), message: message.into(), help: None }
+        FieldIssue {
+            field: field.to_string(),
+            message: message.into(),
+            help: None,
+        }
     }
     pub fn help(mut self, help: impl Into<String>) -> Self {
         self.help = Some(help.into());
@@ -102,10 +106,16 @@ pub struct StageContext {
 
 impl StageContext {
     pub fn upstream_dir(&self, role: &str) -> anyhow::Result<&Path> {
-        self.upstream.get(role).map(PathBuf::as_path).ok_or_else(|| anyhow::anyhow!("no upstream artifact for `{role}`"))
+        self.upstream
+            .get(role)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| anyhow::anyhow!("no upstream artifact for `{role}`"))
     }
     pub fn input(&self, role: &str) -> anyhow::Result<&Path> {
-        self.inputs.get(role).map(PathBuf::as_path).ok_or_else(|| anyhow::anyhow!("no input path for `{role}`"))
+        self.inputs
+            .get(role)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| anyhow::anyhow!("no input path for `{role}`"))
     }
 }
 

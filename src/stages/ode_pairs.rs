@@ -4,14 +4,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, TensorView};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{ArtifactType, FieldIssue, Stage, StageContext, Upstream};
-use crate::sample::{one_hot, sample, seeded_latents, SamplerConfig};
+use crate::sample::{SamplerConfig, one_hot, sample, seeded_latents};
 use crate::train::dmd::Pairs;
 
 fn d_batch() -> usize {
@@ -53,7 +53,11 @@ impl Stage for OdePairsParams {
         ArtifactType::Pairs
     }
     fn upstream(&self) -> Vec<Upstream> {
-        vec![Upstream { role: "teacher", stage: self.teacher.clone(), accepts: &[ArtifactType::Denoiser] }]
+        vec![Upstream {
+            role: "teacher",
+            stage: self.teacher.clone(),
+            accepts: &[ArtifactType::Denoiser],
+        }]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if self.count == 0 || self.batch == 0 || self.shard_size == 0 {
@@ -87,13 +91,20 @@ impl Stage for OdePairsParams {
                 ls.extend(labels);
                 ctx.progress.inc(n as u64);
             }
-            write_shard(&ctx.out_dir.join(format!("pairs-{shard:05}.safetensors")), &Tensor::cat(&zs, 0), &ls, &Tensor::cat(&xs, 0))?;
+            write_shard(
+                &ctx.out_dir.join(format!("pairs-{shard:05}.safetensors")),
+                &Tensor::cat(&zs, 0),
+                &ls,
+                &Tensor::cat(&xs, 0),
+            )?;
             shard += 1;
         }
         let secs = t0.elapsed().as_secs_f64();
         let info = serde_json::json!({ "count": self.count, "shape": shape, "label_dim": label_dim, "shards": shard, "sampler_calls": self.sampler.network_calls(), "seed": self.seed });
         std::fs::write(ctx.out_dir.join("pairs.json"), serde_json::to_vec_pretty(&info)?)?;
-        Ok(serde_json::json!({ "count": self.count, "shards": shard, "seconds": secs, "pairs_per_second": self.count as f64 / secs, "sampler_calls": self.sampler.network_calls() }))
+        Ok(
+            serde_json::json!({ "count": self.count, "shards": shard, "seconds": secs, "pairs_per_second": self.count as f64 / secs, "sampler_calls": self.sampler.network_calls() }),
+        )
     }
 }
 
@@ -126,7 +137,10 @@ fn write_shard(path: &Path, z: &Tensor, labels: &[i64], x: &Tensor) -> Result<()
 pub fn load_pairs(dir: &Path, device: Device) -> Result<Pairs> {
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pairs.json")).context("pairs.json")?)?;
     let label_dim = info["label_dim"].as_i64().unwrap_or(0);
-    let mut shards: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
+    let mut shards: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
     shards.sort();
     if shards.is_empty() {
         bail!("{}: no pair shards", dir.display());

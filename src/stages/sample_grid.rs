@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{ArtifactType, FieldIssue, Stage, StageContext, Upstream};
-use crate::sample::{class_grid, sample, SamplerConfig};
+use crate::sample::{SamplerConfig, class_grid, sample};
 
 fn d_columns() -> usize {
     10
@@ -41,9 +41,17 @@ impl Stage for SampleGridParams {
         ArtifactType::Report
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream { role: "generator", stage: self.generator.clone(), accepts: &[ArtifactType::Denoiser] }];
+        let mut v = vec![Upstream {
+            role: "generator",
+            stage: self.generator.clone(),
+            accepts: &[ArtifactType::Denoiser],
+        }];
         if let Some(c) = &self.classes_from {
-            v.push(Upstream { role: "classes_from", stage: c.clone(), accepts: &[ArtifactType::Images] });
+            v.push(Upstream {
+                role: "classes_from",
+                stage: c.clone(),
+                accepts: &[ArtifactType::Images],
+            });
         }
         v
     }
@@ -62,12 +70,27 @@ impl Stage for SampleGridParams {
             Some(_) => crate::data::artifact::read_info(ctx.upstream_dir("classes_from")?)?.classes,
             None => (0..rows).map(|i| format!("class {i}")).collect(),
         };
-        let names: Vec<String> = if cfg.label_dim() > 0 { names.into_iter().take(rows).collect() } else { Vec::new() };
-        let grid = class_grid(cfg.img_resolution(), cfg.img_channels(), cfg.label_dim(), &names, self.columns, self.seed, device, |z, y| {
-            let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.bf16).expect("autocast");
-            sample(&net, z, y, &self.sampler)
-        });
+        let names: Vec<String> = if cfg.label_dim() > 0 {
+            names.into_iter().take(rows).collect()
+        } else {
+            Vec::new()
+        };
+        let grid = class_grid(
+            cfg.img_resolution(),
+            cfg.img_channels(),
+            cfg.label_dim(),
+            &names,
+            self.columns,
+            self.seed,
+            device,
+            |z, y| {
+                let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.bf16).expect("autocast");
+                sample(&net, z, y, &self.sampler)
+            },
+        );
         grid.save_png(&ctx.out_dir.join("grid.png"))?;
-        Ok(serde_json::json!({ "rows": if names.is_empty() { self.columns } else { names.len() }, "columns": self.columns, "sampler_calls": self.sampler.network_calls(), "seed": self.seed }))
+        Ok(
+            serde_json::json!({ "rows": if names.is_empty() { self.columns } else { names.len() }, "columns": self.columns, "sampler_calls": self.sampler.network_calls(), "seed": self.seed }),
+        )
     }
 }

@@ -33,9 +33,17 @@ impl Stage for ScatterPlotParams {
         ArtifactType::Report
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream { role: "points", stage: self.points.clone(), accepts: &[ArtifactType::Points2d] }];
+        let mut v = vec![Upstream {
+            role: "points",
+            stage: self.points.clone(),
+            accepts: &[ArtifactType::Points2d],
+        }];
         if let Some(c) = &self.compare {
-            v.push(Upstream { role: "compare", stage: c.clone(), accepts: &[ArtifactType::Points2d] });
+            v.push(Upstream {
+                role: "compare",
+                stage: c.clone(),
+                accepts: &[ArtifactType::Points2d],
+            });
         }
         v
     }
@@ -70,6 +78,8 @@ impl Stage for ScatterPlotParams {
         }
         canvas.frame([0, 0, 0]);
         canvas.save_png(&ctx.out_dir.join("scatter.png"))?;
-        Ok(serde_json::json!({ "points": sets.iter().map(|s| s.points.len().min(limit)).collect::<Vec<_>>(), "x_range": [lo[0], hi[0]], "y_range": [lo[1], hi[1]] }))
+        Ok(
+            serde_json::json!({ "points": sets.iter().map(|s| s.points.len().min(limit)).collect::<Vec<_>>(), "x_range": [lo[0], hi[0]], "y_range": [lo[1], hi[1]] }),
+        )
     }
 }

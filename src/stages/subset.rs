@@ -1,8 +1,8 @@
 //! `subset`: a smaller image dataset from a larger one: the first N per class, or a seeded
 //! random sample (for quick runs and class-balanced evaluation sets).
 
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -31,11 +31,18 @@ impl Stage for SubsetParams {
         ArtifactType::Images
     }
     fn upstream(&self) -> Vec<Upstream> {
-        vec![Upstream { role: "dataset", stage: self.dataset.clone(), accepts: &[ArtifactType::Images] }]
+        vec![Upstream {
+            role: "dataset",
+            stage: self.dataset.clone(),
+            accepts: &[ArtifactType::Images],
+        }]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         match (self.per_class, self.count) {
-            (Some(0), _) | (_, Some(0)) => Err(FieldIssue::new(if self.count == Some(0) { "count" } else { "per_class" }, "must be at least 1")),
+            (Some(0), _) | (_, Some(0)) => Err(FieldIssue::new(
+                if self.count == Some(0) { "count" } else { "per_class" },
+                "must be at least 1",
+            )),
             (Some(_), Some(_)) => Err(FieldIssue::new("count", "give either `per_class` or `count`, not both")),
             (None, None) => Err(FieldIssue::new("dataset", "a subset needs `per_class` or `count`")),
             _ => Ok(()),

@@ -3,16 +3,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{ArtifactType, FieldIssue, InputPath, Stage, StageContext, Upstream};
 use crate::data::artifact::ImageDataset;
-use crate::nn::{weights, Denoiser, NetworkConfig};
-use crate::sample::{class_grid, sample, SamplerConfig};
+use crate::nn::{Denoiser, NetworkConfig, weights};
+use crate::sample::{SamplerConfig, class_grid, sample};
 use crate::train::device_data::DeviceImages;
-use crate::train::teacher::{train, TrainOptions};
+use crate::train::teacher::{TrainOptions, train};
 
 pub const WEIGHTS_FILE: &str = "denoiser.safetensors";
 
@@ -33,7 +33,11 @@ pub struct GridOptions {
 
 impl Default for GridOptions {
     fn default() -> Self {
-        GridOptions { columns: 10, seed: 0, sampler: SamplerConfig::default() }
+        GridOptions {
+            columns: 10,
+            seed: 0,
+            sampler: SamplerConfig::default(),
+        }
     }
 }
 
@@ -68,15 +72,29 @@ impl Stage for TeacherParams {
         ArtifactType::Denoiser
     }
     fn upstream(&self) -> Vec<Upstream> {
-        self.dataset.iter().map(|d| Upstream { role: "dataset", stage: d.clone(), accepts: &[ArtifactType::Images, ArtifactType::Points2d] }).collect()
+        self.dataset
+            .iter()
+            .map(|d| Upstream {
+                role: "dataset",
+                stage: d.clone(),
+                accepts: &[ArtifactType::Images, ArtifactType::Points2d],
+            })
+            .collect()
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        self.weights.iter().map(|w| InputPath { role: "weights", path: w.clone() }).collect()
+        self.weights
+            .iter()
+            .map(|w| InputPath {
+                role: "weights",
+                path: w.clone(),
+            })
+            .collect()
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         match self.mode {
             TeacherMode::Train if self.dataset.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs `dataset`")),
-            TeacherMode::Train if self.network.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs a `network` table").help("e.g. network = { arch = \"ddpmpp\" } for EDM's CIFAR-10 DDPM++")),
+            TeacherMode::Train if self.network.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs a `network` table")
+                .help("e.g. network = { arch = \"ddpmpp\" } for EDM's CIFAR-10 DDPM++")),
             TeacherMode::Import if self.weights.is_none() => Err(FieldIssue::new("mode", "mode = \"import\" needs `weights`")),
             _ if self.train.batch == 0 => Err(FieldIssue::new("train", "train.batch must be at least 1")),
             _ if self.grid.columns == 0 => Err(FieldIssue::new("grid", "grid.columns must be at least 1")),
@@ -86,7 +104,9 @@ impl Stage for TeacherParams {
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
         let device = crate::torch_shim::device(&ctx.device)?;
         let points = match &self.dataset {
-            Some(_) if crate::data::artifact::read_info(ctx.upstream_dir("dataset")?)?.shape == [2] => Some(crate::data::artifact::PointsDataset::read(ctx.upstream_dir("dataset")?)?),
+            Some(_) if crate::data::artifact::read_info(ctx.upstream_dir("dataset")?)?.shape == [2] => {
+                Some(crate::data::artifact::PointsDataset::read(ctx.upstream_dir("dataset")?)?)
+            }
             _ => None,
         };
         let (dataset, classes) = match (&self.dataset, &points) {
@@ -102,7 +122,13 @@ impl Stage for TeacherParams {
             TeacherMode::Import => {
                 let path = ctx.input("weights")?.to_path_buf();
                 let net = crate::nn::import::load_denoiser(&path, self.network.as_ref(), device)?;
-                metrics.insert("imported_from".into(), path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default().into());
+                metrics.insert(
+                    "imported_from".into(),
+                    path.file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                        .into(),
+                );
                 net
             }
             TeacherMode::Train => {
@@ -112,9 +138,12 @@ impl Stage for TeacherParams {
                     let net = Denoiser::new(&config, device);
                     let ema = net.duplicate()?;
                     let data = crate::train::device_data::DevicePoints::new(pts, device);
-                    let summary = train(&net, &ema, &data, &self.train, &ctx.work_dir, |_, images, _, _| ctx.progress.set_position(images))?;
+                    let summary = train(&net, &ema, &data, &self.train, &ctx.work_dir, |_, images, _, _| {
+                        ctx.progress.set_position(images)
+                    })?;
                     let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
-                    crate::render::line_plot("teacher loss vs samples", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
+                    crate::render::line_plot("teacher loss vs samples", &[("loss", curve)], true)
+                        .save_png(&ctx.out_dir.join("loss.png"))?;
                     metrics.insert("steps".into(), summary.steps.into());
                     metrics.insert("final_loss".into(), summary.final_loss.into());
                     metrics.insert("train_seconds".into(), summary.seconds.into());
@@ -124,10 +153,22 @@ impl Stage for TeacherParams {
                 }
                 let ds = dataset.as_ref().expect("validated");
                 if ds.height as i64 != config.img_resolution() || ds.channels as i64 != config.img_channels() {
-                    bail!("dataset images are {}x{}x{}, the network expects {}x{}x{}", ds.height, ds.width, ds.channels, config.img_resolution(), config.img_resolution(), config.img_channels());
+                    bail!(
+                        "dataset images are {}x{}x{}, the network expects {}x{}x{}",
+                        ds.height,
+                        ds.width,
+                        ds.channels,
+                        config.img_resolution(),
+                        config.img_resolution(),
+                        config.img_channels()
+                    );
                 }
                 if config.label_dim() > 0 && config.label_dim() != ds.classes.len() as i64 {
-                    bail!("the network has label_dim {} but the dataset has {} classes", config.label_dim(), ds.classes.len());
+                    bail!(
+                        "the network has label_dim {} but the dataset has {} classes",
+                        config.label_dim(),
+                        ds.classes.len()
+                    );
                 }
                 tch::manual_seed(self.train.seed as i64);
                 let net = Denoiser::new(&config, device);
@@ -159,15 +200,28 @@ impl Stage for TeacherParams {
         metrics.insert("parameters".into(), ema.num_params().into());
         let cfg = &ema.config;
         let names: Vec<String> = if cfg.label_dim() > 0 {
-            if classes.len() as i64 == cfg.label_dim() { classes } else { (0..cfg.label_dim().min(10)).map(|i| format!("class {i}")).collect() }
+            if classes.len() as i64 == cfg.label_dim() {
+                classes
+            } else {
+                (0..cfg.label_dim().min(10)).map(|i| format!("class {i}")).collect()
+            }
         } else {
             Vec::new()
         };
         ctx.progress.set_message("sample grid");
-        let grid = class_grid(cfg.img_resolution(), cfg.img_channels(), cfg.label_dim(), &names, self.grid.columns, self.grid.seed, device, |z, y| {
-            let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
-            sample(&ema, z, y, &self.grid.sampler)
-        });
+        let grid = class_grid(
+            cfg.img_resolution(),
+            cfg.img_channels(),
+            cfg.label_dim(),
+            &names,
+            self.grid.columns,
+            self.grid.seed,
+            device,
+            |z, y| {
+                let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
+                sample(&ema, z, y, &self.grid.sampler)
+            },
+        );
         grid.save_png(&ctx.out_dir.join("grid.png"))?;
         metrics.insert("grid_sampler_calls".into(), self.grid.sampler.network_calls().into());
         Ok(serde_json::Value::Object(metrics))

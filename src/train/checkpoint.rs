@@ -13,7 +13,10 @@ pub fn tensor_bytes(t: &Tensor) -> (Vec<u8>, Vec<usize>) {
     let numel = t.numel();
     let mut buf = vec![0f32; numel];
     t.copy_data(&mut buf, numel);
-    (buf.iter().flat_map(|v| v.to_le_bytes()).collect(), t.size().iter().map(|&s| s as usize).collect())
+    (
+        buf.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        t.size().iter().map(|&s| s as usize).collect(),
+    )
 }
 
 /// Writes `tensors` (as f32) and `meta` to `path` via a temp file and rename.
@@ -25,7 +28,10 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: HashMap<String, Str
             (n.clone(), b, s)
         })
         .collect();
-    let views: Vec<(String, TensorView)> = data.iter().map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?))).collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
     let tmp = path.with_extension("tmp");
     safetensors::serialize_to_file(views, Some(meta), &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -38,7 +44,10 @@ pub fn restore(src: &HashMap<String, Tensor>, prefix: &str, names: &[String], ds
     for (n, d) in names.iter().zip(dst) {
         let key = format!("{prefix}{n}");
         let t = src.get(&key).with_context(|| format!("checkpoint lacks `{key}`"))?;
-        tch::no_grad(|| d.shallow_clone().copy_(&t.to_kind(d.kind()).to_device(d.device()).reshape(d.size())));
+        tch::no_grad(|| {
+            d.shallow_clone()
+                .copy_(&t.to_kind(d.kind()).to_device(d.device()).reshape(d.size()))
+        });
     }
     Ok(())
 }

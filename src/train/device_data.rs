@@ -17,7 +17,9 @@ pub struct DevicePoints {
 impl DevicePoints {
     pub fn new(ds: &PointsDataset, device: Device) -> Self {
         let flat: Vec<f32> = ds.points.iter().flat_map(|p| [p[0], p[1]]).collect();
-        DevicePoints { points: Tensor::from_slice(&flat).reshape([ds.points.len() as i64, 2]).to_device(device) }
+        DevicePoints {
+            points: Tensor::from_slice(&flat).reshape([ds.points.len() as i64, 2]).to_device(device),
+        }
     }
 }
 
@@ -40,11 +42,17 @@ pub struct DeviceImages {
 impl DeviceImages {
     pub fn new(ds: &ImageDataset, device: Device) -> Self {
         let n = ds.len() as i64;
-        let images = Tensor::from_slice(&ds.images).reshape([n, ds.height as i64, ds.width as i64, ds.channels as i64]).to_device(device);
+        let images = Tensor::from_slice(&ds.images)
+            .reshape([n, ds.height as i64, ds.width as i64, ds.channels as i64])
+            .to_device(device);
         let labels = Tensor::from_slice(&ds.labels).to_device(device);
-        DeviceImages { images, labels, num_classes: ds.classes.len() as i64, len: n }
+        DeviceImages {
+            images,
+            labels,
+            num_classes: ds.classes.len() as i64,
+            len: n,
+        }
     }
-
 }
 
 impl TrainData for DeviceImages {

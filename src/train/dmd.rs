@@ -12,15 +12,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::checkpoint;
-use super::optim::{ema_beta, ema_update, AdamW};
-use crate::nn::gmm::GmmDenoiser;
+use super::optim::{AdamW, ema_beta, ema_update};
 use crate::nn::Denoiser;
+use crate::nn::gmm::GmmDenoiser;
 use crate::sample::karras_sigmas;
 use crate::torch_shim::AutocastBf16;
 
@@ -142,7 +142,11 @@ impl Pairs {
     }
     fn batch(&self, size: i64) -> (Tensor, Option<Tensor>, Tensor) {
         let idx = Tensor::randint(self.len(), [size], (Kind::Int64, self.z.device()));
-        (self.z.index_select(0, &idx), self.labels.as_ref().map(|l| l.index_select(0, &idx)), self.x.index_select(0, &idx))
+        (
+            self.z.index_select(0, &idx),
+            self.labels.as_ref().map(|l| l.index_select(0, &idx)),
+            self.x.index_select(0, &idx),
+        )
     }
 }
 
@@ -254,7 +258,11 @@ pub fn dmd_train(
             checkpoint::restore(&t, "ema.", &n, &v)?;
         }
         it = meta.get("iteration").and_then(|s| s.parse().ok()).unwrap_or(0);
-        log = meta.get("log").and_then(|s| serde_json::from_str::<Vec<serde_json::Value>>(s).ok()).map(|_| Vec::new()).unwrap_or_default();
+        log = meta
+            .get("log")
+            .and_then(|s| serde_json::from_str::<Vec<serde_json::Value>>(s).ok())
+            .map(|_| Vec::new())
+            .unwrap_or_default();
         tch::manual_seed(opts.seed as i64 + it as i64);
         tracing::info!(iteration = it, "resumed DMD from checkpoint");
     }
@@ -262,12 +270,22 @@ pub fn dmd_train(
     let start = Instant::now();
     let mut window: Vec<Tensor> = Vec::new();
     let mut window_start = (Instant::now(), it);
-    let labels_for = |n: i64| (label_dim > 0).then(|| Tensor::randint(label_dim, [n], (Kind::Int64, device)).one_hot(label_dim).to_kind(Kind::Float));
+    let labels_for = |n: i64| {
+        (label_dim > 0).then(|| {
+            Tensor::randint(label_dim, [n], (Kind::Int64, device))
+                .one_hot(label_dim)
+                .to_kind(Kind::Float)
+        })
+    };
     let generate = |z: &Tensor, y: Option<&Tensor>| -> Result<Tensor> {
         let _ac = AutocastBf16::new(cuda && opts.bf16)?;
         Ok(generator.denoise(&(z * opts.sigma_max), &smax, y, false))
     };
-    let sigma_at = |lo: usize, hi: usize| sched.index_select(0, &Tensor::randint_low(lo as i64, hi as i64, [b], (Kind::Int64, device))).reshape(sshape.as_slice());
+    let sigma_at = |lo: usize, hi: usize| {
+        sched
+            .index_select(0, &Tensor::randint_low(lo as i64, hi as i64, [b], (Kind::Int64, device)))
+            .reshape(sshape.as_slice())
+    };
     let zero = Tensor::zeros([], (Kind::Float, device));
     while it < opts.iterations && opts.max_seconds.is_none_or(|m| start.elapsed().as_secs_f64() < m) {
         let lr = opts.lr * ((it + 1) as f64 / opts.warmup_steps.max(1) as f64).min(1.0);
@@ -319,17 +337,33 @@ pub fn dmd_train(
             ema_update(e, generator, ema_beta(opts.batch, (it + 1) * opts.batch as u64, h, None))?;
         }
         it += 1;
-        window.push(Tensor::stack(&[loss_dm.detach(), loss_reg.detach(), loss_f, gn_g.reshape([]), gn_f.reshape([])], 0));
+        window.push(Tensor::stack(
+            &[loss_dm.detach(), loss_reg.detach(), loss_f, gn_g.reshape([]), gn_f.reshape([])],
+            0,
+        ));
         if it % opts.log_every == 0 || it >= opts.iterations {
             let rows = Vec::<Vec<f64>>::try_from(Tensor::stack(&window, 0).to_kind(Kind::Double))?;
             if let Some(i) = rows.iter().position(|r| r[..3].iter().any(|v| !v.is_finite())) {
                 let bad = it - rows.len() as u64 + i as u64 + 1;
-                bail!("non-finite DMD loss {:?} at iteration {bad}; the last good checkpoint is kept in {}", &rows[i][..3], ckpt.display());
+                bail!(
+                    "non-finite DMD loss {:?} at iteration {bad}; the last good checkpoint is kept in {}",
+                    &rows[i][..3],
+                    ckpt.display()
+                );
             }
             let n = rows.len() as f64;
             let mean = |k: usize| rows.iter().map(|r| r[k]).sum::<f64>() / n;
             let rate = (it - window_start.1) as f64 / window_start.0.elapsed().as_secs_f64().max(1e-9);
-            let row = DmdLogRow { iteration: it, loss_dm: mean(0), loss_reg: mean(1), loss_fake: mean(2), grad_norm_g: mean(3), grad_norm_fake: mean(4), lr, iterations_per_second: rate };
+            let row = DmdLogRow {
+                iteration: it,
+                loss_dm: mean(0),
+                loss_reg: mean(1),
+                loss_fake: mean(2),
+                grad_norm_g: mean(3),
+                grad_norm_fake: mean(4),
+                lr,
+                iterations_per_second: rate,
+            };
             on_log(&row);
             log.push(row);
             window.clear();
@@ -340,7 +374,13 @@ pub fn dmd_train(
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    Ok(DmdSummary { iterations: it, seconds, iterations_per_second: (it - resumed_from) as f64 / seconds.max(1e-9), resumed_from, log })
+    Ok(DmdSummary {
+        iterations: it,
+        seconds,
+        iterations_per_second: (it - resumed_from) as f64 / seconds.max(1e-9),
+        resumed_from,
+        log,
+    })
 }
 
 fn save(path: &Path, g: &AdamW, f: &AdamW, ema: Option<&Denoiser>, it: u64) -> Result<()> {
@@ -368,7 +408,9 @@ mod tests {
 
     #[test]
     fn dm_gradient_follows_the_formula_and_the_loss_gradient_is_g_over_numel() {
-        let x = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5]).reshape([2, 2]).set_requires_grad(true);
+        let x = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5])
+            .reshape([2, 2])
+            .set_requires_grad(true);
         let real = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 0.0]).reshape([2, 2]);
         let fake = Tensor::from_slice(&[0.5f32, 0.0, 1.0, 1.0]).reshape([2, 2]);
         let g = dm_gradient(&x.detach(), &real, &fake);

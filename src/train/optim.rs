@@ -32,7 +32,16 @@ impl AdamW {
         let exp_avg = params.iter().map(zeros).collect();
         let exp_avg_sq = params.iter().map(zeros).collect();
         let steps = params.iter().map(|p| Tensor::zeros([], (Kind::Float, p.device()))).collect();
-        AdamW { names, params, exp_avg, exp_avg_sq, steps, betas, eps, weight_decay }
+        AdamW {
+            names,
+            params,
+            exp_avg,
+            exp_avg_sq,
+            steps,
+            betas,
+            eps,
+            weight_decay,
+        }
     }
 
     pub fn zero_grad(&self) {
@@ -77,7 +86,11 @@ fn paired(a: &Denoiser, b: &Denoiser) -> (Vec<Tensor>, Vec<Tensor>) {
     let bv = b.vs.variables();
     let mut names: Vec<&String> = av.keys().collect();
     names.sort();
-    names.iter().filter(|n| av[**n].is_floating_point()).map(|n| (av[*n].shallow_clone(), bv[*n].shallow_clone())).unzip()
+    names
+        .iter()
+        .filter(|n| av[**n].is_floating_point())
+        .map(|n| (av[*n].shallow_clone(), bv[*n].shallow_clone()))
+        .unzip()
 }
 
 #[cfg(test)]
@@ -87,7 +100,10 @@ mod tests {
     #[test]
     fn ema_half_life_halves_in_half_life_images() {
         let b = ema_beta(500, 10_000_000, 500_000.0, None);
-        assert!((b.powf(1000.0) - 0.5).abs() < 1e-9, "after 1000 batches of 500 (0.5M images) half remains");
+        assert!(
+            (b.powf(1000.0) - 0.5).abs() < 1e-9,
+            "after 1000 batches of 500 (0.5M images) half remains"
+        );
         let ramped = ema_beta(500, 1000, 500_000.0, Some(0.05));
         assert!((ramped - 0.5f64.powf(500.0 / 50.0)).abs() < 1e-12);
     }

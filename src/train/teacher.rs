@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::checkpoint;
 use super::device_data::TrainData;
-use super::optim::{ema_beta, ema_update, AdamW};
+use super::optim::{AdamW, ema_beta, ema_update};
 use crate::nn::Denoiser;
 use crate::torch_shim::AutocastBf16;
 
@@ -155,7 +155,11 @@ pub fn train(
             let losses = Vec::<f64>::try_from(Tensor::stack(&window, 0).to_kind(Kind::Double))?;
             if let Some(i) = losses.iter().position(|l| !l.is_finite()) {
                 let bad = step - losses.len() as u64 + i as u64 + 1;
-                bail!("non-finite loss ({}) at step {bad}; the last good checkpoint is kept in {}", losses[i], ckpt_path.display());
+                bail!(
+                    "non-finite loss ({}) at step {bad}; the last good checkpoint is kept in {}",
+                    losses[i],
+                    ckpt_path.display()
+                );
             }
             last_loss = losses.iter().sum::<f64>() / losses.len() as f64;
             let rate = (images - window_start.1) as f64 / window_start.0.elapsed().as_secs_f64().max(1e-9);
@@ -170,7 +174,15 @@ pub fn train(
     }
     let seconds = start.elapsed().as_secs_f64();
     let trained = images.saturating_sub(resumed_from_step * opts.batch as u64);
-    Ok(TrainSummary { steps: step, images, seconds, images_per_second: trained as f64 / seconds.max(1e-9), final_loss: last_loss, loss_curve: curve, resumed_from_step })
+    Ok(TrainSummary {
+        steps: step,
+        images,
+        seconds,
+        images_per_second: trained as f64 / seconds.max(1e-9),
+        final_loss: last_loss,
+        loss_curve: curve,
+        resumed_from_step,
+    })
 }
 
 fn sorted_names(net: &Denoiser) -> Vec<String> {
@@ -179,7 +191,15 @@ fn sorted_names(net: &Denoiser) -> Vec<String> {
     n
 }
 
-fn save_checkpoint(path: &Path, opt: &AdamW, ema: &Denoiser, ema_names: &[String], step: u64, images: u64, curve: &[(u64, f64)]) -> Result<()> {
+fn save_checkpoint(
+    path: &Path,
+    opt: &AdamW,
+    ema: &Denoiser,
+    ema_names: &[String],
+    step: u64,
+    images: u64,
+    curve: &[(u64, f64)],
+) -> Result<()> {
     let mut t: Vec<(String, Tensor)> = Vec::new();
     for (i, n) in opt.names.iter().enumerate() {
         t.push((format!("net.{n}"), opt.params[i].shallow_clone()));

@@ -14,7 +14,9 @@ pub struct Project {
 
 impl Project {
     pub fn new() -> Self {
-        Project { dir: tempfile::tempdir().unwrap() }
+        Project {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -44,7 +46,11 @@ pub fn outcomes(r: &RunReport) -> Vec<(String, Outcome)> {
 }
 
 pub fn ran(r: &RunReport) -> Vec<String> {
-    r.stages.iter().filter(|s| s.outcome == Outcome::Ran).map(|s| s.name.clone()).collect()
+    r.stages
+        .iter()
+        .filter(|s| s.outcome == Outcome::Ran)
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 /// A gmm2d stage named `name` with `seed` and `count`.
