@@ -38,7 +38,7 @@ fn teacher_stage_trains_and_writes_weights_grid_and_curve() {
     p.write(
         "p.toml",
         &format!(
-            "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {NET}\ngrid = {{ columns = 3, sampler = {{ steps = 4 }} }}\n[stages.teacher.train]\nbatch = 8\nimages = 160\nlr_warmup_images = 16\nlog_every = 5\ncheckpoint_every = 10\n"
+            "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {NET}\ngrid = {{ columns = 3, every_steps = 10, sampler = {{ steps = 4 }} }}\n[stages.teacher.train]\nbatch = 8\nimages = 160\nlr_warmup_images = 16\nlog_every = 5\ncheckpoint_every = 10\n"
         ),
     );
     let r = runner::run(
@@ -60,6 +60,12 @@ fn teacher_stage_trains_and_writes_weights_grid_and_curve() {
     let grid = image::open(dir.join("grid.png")).unwrap();
     assert_eq!(grid.height(), 2 * (8 + 2) + 2, "one row per class");
     assert!(dir.join("loss.png").exists() && dir.join("training.csv").exists());
+    for step in [10, 20] {
+        assert!(
+            dir.join(format!("progress/grid-step{step:07}.png")).exists(),
+            "grid during training at step {step}"
+        );
+    }
     assert!(std::fs::read_to_string(dir.join("training.csv")).unwrap().lines().count() == 5);
     assert!(
         !p.cache().join("work").read_dir().unwrap().any(|_| true),

@@ -12,7 +12,7 @@ use crate::data::artifact::ImageDataset;
 use crate::nn::{Denoiser, NetworkConfig, weights};
 use crate::sample::{SamplerConfig, class_grid, sample};
 use crate::train::device_data::DeviceImages;
-use crate::train::teacher::{TrainOptions, train};
+use crate::train::teacher::{TrainOptions, train, train_with_grids};
 
 pub const WEIGHTS_FILE: &str = "denoiser.safetensors";
 
@@ -25,6 +25,8 @@ fn d_columns() -> usize {
 pub struct GridOptions {
     #[serde(default = "d_columns")]
     pub columns: usize,
+    /// Also draw a grid every this many training steps (into `progress/` of the output).
+    pub every_steps: Option<u64>,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
@@ -35,6 +37,7 @@ impl Default for GridOptions {
     fn default() -> Self {
         GridOptions {
             columns: 10,
+            every_steps: None,
             seed: 0,
             sampler: SamplerConfig::default(),
         }
@@ -178,12 +181,35 @@ impl Stage for TeacherParams {
                 ctx.progress.set_length(self.train.images);
                 let bar = ctx.progress.clone();
                 let mut log = String::from("step,images,loss,images_per_second\n");
-                let summary = train(&net, &ema, &data, &self.train, &ctx.work_dir, |step, images, loss, rate| {
-                    bar.set_position(images);
-                    bar.set_message(format!("loss {loss:.4} {rate:.0} img/s"));
-                    tracing::info!(step, images, loss, rate, "train");
-                    log.push_str(&format!("{step},{images},{loss},{rate}\n"));
-                })?;
+                let progress_dir = ctx.out_dir.join("progress");
+                let names = classes.clone();
+                let (res, ch, ld) = (config.img_resolution(), config.img_channels(), config.label_dim());
+                let mut hook = |step: u64, ema: &Denoiser| -> anyhow::Result<()> {
+                    std::fs::create_dir_all(&progress_dir)?;
+                    let grid = class_grid(res, ch, ld, &names, self.grid.columns, self.grid.seed, device, |z, y| {
+                        let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
+                        sample(ema, z, y, &self.grid.sampler)
+                    });
+                    grid.save_png(&progress_dir.join(format!("grid-step{step:07}.png")))
+                };
+                let grids = self
+                    .grid
+                    .every_steps
+                    .map(|n| (n, &mut hook as &mut dyn FnMut(u64, &Denoiser) -> anyhow::Result<()>));
+                let summary = train_with_grids(
+                    &net,
+                    &ema,
+                    &data,
+                    &self.train,
+                    &ctx.work_dir,
+                    |step, images, loss, rate| {
+                        bar.set_position(images);
+                        bar.set_message(format!("loss {loss:.4} {rate:.0} img/s"));
+                        tracing::info!(step, images, loss, rate, "train");
+                        log.push_str(&format!("{step},{images},{loss},{rate}\n"));
+                    },
+                    grids,
+                )?;
                 std::fs::write(ctx.out_dir.join("training.csv"), log)?;
                 let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
                 crate::render::line_plot("teacher loss vs images", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;

@@ -105,7 +105,23 @@ pub fn train(
     data: &dyn TrainData,
     opts: &TrainOptions,
     work_dir: &Path,
+    on_log: impl FnMut(u64, u64, f64, f64),
+) -> Result<TrainSummary> {
+    train_with_grids(net, ema, data, opts, work_dir, on_log, None)
+}
+
+/// A callback run every N steps with the EMA network (e.g. to draw a sample grid).
+pub type GridHook<'a> = (u64, &'a mut dyn FnMut(u64, &Denoiser) -> Result<()>);
+
+/// [`train`], calling `grids.1(step, ema)` every `grids.0` steps.
+pub fn train_with_grids(
+    net: &Denoiser,
+    ema: &Denoiser,
+    data: &dyn TrainData,
+    opts: &TrainOptions,
+    work_dir: &Path,
     mut on_log: impl FnMut(u64, u64, f64, f64),
+    mut grids: Option<GridHook>,
 ) -> Result<TrainSummary> {
     let cuda = net.device().is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
@@ -150,6 +166,11 @@ pub fn train(
         let lr = opts.lr * (images as f64 / opts.lr_warmup_images.max(1) as f64).min(1.0);
         opt.step(lr, 0.0)?;
         ema_update(ema, net, ema_beta(opts.batch, images, opts.ema_halflife_images, opts.ema_rampup))?;
+        if let Some((every, hook)) = grids.as_mut() {
+            if *every > 0 && step % *every == 0 {
+                hook(step, ema)?;
+            }
+        }
         window.push(mean);
         if step % opts.log_every == 0 || images >= opts.images {
             let losses = Vec::<f64>::try_from(Tensor::stack(&window, 0).to_kind(Kind::Double))?;
