@@ -182,7 +182,7 @@ impl Stage for TeacherParams {
                 let bar = ctx.progress.clone();
                 let mut log = String::from("step,images,loss,images_per_second\n");
                 let progress_dir = ctx.out_dir.join("progress");
-                let names = classes.clone();
+                let names: Vec<String> = classes.iter().take(10).cloned().collect();
                 let (res, ch, ld) = (config.img_resolution(), config.img_channels(), config.label_dim());
                 let mut hook = |step: u64, ema: &Denoiser| -> anyhow::Result<()> {
                     std::fs::create_dir_all(&progress_dir)?;
@@ -227,7 +227,8 @@ impl Stage for TeacherParams {
         let cfg = &ema.config;
         let names: Vec<String> = if cfg.label_dim() > 0 {
             if classes.len() as i64 == cfg.label_dim() {
-                classes
+                // At most 10 labelled rows (the first classes) for models with many classes.
+                classes.into_iter().take(10).collect()
             } else {
                 (0..cfg.label_dim().min(10)).map(|i| format!("class {i}")).collect()
             }
