@@ -5,6 +5,7 @@
 use dmdpipe::data::artifact::PointsDataset;
 use dmdpipe::nn::gmm::GmmDenoiser;
 use dmdpipe::nn::{Denoiser, NetworkConfig};
+use dmdpipe::stages::dmd::energy_distance;
 use dmdpipe::stages::{Gmm2dComponent, Gmm2dParams};
 use dmdpipe::train::device_data::DevicePoints;
 use dmdpipe::train::dmd::{DmdOptions, dmd_train};
@@ -36,20 +37,6 @@ fn one_step(g: &Denoiser, n: i64, seed: i64) -> Vec<[f32; 2]> {
     let z = Tensor::randn([n, 2], (Kind::Float, Device::Cpu));
     let x = tch::no_grad(|| g.denoise(&(z * 80.0), &Tensor::from(80.0f32), None, false));
     Vec::<Vec<f32>>::try_from(x).unwrap().into_iter().map(|v| [v[0], v[1]]).collect()
-}
-
-/// Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'|.
-fn energy_distance(a: &[[f32; 2]], b: &[[f32; 2]]) -> f64 {
-    let mean_dist = |p: &[[f32; 2]], q: &[[f32; 2]]| {
-        let mut s = 0.0f64;
-        for x in p {
-            for y in q {
-                s += (((x[0] - y[0]) as f64).powi(2) + ((x[1] - y[1]) as f64).powi(2)).sqrt();
-            }
-        }
-        s / (p.len() * q.len()) as f64
-    };
-    2.0 * mean_dist(a, b) - mean_dist(a, a) - mean_dist(b, b)
 }
 
 /// Fraction of samples nearest to each mode, and the fraction far (> 0.5) from every mode.
