@@ -1,0 +1,79 @@
+"""PyTorch baseline for DMD iterations per second (`dmdpipe bench gpu` reports dmdpipe's): the
+same iteration as dmdpipe's `dmd` stage with EDM's DDPM++ from pytorch_ddpmpp.py: generator
+step (distribution-matching loss + L2 regression on pairs, weight 0.25) and one fake-score step,
+AdamW with clipping at 10, bf16 autocast for the generator, real/fake scores in fp32.
+
+usage: python3 pytorch_dmd.py [--out FILE.json]
+"""
+import argparse, json, time
+import torch
+import torch.nn.functional as F
+from pytorch_ddpmpp import EDMPrecond
+
+
+def karras(n=1000, smin=0.002, smax=80.0, rho=7.0):
+    i = torch.arange(n, dtype=torch.float64)
+    return ((smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho).float()
+
+
+def bench(mc, nb, batch, iters, dev):
+    kw = dict(mc=mc, nb=nb, dropout=0.0, augment_dim=9 if mc == 128 else 0)
+    torch.manual_seed(0)
+    real = EDMPrecond(**kw).to(dev).eval().requires_grad_(False)
+    gen = EDMPrecond(**kw).to(dev).train(); gen.load_state_dict(real.state_dict())
+    fake = EDMPrecond(**kw).to(dev).train(); fake.load_state_dict(real.state_dict())
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=5e-5, weight_decay=0.01)
+    opt_f = torch.optim.AdamW(fake.parameters(), lr=5e-5, weight_decay=0.01)
+    sched = karras().to(dev)
+    pz = torch.randn(1024, 3, 32, 32, device=dev)
+    px = torch.randn(1024, 3, 32, 32, device=dev) * 0.5
+    pl = F.one_hot(torch.randint(10, (1024,), device=dev), 10).float()
+    s80 = torch.full((batch,), 80.0, device=dev)
+
+    def step():
+        y = F.one_hot(torch.randint(10, (batch,), device=dev), 10).float()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            x = gen(torch.randn(batch, 3, 32, 32, device=dev) * 80, s80, y)
+        with torch.no_grad():
+            sig = sched[torch.randint(20, 980, (batch,), device=dev)].reshape(-1, 1, 1, 1)
+            xt = x.detach() + torch.randn_like(x) * sig
+            r, f = real(xt, sig, y), fake(xt, sig, y)
+            w = (x.detach() - r).abs().mean(dim=(1, 2, 3), keepdim=True)
+            g = (f - r) / w
+        loss = 0.5 * F.mse_loss(x, (x.detach() - g).detach())
+        idx = torch.randint(1024, (batch,), device=dev)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            pred = gen(pz[idx] * 80, s80, pl[idx])
+        loss = loss + 0.25 * F.mse_loss(pred.float(), px[idx])
+        opt_g.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0); opt_g.step()
+        xd = x.detach()
+        sig = sched[torch.randint(0, 1000, (batch,), device=dev)].reshape(-1, 1, 1, 1)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            pf = fake(xd + torch.randn_like(xd) * sig, sig, y)
+        lam = (sig ** 2 + 0.25) / (sig * 0.5) ** 2
+        lf = (lam * (pf.float() - xd) ** 2).mean()
+        opt_f.zero_grad(set_to_none=True); lf.backward()
+        torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0); opt_f.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return iters / (time.perf_counter() - t)
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(); ap.add_argument('--out'); a = ap.parse_args()
+    dev = torch.device('cuda')
+    torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True; torch.backends.cudnn.benchmark = True
+    res = {'card': torch.cuda.get_device_name(0), 'torch': torch.__version__}
+    for mc, nb, tag in [(128, 4, 'edm55m'), (64, 2, 'speedrun9m')]:
+        for b in (56, 128):
+            res[f'{tag}_dmd_b{b}_it_s'] = bench(mc, nb, b, 20, dev)
+            print(tag, b, res[f'{tag}_dmd_b{b}_it_s'], flush=True)
+    print(json.dumps(res, indent=1))
+    if a.out:
+        json.dump(res, open(a.out, 'w'), indent=1)
