@@ -212,6 +212,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             let report = runner::run(&p, &opts)?;
             print_report(&report, dry_run);
+            if !dry_run {
+                let html = crate::report::write_report(&cache_dir, &report)?;
+                println!("report: {}", html.display());
+            }
             if let Some(l) = log {
                 println!("log: {}", l.display());
             }

@@ -133,3 +133,14 @@ fn run_writes_a_log_file_and_summary() {
     );
     assert!(log.contains("running"));
 }
+
+#[test]
+fn run_writes_an_html_report_with_pictures() {
+    let p = Project::new();
+    p.write("p.toml", &format!("{}{}", gmm_stage("a", 1, 100), plot_stage("pic", "a", 128)));
+    let out = dmdpipe().arg("run").arg(p.path().join("p.toml")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("report: "));
+    let html = std::fs::read_to_string(p.cache().join("reports/p/index.html")).unwrap();
+    assert!(html.contains("<h2>a <small>(gmm2d") && html.contains("<h2>pic <small>(scatter-plot"));
+    assert!(html.contains("scatter.png") && html.contains("component_fractions"));
+}

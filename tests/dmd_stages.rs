@@ -45,7 +45,7 @@ fn image_project(dmd_train: &str) -> Project {
     p.write(
         "p.toml",
         &format!(
-            "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {NET}\ngrid = {{ columns = 2, sampler = {{ steps = 2 }} }}\ntrain = {{ batch = 4, images = 16, log_every = 2 }}\n\n[stages.pairs]\nkind = \"ode-pairs\"\nteacher = \"teacher\"\nsampler = {{ steps = 3 }}\ncount = 10\nshard_size = 4\nbatch = 3\n\n[stages.dmd]\nkind = \"dmd\"\nteacher = \"teacher\"\npairs = \"pairs\"\ndataset = \"data\"\ngrid_columns = 3\n[stages.dmd.train]\n{dmd_train}\n"
+            "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {NET}\ngrid = {{ columns = 2, sampler = {{ steps = 2 }} }}\ntrain = {{ batch = 4, images = 16, log_every = 2 }}\n\n[stages.pairs]\nkind = \"ode-pairs\"\nteacher = \"teacher\"\nsampler = {{ steps = 3 }}\ncount = 10\nshard_size = 4\nbatch = 3\n\n[stages.dmd]\nkind = \"dmd\"\nteacher = \"teacher\"\npairs = \"pairs\"\ndataset = \"data\"\ngrid_columns = 3\ngrid_every = 3\n[stages.dmd.train]\n{dmd_train}\n"
         ),
     );
     p
@@ -71,6 +71,12 @@ fn image_dmd_with_pairs_writes_a_generator_grid_and_log() {
     let grid = image::open(dir.join("grid.png")).unwrap();
     assert_eq!(grid.height(), 2 * 10 + 2, "one labelled row per class");
     assert!(dir.join("generator_ema.safetensors").exists());
+    for it in [3, 6] {
+        assert!(
+            dir.join(format!("progress/grid-iter{it:07}.png")).exists(),
+            "grid during DMD at iteration {it}"
+        );
+    }
     let csv = std::fs::read_to_string(dir.join("dmd_log.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 3, "a row per log step");
     assert!(csv.starts_with("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,lr"));

@@ -13,7 +13,7 @@ use super::{ArtifactType, FieldIssue, Stage, StageContext, Upstream};
 use crate::nn::{Denoiser, weights};
 use crate::render::{Canvas, line_plot};
 use crate::sample::{SamplerConfig, Solver, class_grid, sample};
-use crate::train::dmd::{DmdOptions, dmd_train};
+use crate::train::dmd::{DmdOptions, dmd_train_with_grids};
 
 fn d_columns() -> usize {
     10
@@ -33,6 +33,8 @@ pub struct DmdParams {
     pub train: DmdOptions,
     #[serde(default = "d_columns")]
     pub grid_columns: usize,
+    /// Also draw a one-step grid every this many iterations (into `progress/` of the output).
+    pub grid_every: Option<u64>,
 }
 
 impl Stage for DmdParams {
@@ -121,7 +123,46 @@ impl Stage for DmdParams {
         ctx.progress.set_length(self.train.iterations);
         let bar = ctx.progress.clone();
         let mut csv = String::from("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,lr,iterations_per_second\n");
-        let summary = dmd_train(
+        let one = SamplerConfig {
+            solver: Solver::OneStep,
+            sigma_max: self.train.sigma_max,
+            ..Default::default()
+        };
+        let class_names: Vec<String> = match &self.dataset {
+            Some(_) if config.label_dim() > 0 => crate::data::artifact::read_info(ctx.upstream_dir("dataset")?)?
+                .classes
+                .into_iter()
+                .take(10)
+                .collect(),
+            _ if config.label_dim() > 0 => (0..config.label_dim().min(10)).map(|i| format!("class {i}")).collect(),
+            _ => Vec::new(),
+        };
+        let progress_dir = ctx.out_dir.join("progress");
+        let is_mlp = matches!(config, crate::nn::NetworkConfig::Mlp(_));
+        let mut hook = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
+            if is_mlp {
+                return Ok(());
+            }
+            std::fs::create_dir_all(&progress_dir)?;
+            let grid = class_grid(
+                config.img_resolution(),
+                config.img_channels(),
+                config.label_dim(),
+                &class_names,
+                self.grid_columns,
+                0,
+                device,
+                |z, y| {
+                    let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
+                    sample(g, z, y, &one)
+                },
+            );
+            grid.save_png(&progress_dir.join(format!("grid-iter{it:07}.png")))
+        };
+        let grids = self
+            .grid_every
+            .map(|n| (n, &mut hook as &mut dyn FnMut(u64, &Denoiser) -> anyhow::Result<()>));
+        let summary = dmd_train_with_grids(
             &teacher,
             &generator,
             &fake,
@@ -149,6 +190,7 @@ impl Stage for DmdParams {
                     r.iteration, r.loss_dm, r.loss_reg, r.loss_fake, r.grad_norm_g, r.grad_norm_fake, r.lr, r.iterations_per_second
                 ));
             },
+            grids,
         )?;
         std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
         let series =
@@ -178,11 +220,6 @@ impl Stage for DmdParams {
             "final_loss_fake": last.map(|r| r.loss_fake),
             "parameters": generator.num_params(),
         });
-        let one = SamplerConfig {
-            solver: Solver::OneStep,
-            sigma_max: self.train.sigma_max,
-            ..Default::default()
-        };
         if matches!(config, crate::nn::NetworkConfig::Mlp(_)) {
             let extra = toy_report(ctx, &teacher, &generator, &one, self.dataset.is_some())?;
             m.as_object_mut().expect("object").extend(extra);

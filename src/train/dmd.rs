@@ -224,7 +224,23 @@ pub fn dmd_train(
     pairs: Option<&Pairs>,
     opts: &DmdOptions,
     work_dir: &Path,
+    on_log: impl FnMut(&DmdLogRow),
+) -> Result<DmdSummary> {
+    dmd_train_with_grids(real, generator, fake, ema, pairs, opts, work_dir, on_log, None)
+}
+
+/// [`dmd_train`], calling `grids.1(iteration, generator)` every `grids.0` iterations.
+#[allow(clippy::too_many_arguments)]
+pub fn dmd_train_with_grids(
+    real: &dyn RealScore,
+    generator: &Denoiser,
+    fake: &Denoiser,
+    ema: Option<&Denoiser>,
+    pairs: Option<&Pairs>,
+    opts: &DmdOptions,
+    work_dir: &Path,
     mut on_log: impl FnMut(&DmdLogRow),
+    mut grids: Option<super::teacher::GridHook>,
 ) -> Result<DmdSummary> {
     let device = generator.device();
     let cuda = device.is_cuda();
@@ -337,6 +353,11 @@ pub fn dmd_train(
             ema_update(e, generator, ema_beta(opts.batch, (it + 1) * opts.batch as u64, h, None))?;
         }
         it += 1;
+        if let Some((every, hook)) = grids.as_mut() {
+            if *every > 0 && it % *every == 0 {
+                hook(it, generator)?;
+            }
+        }
         window.push(Tensor::stack(
             &[loss_dm.detach(), loss_reg.detach(), loss_f, gn_g.reshape([]), gn_f.reshape([])],
             0,
