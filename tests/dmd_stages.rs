@@ -121,3 +121,60 @@ fn dmd_resumes_from_its_checkpoint() {
     assert_eq!((second.iterations, second.resumed_from), (6, 4));
     assert_eq!(second.log.len(), 1, "only the new iterations are logged");
 }
+
+#[test]
+fn dmd_with_an_lpips_regression_loss_from_a_weights_file() {
+    // Random VGG/LPIPS weights in the documented layout stand in for the real ones.
+    let convs = [
+        (0, 3, 64),
+        (2, 64, 64),
+        (5, 64, 128),
+        (7, 128, 128),
+        (10, 128, 256),
+        (12, 256, 256),
+        (14, 256, 256),
+        (17, 256, 512),
+        (19, 512, 512),
+        (21, 512, 512),
+        (24, 512, 512),
+        (26, 512, 512),
+        (28, 512, 512),
+    ];
+    let mut t = Vec::new();
+    for (i, cin, cout) in convs {
+        t.push((
+            format!("vgg.features.{i}.weight"),
+            tch::Tensor::randn([cout, cin, 3, 3], (tch::Kind::Float, tch::Device::Cpu)) * 0.05,
+        ));
+        t.push((
+            format!("vgg.features.{i}.bias"),
+            tch::Tensor::zeros([cout], (tch::Kind::Float, tch::Device::Cpu)),
+        ));
+    }
+    for (k, c) in [64, 128, 256, 512, 512].iter().enumerate() {
+        t.push((
+            format!("lin{k}.weight"),
+            tch::Tensor::rand([1, *c, 1, 1], (tch::Kind::Float, tch::Device::Cpu)),
+        ));
+    }
+    let p = image_project("batch = 2\niterations = 1\nlog_every = 1\nbf16 = false\nregression_loss = \"lpips\"");
+    dmdpipe::train::checkpoint::save(&p.path().join("lpips.safetensors"), &t, Default::default()).unwrap();
+    let text = std::fs::read_to_string(p.path().join("p.toml"))
+        .unwrap()
+        .replace("grid_every = 3\n", "grid_every = 3\nlpips_weights = \"lpips.safetensors\"\n");
+    p.write("p.toml", &text);
+    let r = runner::run(
+        &p.load("p.toml"),
+        &RunOptions {
+            device: Some("cpu".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reg = r.stage("dmd").unwrap().metrics["final_loss_reg"].as_f64().unwrap();
+    assert!(reg > 0.0 && reg.is_finite(), "LPIPS regression loss {reg}");
+    // Without the weights file the config is refused at load time, naming the field.
+    p.write("q.toml", &text.replace("lpips_weights = \"lpips.safetensors\"\n", ""));
+    let e = dmdpipe::pipeline::config::load(&p.path().join("q.toml")).unwrap_err();
+    assert!(e.message.contains("lpips_weights") && e.key == "stages.dmd.train", "{e}");
+}

@@ -6,6 +6,7 @@ pub mod dhariwal;
 pub mod gmm;
 pub mod import;
 pub mod layers;
+pub mod lpips;
 pub mod pickle;
 pub mod precond;
 pub mod songunet;

@@ -35,6 +35,8 @@ pub struct DmdParams {
     pub grid_columns: usize,
     /// Also draw a one-step grid every this many iterations (into `progress/` of the output).
     pub grid_every: Option<u64>,
+    /// LPIPS-VGG weights (safetensors, names in `nn::lpips`) for `regression_loss = "lpips"`.
+    pub lpips_weights: Option<std::path::PathBuf>,
 }
 
 impl Stage for DmdParams {
@@ -66,8 +68,21 @@ impl Stage for DmdParams {
         }
         v
     }
+    fn input_paths(&self) -> Vec<super::InputPath> {
+        self.lpips_weights
+            .iter()
+            .map(|p| super::InputPath {
+                role: "lpips_weights",
+                path: p.clone(),
+            })
+            .collect()
+    }
     fn validate(&self) -> Result<(), FieldIssue> {
         let t = &self.train;
+        if t.regression_loss == crate::train::dmd::RegressionLoss::Lpips && self.lpips_weights.is_none() {
+            return Err(FieldIssue::new("train", "regression_loss = \"lpips\" needs `lpips_weights`")
+                .help("VGG's ImageNet weights are not bundled: give a safetensors file, or use \"l2\" / \"pseudo-huber\""));
+        }
         if t.batch == 0 || t.fake_updates_per_g == 0 {
             return Err(FieldIssue::new(
                 "train",
@@ -137,6 +152,10 @@ impl Stage for DmdParams {
             _ if config.label_dim() > 0 => (0..config.label_dim().min(10)).map(|i| format!("class {i}")).collect(),
             _ => Vec::new(),
         };
+        let lpips = match &self.lpips_weights {
+            Some(_) => Some(crate::nn::lpips::Lpips::load(ctx.input("lpips_weights")?, device)?),
+            None => None,
+        };
         let progress_dir = ctx.out_dir.join("progress");
         let is_mlp = matches!(config, crate::nn::NetworkConfig::Mlp(_));
         let mut hook = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
@@ -191,6 +210,7 @@ impl Stage for DmdParams {
                 ));
             },
             grids,
+            lpips.as_ref(),
         )?;
         std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
         let series =

@@ -49,6 +49,8 @@ pub enum RegressionLoss {
     L2,
     /// sqrt(mean((a - b)^2) + c^2) - c per sample, c = 0.03.
     PseudoHuber,
+    /// LPIPS-VGG on images upsampled to 224 (the paper's choice); needs LPIPS weights.
+    Lpips,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
@@ -163,8 +165,12 @@ pub fn dm_loss(x: &Tensor, g: &Tensor) -> Tensor {
     (x - target).square().mean(Kind::Float) * 0.5
 }
 
-pub fn regression_loss(pred: &Tensor, target: &Tensor, kind: RegressionLoss) -> Tensor {
+pub fn regression_loss(pred: &Tensor, target: &Tensor, kind: RegressionLoss, lpips: Option<&crate::nn::lpips::Lpips>) -> Tensor {
     match kind {
+        RegressionLoss::Lpips => lpips
+            .expect("LPIPS weights are loaded when regression_loss = \"lpips\"")
+            .distance(pred, target)
+            .mean(Kind::Float),
         RegressionLoss::L2 => (pred - target).square().mean(Kind::Float),
         RegressionLoss::PseudoHuber => {
             let c = 0.03;
@@ -226,7 +232,7 @@ pub fn dmd_train(
     work_dir: &Path,
     on_log: impl FnMut(&DmdLogRow),
 ) -> Result<DmdSummary> {
-    dmd_train_with_grids(real, generator, fake, ema, pairs, opts, work_dir, on_log, None)
+    dmd_train_with_grids(real, generator, fake, ema, pairs, opts, work_dir, on_log, None, None)
 }
 
 /// [`dmd_train`], calling `grids.1(iteration, generator)` every `grids.0` iterations.
@@ -241,7 +247,11 @@ pub fn dmd_train_with_grids(
     work_dir: &Path,
     mut on_log: impl FnMut(&DmdLogRow),
     mut grids: Option<super::teacher::GridHook>,
+    lpips: Option<&crate::nn::lpips::Lpips>,
 ) -> Result<DmdSummary> {
+    if opts.regression_loss == RegressionLoss::Lpips && lpips.is_none() && opts.regression_weight > 0.0 {
+        bail!("regression_loss = \"lpips\" needs LPIPS weights");
+    }
     let device = generator.device();
     let cuda = device.is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
@@ -341,7 +351,7 @@ pub fn dmd_train_with_grids(
         if let (Some(p), true) = (pairs, opts.regression_weight > 0.0) {
             let (zr, yr, xr) = p.batch(b);
             let pred = generate(&zr, yr.as_ref())?;
-            loss_reg = regression_loss(&pred, &xr, opts.regression_loss);
+            loss_reg = regression_loss(&pred, &xr, opts.regression_loss, lpips);
             loss = loss + &loss_reg * opts.regression_weight;
         }
         loss.backward();
@@ -452,9 +462,9 @@ mod tests {
     #[test]
     fn pseudo_huber_is_small_quadratic_and_large_linear() {
         let a = Tensor::zeros([1, 4], (Kind::Float, tch::Device::Cpu));
-        let small = regression_loss(&(&a + 0.001), &a, RegressionLoss::PseudoHuber).double_value(&[]);
+        let small = regression_loss(&(&a + 0.001), &a, RegressionLoss::PseudoHuber, None).double_value(&[]);
         assert!((small - ((1e-6f64 + 0.0009).sqrt() - 0.03)).abs() < 1e-7, "{small}");
-        let big = regression_loss(&(&a + 10.0), &a, RegressionLoss::PseudoHuber).double_value(&[]);
+        let big = regression_loss(&(&a + 10.0), &a, RegressionLoss::PseudoHuber, None).double_value(&[]);
         assert!((big - ((100.0f64 + 0.0009).sqrt() - 0.03)).abs() < 1e-6);
     }
 }
