@@ -471,44 +471,35 @@ fn run_stage(
     Ok(entry)
 }
 
+/// What `run` would do for `stage_name` and its ancestors (a dry run under a shared lock).
+fn plan_stage(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<StageReport> {
+    check_names(p, [stage_name.to_string()])?;
+    let opts = RunOptions {
+        dry_run: true,
+        until: Some(stage_name.to_string()),
+        cache_dir,
+        ..Default::default()
+    };
+    let report = execute(p, &opts, Mode::DryRun)?;
+    report.stage(stage_name).cloned().ok_or_else(|| anyhow!("no stage `{stage_name}`"))
+}
+
 /// `dmdpipe why`: what in the key of `stage` differs from its last accepted run.
 pub fn why(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<Vec<String>> {
-    check_names(p, [stage_name.to_string()])?;
-    let report = execute(
-        p,
-        &RunOptions {
-            dry_run: true,
-            until: Some(stage_name.to_string()),
-            cache_dir,
-            ..Default::default()
-        },
-        Mode::DryRun,
-    )?;
-    let r = report.stage(stage_name).expect("selected");
+    let r = plan_stage(p, stage_name, cache_dir)?;
     Ok(match r.outcome {
         Outcome::Cached => vec![format!(
             "`{stage_name}` is fresh: nothing in its key changed (key {})",
             r.key.as_deref().unwrap_or("?")
         )],
-        _ => r.reasons.clone(),
+        _ => r.reasons,
     })
 }
 
 /// A stage's artifact directory in the cache, when it is fresh.
 pub fn output_dir(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<PathBuf> {
-    let report = execute(
-        p,
-        &RunOptions {
-            dry_run: true,
-            until: Some(stage_name.to_string()),
-            cache_dir,
-            ..Default::default()
-        },
-        Mode::DryRun,
-    )?;
-    let r = report.stage(stage_name).ok_or_else(|| anyhow!("no stage `{stage_name}`"))?;
-    r.output_dir
-        .clone()
+    plan_stage(p, stage_name, cache_dir)?
+        .output_dir
         .ok_or_else(|| anyhow!("stage `{stage_name}` is not fresh; run the pipeline first"))
 }
 
