@@ -2,18 +2,24 @@
 // libtorch headers that torch-sys builds with, and records an rpath to its libraries.
 use std::path::PathBuf;
 
+/// The libtorch that torch-sys linked (it exports its lib dir to dependents as
+/// DEP_TCH_LIBTORCH_LIB, whether it came from LIBTORCH, LIBTORCH_USE_PYTORCH or a download);
+/// LIBTORCH as a fallback.
 fn libtorch_dir() -> Option<PathBuf> {
-    if let Ok(dir) = std::env::var("LIBTORCH") {
-        return Some(PathBuf::from(dir));
+    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        if let Some(parent) = PathBuf::from(lib).parent() {
+            return Some(parent.to_path_buf());
+        }
     }
-    None
+    std::env::var("LIBTORCH").ok().map(PathBuf::from)
 }
 
 fn main() {
     println!("cargo:rerun-if-changed=src/shim/shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(dir) = libtorch_dir() else {
-        panic!("LIBTORCH is not set: run scripts/install-libtorch.sh (./x does) or point LIBTORCH at libtorch 2.11");
+        panic!("no libtorch found: run scripts/install-libtorch.sh (./x does), or set LIBTORCH or LIBTORCH_USE_PYTORCH=1");
     };
     let include = dir.join("include");
     cc::Build::new()
