@@ -125,23 +125,8 @@ fn dmd_resumes_from_its_checkpoint() {
 #[test]
 fn dmd_with_an_lpips_regression_loss_from_a_weights_file() {
     // Random VGG/LPIPS weights in the documented layout stand in for the real ones.
-    let convs = [
-        (0, 3, 64),
-        (2, 64, 64),
-        (5, 64, 128),
-        (7, 128, 128),
-        (10, 128, 256),
-        (12, 256, 256),
-        (14, 256, 256),
-        (17, 256, 512),
-        (19, 512, 512),
-        (21, 512, 512),
-        (24, 512, 512),
-        (26, 512, 512),
-        (28, 512, 512),
-    ];
     let mut t = Vec::new();
-    for (i, cin, cout) in convs {
+    for (i, cin, cout) in dmdpipe::nn::lpips::CONVS {
         t.push((
             format!("vgg.features.{i}.weight"),
             tch::Tensor::randn([cout, cin, 3, 3], (tch::Kind::Float, tch::Device::Cpu)) * 0.05,
@@ -151,7 +136,7 @@ fn dmd_with_an_lpips_regression_loss_from_a_weights_file() {
             tch::Tensor::zeros([cout], (tch::Kind::Float, tch::Device::Cpu)),
         ));
     }
-    for (k, c) in [64, 128, 256, 512, 512].iter().enumerate() {
+    for (k, c) in dmdpipe::nn::lpips::CHANNELS.iter().enumerate() {
         t.push((
             format!("lin{k}.weight"),
             tch::Tensor::rand([1, *c, 1, 1], (tch::Kind::Float, tch::Device::Cpu)),

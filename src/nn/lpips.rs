@@ -14,8 +14,8 @@ use tch::{Device, Kind, Tensor};
 
 const SHIFT: [f64; 3] = [-0.030, -0.088, -0.188];
 const SCALE: [f64; 3] = [0.458, 0.448, 0.450];
-/// VGG16 conv layers by torchvision index, with the slice (tap) each ends.
-const CONVS: [(usize, i64, i64); 13] = [
+/// VGG16 conv layers: (torchvision index, in channels, out channels).
+pub const CONVS: [(usize, i64, i64); 13] = [
     (0, 3, 64),
     (2, 64, 64),
     (5, 64, 128),
