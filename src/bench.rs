@@ -57,7 +57,7 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
         let mut ema = Denoiser::new(&cfg, device);
         ema.copy_from(&net)?;
         out.insert(format!("{tag}_parameters"), net.num_params().into());
-        let mut opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
+        let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
         for bf16 in [true, false] {
             let prec = if bf16 { "bf16" } else { "tf32" };
             let per_step = timed(device, 5.min(steps), steps, || {

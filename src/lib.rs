@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cuda_graph;
 pub mod data;
 pub mod eval;
 pub mod nn;

@@ -30,6 +30,19 @@ unsafe extern "C" {
 }
 
 unsafe extern "C" {
+    fn dmd_fused_adamw_tensor_lr(
+        params: *const CTensor,
+        grads: *const CTensor,
+        exp_avgs: *const CTensor,
+        exp_avg_sqs: *const CTensor,
+        steps: *const CTensor,
+        n: libc::c_int,
+        lr: CTensor,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> libc::c_int;
     fn dmd_foreach_lerp(ema: *const CTensor, params: *const CTensor, n: libc::c_int, weight: f64) -> libc::c_int;
     fn dmd_sanitize_and_clip(grads: *const CTensor, n: libc::c_int, max_norm: f64, norm_out: CTensor) -> libc::c_int;
     fn dmd_clear_grads(params: *const CTensor, n: libc::c_int);
@@ -135,15 +148,23 @@ pub fn tf32_enabled() -> bool {
     unsafe { dmd_tf32_enabled() != 0 }
 }
 
+/// A learning rate given as a number, or as a 0-dim tensor on the parameters' device (read by
+/// the kernel, so a captured CUDA graph sees its current value).
+#[derive(Clone, Copy)]
+pub enum Lr<'a> {
+    Value(f64),
+    Tensor(&'a Tensor),
+}
+
 /// One fused AdamW step (torch's `_fused_adamw_`) over all parameters at once.
 #[allow(clippy::too_many_arguments)]
-pub fn fused_adamw(
+pub fn fused_adamw<'a>(
     params: &[Tensor],
     grads: &[Tensor],
     exp_avgs: &[Tensor],
     exp_avg_sqs: &[Tensor],
     steps: &[Tensor],
-    lr: f64,
+    lr: impl Into<Lr<'a>>,
     betas: (f64, f64),
     weight_decay: f64,
     eps: f64,
@@ -156,20 +177,12 @@ pub fn fused_adamw(
         bail!("fused_adamw: lists of different lengths");
     }
     let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
-    let rc = unsafe {
-        dmd_fused_adamw(
-            p.as_ptr(),
-            g.as_ptr(),
-            m.as_ptr(),
-            v.as_ptr(),
-            s.as_ptr(),
-            n as libc::c_int,
-            lr,
-            betas.0,
-            betas.1,
-            weight_decay,
-            eps,
-        )
+    let (pp, gp, mp, vp, sp, nn) = (p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as libc::c_int);
+    let rc = match lr.into() {
+        Lr::Value(lr) => unsafe { dmd_fused_adamw(pp, gp, mp, vp, sp, nn, lr, betas.0, betas.1, weight_decay, eps) },
+        Lr::Tensor(lr) => unsafe {
+            dmd_fused_adamw_tensor_lr(pp, gp, mp, vp, sp, nn, lr.as_ptr() as CTensor, betas.0, betas.1, weight_decay, eps)
+        },
     };
     if rc != 0 {
         bail!("fused AdamW: {}", last_error());
@@ -177,10 +190,48 @@ pub fn fused_adamw(
     Ok(())
 }
 
+impl From<f64> for Lr<'_> {
+    fn from(v: f64) -> Self {
+        Lr::Value(v)
+    }
+}
+
+impl<'a> From<&'a Tensor> for Lr<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Lr::Tensor(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::Kind;
+
+    #[test]
+    fn tensor_learning_rate_gives_the_same_step_as_a_number() {
+        tch::manual_seed(1);
+        let p0 = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+        let g = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+        let mut out = Vec::new();
+        for use_tensor in [false, true] {
+            let p = p0.copy();
+            let (m, v) = (p.zeros_like(), p.zeros_like());
+            let s = Tensor::zeros([], (Kind::Float, Device::Cpu));
+            let lr_t = Tensor::from(0.03f32);
+            for _ in 0..2 {
+                let lr: Lr = if use_tensor { (&lr_t).into() } else { 0.03.into() };
+                let one = |t: &Tensor| [t.shallow_clone()];
+                fused_adamw(&one(&p), &one(&g), &one(&m), &one(&v), &one(&s), lr, (0.9, 0.99), 0.01, 1e-8).unwrap();
+            }
+            out.push(p);
+        }
+        let diff = (&out[0] - &out[1]).abs().max().double_value(&[]);
+        assert!(diff < 1e-7, "tensor lr differs by {diff}");
+        assert!(
+            (&out[0] - &p0).abs().max().double_value(&[]) > 1e-3,
+            "the step moved the parameters"
+        );
+    }
 
     #[test]
     fn fused_adamw_matches_the_textbook_update() {

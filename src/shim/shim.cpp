@@ -56,9 +56,27 @@ int dmd_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_av
   try {
     auto p = gather(params, n), g = gather(grads, n), m = gather(exp_avgs, n), v = gather(exp_avg_sqs, n), s = gather(steps, n);
     at::NoGradGuard no_grad;
-    for (auto& t : s) t.add_(1);
+    at::_foreach_add_(s, 1);
     std::vector<at::Tensor> none;
     at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false);
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
+// The same step with the learning rate read from a 0-dim tensor on the parameters' device, so that
+// a captured CUDA graph picks up a new rate (warm-up) without being captured again.
+int dmd_fused_adamw_tensor_lr(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                              at::Tensor** steps, int n, at::Tensor* lr, double beta1, double beta2, double weight_decay,
+                              double eps) {
+  try {
+    auto p = gather(params, n), g = gather(grads, n), m = gather(exp_avgs, n), v = gather(exp_avg_sqs, n), s = gather(steps, n);
+    at::NoGradGuard no_grad;
+    at::_foreach_add_(s, 1);
+    std::vector<at::Tensor> none;
+    at::_fused_adamw_(p, g, m, v, none, s, *lr, beta1, beta2, weight_decay, eps, false, false);
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();

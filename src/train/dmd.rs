@@ -93,7 +93,13 @@ pub struct DmdOptions {
     pub checkpoint_every: u64,
     /// EMA of the generator with this half-life in images, reported beside the raw generator.
     pub ema_halflife_images: Option<f64>,
+    /// On CUDA, capture the whole iteration as a CUDA graph and replay it (small networks are
+    /// launch-bound: this is what makes short runs fast). Ignored on the CPU.
+    pub cuda_graph: bool,
 }
+
+/// Eager iterations before the capture (cuDNN autotuning and lazy allocations happen there).
+const EAGER_BEFORE_CAPTURE: u64 = 3;
 
 impl Default for DmdOptions {
     fn default() -> Self {
@@ -124,6 +130,7 @@ impl Default for DmdOptions {
             log_every: 10,
             checkpoint_every: 500,
             ema_halflife_images: None,
+            cuda_graph: true,
         }
     }
 }
@@ -256,8 +263,8 @@ pub fn dmd_train_with_grids(
     let cuda = device.is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
     tch::manual_seed(opts.seed as i64);
-    let mut opt_g = AdamW::new(generator, opts.betas, opts.eps, opts.weight_decay);
-    let mut opt_f = AdamW::new(fake, opts.betas, opts.eps, opts.weight_decay);
+    let opt_g = AdamW::new(generator, opts.betas, opts.eps, opts.weight_decay);
+    let opt_f = AdamW::new(fake, opts.betas, opts.eps, opts.weight_decay);
     let mut sched = karras_sigmas(opts.levels, opts.sigma_min, opts.sigma_max, opts.rho);
     sched.pop();
     let sched = Tensor::from_slice(&sched).to_kind(Kind::Float).to_device(device);
@@ -313,29 +320,41 @@ pub fn dmd_train_with_grids(
             .reshape(sshape.as_slice())
     };
     let zero = Tensor::zeros([], (Kind::Float, device));
-    while it < opts.iterations && opts.max_seconds.is_none_or(|m| start.elapsed().as_secs_f64() < m) {
-        let lr = opts.lr * ((it + 1) as f64 / opts.warmup_steps.max(1) as f64).min(1.0);
-        let lr_f = opts.fake_lr.unwrap_or(opts.lr) * ((it + 1) as f64 / opts.warmup_steps.max(1) as f64).min(1.0);
-        let fake_step = |opt_f: &mut AdamW, x: &Tensor, y: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
-            opt_f.zero_grad();
-            let loss = {
-                let _ac = AutocastBf16::new(cuda && opts.bf16)?;
-                fake_score_loss(fake, x, y, &sigma_at(0, opts.levels))
-            };
-            loss.backward();
-            let gn = opt_f.step(lr_f, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
-            Ok((loss.detach(), gn))
+    // Learning rates live in device tensors so that a captured iteration follows the warm-up.
+    let lr_g_t = Tensor::zeros([], (Kind::Float, device));
+    let lr_f_t = Tensor::zeros([], (Kind::Float, device));
+    let fake_step = |x: &Tensor, y: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
+        opt_f.zero_grad();
+        let loss = {
+            let _ac = AutocastBf16::new(cuda && opts.bf16)?;
+            fake_score_loss(fake, x, y, &sigma_at(0, opts.levels))
         };
+        loss.backward();
+        let gn = opt_f.step(&lr_f_t, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
+        Ok((loss.detach(), gn))
+    };
+    let regress = pairs.filter(|_| opts.regression_weight > 0.0);
+    // One DMD iteration, device work only (no host reads), so that it can be captured as a
+    // CUDA graph. Returns [loss_dm, loss_reg, loss_fake, grad_norm_g, grad_norm_fake].
+    let iteration = || -> Result<Tensor> {
         for _ in 1..opts.fake_updates_per_g.max(1) {
             let y = labels_for(b);
             let x = tch::no_grad(|| generate(&Tensor::randn(bshape.as_slice(), (Kind::Float, device)), y.as_ref()))?;
-            let _ = fake_step(&mut opt_f, &x, y.as_ref())?;
+            let _ = fake_step(&x, y.as_ref())?;
         }
-        // Generator update.
         opt_g.zero_grad();
         let y = labels_for(b);
         let z = Tensor::randn(bshape.as_slice(), (Kind::Float, device));
-        let x = generate(&z, y.as_ref())?;
+        // The generator sees its DM batch and its regression batch in one call (fewer launches).
+        let (x, reg) = match regress {
+            Some(p) => {
+                let (zr, yr, xr) = p.batch(b);
+                let yy = y.as_ref().zip(yr.as_ref()).map(|(a, c)| Tensor::cat(&[a, c], 0));
+                let both = generate(&Tensor::cat(&[&z, &zr], 0), yy.as_ref())?;
+                (both.narrow(0, 0, b), Some((both.narrow(0, b, b), xr)))
+            }
+            None => (generate(&z, y.as_ref())?, None),
+        };
         let xd = x.detach();
         let g = tch::no_grad(|| -> Result<Tensor> {
             let sigma = sigma_at(opts.t_min_index, opts.t_max_index);
@@ -346,18 +365,50 @@ pub fn dmd_train_with_grids(
             Ok(dm_gradient(&xd, &real_d, &fake_d))
         })?;
         let loss_dm = dm_loss(&x, &g);
-        let mut loss = loss_dm.shallow_clone();
-        let mut loss_reg = zero.shallow_clone();
-        if let (Some(p), true) = (pairs, opts.regression_weight > 0.0) {
-            let (zr, yr, xr) = p.batch(b);
-            let pred = generate(&zr, yr.as_ref())?;
-            loss_reg = regression_loss(&pred, &xr, opts.regression_loss, lpips);
-            loss = loss + &loss_reg * opts.regression_weight;
-        }
+        let (loss, loss_reg) = match reg {
+            Some((pred, target)) => {
+                let l = regression_loss(&pred, &target, opts.regression_loss, lpips);
+                (&loss_dm + &l * opts.regression_weight, l)
+            }
+            None => (loss_dm.shallow_clone(), zero.shallow_clone()),
+        };
         loss.backward();
-        let gn_g = opt_g.step(lr, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
+        let gn_g = opt_g.step(&lr_g_t, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
         // Fake-score update on the same (detached) samples.
-        let (loss_f, gn_f) = fake_step(&mut opt_f, &xd, y.as_ref())?;
+        let (loss_f, gn_f) = fake_step(&xd, y.as_ref())?;
+        Ok(Tensor::stack(
+            &[loss_dm.detach(), loss_reg.detach(), loss_f, gn_g.reshape([]), gn_f.reshape([])],
+            0,
+        ))
+    };
+    let use_graph = cuda && opts.cuda_graph && crate::cuda_graph::available();
+    if cuda && opts.cuda_graph && !use_graph {
+        tracing::warn!(
+            reason = crate::cuda_graph::unavailable_reason().unwrap_or_default(),
+            "CUDA-graph capture unavailable; running DMD eagerly"
+        );
+    }
+    let _side_stream = use_graph.then(crate::cuda_graph::SideStream::enter).transpose()?;
+    let mut graph: Option<(crate::cuda_graph::CudaGraph, Tensor)> = None;
+    while it < opts.iterations && opts.max_seconds.is_none_or(|m| start.elapsed().as_secs_f64() < m) {
+        let ramp = ((it + 1) as f64 / opts.warmup_steps.max(1) as f64).min(1.0);
+        let lr = opts.lr * ramp;
+        let lr_f = opts.fake_lr.unwrap_or(opts.lr) * ramp;
+        let _ = lr_g_t.shallow_clone().fill_(lr);
+        let _ = lr_f_t.shallow_clone().fill_(lr_f);
+        // A few eager iterations first (cuDNN picks its algorithms, lazy state is created),
+        // then one capture; every later iteration is a replay.
+        let stats = if use_graph && it - resumed_from >= EAGER_BEFORE_CAPTURE {
+            if graph.is_none() {
+                graph = Some(crate::cuda_graph::CudaGraph::capture(&iteration)?);
+                tracing::info!(iteration = it, "captured the DMD iteration as a CUDA graph");
+            }
+            let (g, out) = graph.as_ref().expect("captured above");
+            g.replay()?;
+            out.copy()
+        } else {
+            iteration()?
+        };
         if let Some(e) = ema {
             let h = opts.ema_halflife_images.unwrap_or(0.0);
             ema_update(e, generator, ema_beta(opts.batch, (it + 1) * opts.batch as u64, h, None))?;
@@ -368,10 +419,7 @@ pub fn dmd_train_with_grids(
                 hook(it, generator)?;
             }
         }
-        window.push(Tensor::stack(
-            &[loss_dm.detach(), loss_reg.detach(), loss_f, gn_g.reshape([]), gn_f.reshape([])],
-            0,
-        ));
+        window.push(stats);
         if it % opts.log_every == 0 || it >= opts.iterations {
             let rows = Vec::<Vec<f64>>::try_from(Tensor::stack(&window, 0).to_kind(Kind::Double))?;
             if let Some(i) = rows.iter().position(|r| r[..3].iter().any(|v| !v.is_finite())) {

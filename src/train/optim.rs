@@ -55,7 +55,7 @@ impl AdamW {
 
     /// Sanitises and clips the gradients (`max_norm` <= 0: no clipping), then takes one step.
     /// Returns the gradient norm before clipping (a device scalar) when clipping.
-    pub fn step(&mut self, lr: f64, max_norm: f64) -> Result<Option<Tensor>> {
+    pub fn step<'a>(&self, lr: impl Into<torch_shim::Lr<'a>>, max_norm: f64) -> Result<Option<Tensor>> {
         let idx: Vec<usize> = (0..self.params.len()).filter(|&i| self.params[i].grad().defined()).collect();
         let pick = |v: &Vec<Tensor>| idx.iter().map(|&i| v[i].shallow_clone()).collect::<Vec<_>>();
         let grads: Vec<Tensor> = idx.iter().map(|&i| self.params[i].grad()).collect();

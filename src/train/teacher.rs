@@ -126,7 +126,7 @@ pub fn train_with_grids(
     let cuda = net.device().is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
     tch::manual_seed(opts.seed as i64);
-    let mut opt = AdamW::new(net, opts.betas, opts.eps, 0.0);
+    let opt = AdamW::new(net, opts.betas, opts.eps, 0.0);
     let ema_names: Vec<String> = sorted_names(ema);
     let ckpt_path = work_dir.join("checkpoint.safetensors");
     let mut step = 0u64;

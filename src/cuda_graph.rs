@@ -1,0 +1,169 @@
+//! CUDA-graph capture and replay of a whole training iteration.
+//!
+//! Small networks are bound by kernel launches, not arithmetic: a DMD iteration of the 8.8M
+//! speedrun network issues thousands of kernels. Captured once into a CUDA graph, the iteration
+//! is replayed with a single launch. The capture code (src/shim/cuda_graph.cpp) is a separate
+//! shared library embedded in the binary and loaded only after libtorch_cuda, so CPU-only
+//! machines never need it.
+
+use std::ffi::CStr;
+use std::sync::OnceLock;
+
+use anyhow::{Result, bail};
+
+type ErrFn = unsafe extern "C" fn() -> *const libc::c_char;
+type StatusFn = unsafe extern "C" fn() -> libc::c_int;
+type GraphFn = unsafe extern "C" fn(*mut libc::c_void) -> libc::c_int;
+
+struct Api {
+    last_error: ErrFn,
+    enter_side_stream: StatusFn,
+    exit_side_stream: StatusFn,
+    graph_new: unsafe extern "C" fn() -> *mut libc::c_void,
+    graph_free: unsafe extern "C" fn(*mut libc::c_void),
+    capture_begin: GraphFn,
+    capture_end: GraphFn,
+    replay: GraphFn,
+}
+
+#[cfg(dmd_cuda_graph)]
+static SHIM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libdmdpipe_cuda.so"));
+#[cfg(not(dmd_cuda_graph))]
+static SHIM: &[u8] = &[];
+
+fn api() -> Result<&'static Api> {
+    static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+    API.get_or_init(|| load().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Whether whole-iteration capture can be used (a CUDA device and the shim loaded).
+pub fn available() -> bool {
+    crate::torch_shim::init_cuda() && api().is_ok()
+}
+
+/// Why capture is unavailable, for the log.
+pub fn unavailable_reason() -> Option<String> {
+    if !crate::torch_shim::init_cuda() {
+        return Some("no CUDA".into());
+    }
+    api().err().map(|e| e.to_string())
+}
+
+fn load() -> Result<Api> {
+    use sha2::Digest;
+    if SHIM.is_empty() {
+        bail!("this binary was built without CUDA headers, so without CUDA-graph capture");
+    }
+    if !crate::torch_shim::init_cuda() {
+        bail!("libtorch_cuda is not loaded");
+    }
+    let digest = hex::encode(&sha2::Sha256::digest(SHIM)[..8]);
+    let path = std::env::temp_dir().join(format!("dmdpipe-cuda-graph-{digest}.so"));
+    if !path.exists() {
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&tmp, SHIM)?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    let cpath = std::ffi::CString::new(path.to_string_lossy().as_bytes())?;
+    let handle = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        let err = unsafe { CStr::from_ptr(libc::dlerror()).to_string_lossy().into_owned() };
+        bail!("loading {}: {err}", path.display());
+    }
+    macro_rules! sym {
+        ($name:literal) => {{
+            let p = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr() as *const libc::c_char) };
+            if p.is_null() {
+                bail!("{} lacks {}", path.display(), $name);
+            }
+            unsafe { std::mem::transmute::<*mut libc::c_void, _>(p) }
+        }};
+    }
+    Ok(Api {
+        last_error: sym!("dmdc_last_error"),
+        enter_side_stream: sym!("dmdc_enter_side_stream"),
+        exit_side_stream: sym!("dmdc_exit_side_stream"),
+        graph_new: sym!("dmdc_graph_new"),
+        graph_free: sym!("dmdc_graph_free"),
+        capture_begin: sym!("dmdc_capture_begin"),
+        capture_end: sym!("dmdc_capture_end"),
+        replay: sym!("dmdc_replay"),
+    })
+}
+
+fn check(api: &Api, rc: libc::c_int, what: &str) -> Result<()> {
+    if rc != 0 {
+        let msg = unsafe { CStr::from_ptr((api.last_error)()).to_string_lossy().into_owned() };
+        bail!("{what}: {msg}");
+    }
+    Ok(())
+}
+
+/// Runs the current thread's CUDA work on a fresh side stream while alive (capture needs a
+/// non-default stream; warm-up, capture and replays share it so their order is kept).
+pub struct SideStream {
+    api: &'static Api,
+}
+
+impl SideStream {
+    pub fn enter() -> Result<Self> {
+        let api = api()?;
+        check(api, unsafe { (api.enter_side_stream)() }, "switching to a side stream")?;
+        Ok(SideStream { api })
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        unsafe { (self.api.exit_side_stream)() };
+    }
+}
+
+/// A captured CUDA graph. Tensors allocated during capture live in the graph's private memory
+/// pool and are overwritten by every replay.
+pub struct CudaGraph {
+    api: &'static Api,
+    ptr: *mut libc::c_void,
+}
+
+impl CudaGraph {
+    /// Captures the CUDA work that `body` issues (nothing runs yet) and returns its result, whose
+    /// tensors each replay refreshes. `body` must not synchronise with the host.
+    pub fn capture<T>(body: impl FnOnce() -> Result<T>) -> Result<(CudaGraph, T)> {
+        let api = api()?;
+        let ptr = unsafe { (api.graph_new)() };
+        if ptr.is_null() {
+            check(api, 1, "creating a CUDA graph")?;
+        }
+        let graph = CudaGraph { api, ptr };
+        check(api, unsafe { (api.capture_begin)(ptr) }, "beginning CUDA-graph capture")?;
+        let out = body();
+        let end = check(api, unsafe { (api.capture_end)(ptr) }, "ending CUDA-graph capture");
+        let out = out.map_err(|e| e.context("inside CUDA-graph capture (set cuda_graph = false to run eagerly)"))?;
+        end?;
+        Ok((graph, out))
+    }
+
+    pub fn replay(&self) -> Result<()> {
+        check(self.api, unsafe { (self.api.replay)(self.ptr) }, "replaying a CUDA graph")
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        unsafe { (self.api.graph_free)(self.ptr) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn without_cuda_capture_is_unavailable_with_a_reason() {
+        if !crate::torch_shim::init_cuda() {
+            assert!(!super::available());
+            assert!(super::unavailable_reason().unwrap().contains("CUDA"));
+        }
+    }
+}
