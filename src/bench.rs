@@ -89,18 +89,24 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
     if !quick {
         for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
             for batch in [56usize, 128] {
-                let ips = bench_dmd(&cfg, device, batch, 20)?;
+                let ips = bench_dmd(&cfg, device, batch, 40, true)?;
                 out.insert(format!("{tag}_dmd_b{batch}_it_s"), ips.into());
+                let eager = bench_dmd(&cfg, device, batch, 20, false)?;
+                out.insert(format!("{tag}_dmd_b{batch}_eager_it_s"), eager.into());
             }
         }
     } else {
-        out.insert("speedrun9m_dmd_b4_it_s".into(), bench_dmd(&ddpmpp(64, 2), device, 4, 2)?.into());
+        out.insert(
+            "speedrun9m_dmd_b4_it_s".into(),
+            bench_dmd(&ddpmpp(64, 2), device, 4, 2, true)?.into(),
+        );
     }
     Ok(Value::Object(out))
 }
 
-/// DMD iterations per second (generator step with the regression loss + fake-score step), bf16.
-fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations: u64) -> Result<f64> {
+/// DMD iterations per second (generator step with the regression loss + fake-score step), bf16,
+/// measured over the iterations after the first `skip` (eager warm-up and graph capture).
+fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations: u64, cuda_graph: bool) -> Result<f64> {
     use crate::train::dmd::{DmdOptions, Pairs, dmd_train};
     let mut cfg = cfg.clone();
     cfg.set_dropout(0.0);
@@ -113,21 +119,18 @@ fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations:
         x: Tensor::randn([1024, 3, 32, 32], (Kind::Float, device)) * 0.5,
     };
     let work = tempfile::tempdir()?;
-    let warm = DmdOptions {
+    let skip = 10u64;
+    let opts = DmdOptions {
         batch,
-        iterations: 3,
-        log_every: 1000,
+        iterations: skip + iterations,
+        log_every: skip,
         checkpoint_every: u64::MAX,
+        cuda_graph,
         ..Default::default()
     };
-    dmd_train(&teacher, &g, &f, None, Some(&pairs), &warm, work.path(), |_| {})?;
-    let work = tempfile::tempdir()?;
-    let opts = DmdOptions { iterations, ..warm };
-    sync(device);
-    let t = Instant::now();
-    dmd_train(&teacher, &g, &f, None, Some(&pairs), &opts, work.path(), |_| {})?;
-    sync(device);
-    Ok(iterations as f64 / t.elapsed().as_secs_f64())
+    let summary = dmd_train(&teacher, &g, &f, None, Some(&pairs), &opts, work.path(), |_| {})?;
+    let timed: Vec<f64> = summary.log.iter().skip(1).map(|r| r.iterations_per_second).collect();
+    Ok(timed.len() as f64 / timed.iter().map(|r| 1.0 / r).sum::<f64>())
 }
 
 /// Inception features for the 60,000 CIFAR-10 images in TF32 and strict fp32: throughput and

@@ -53,6 +53,12 @@ fn shrink(name: &str, network: &str) -> String {
     }
     set(stages, &["dmd", "train", "bf16"], false.into());
     set(stages, &["dmd", "grid_columns"], 2.into());
+    let eval: Table = toml::from_str(&format!(
+        "reference = \"fid_ref\"\ninception = \"{}\"\nevery = 1\nnum_samples = 4",
+        inception()
+    ))
+    .unwrap();
+    set(stages, &["dmd", "eval"], eval.into());
     for s in ["fid_ref", "student_fid"] {
         set(stages, &[s, "inception"], inception().into());
     }
@@ -106,6 +112,15 @@ fn imagenet64_pipeline_runs_on_a_fixture() {
     assert_eq!(r.stage("dataset").unwrap().metrics["count"], 10);
     assert_eq!(r.stage("dmd").unwrap().metrics["iterations"], 2);
     assert!(r.stage("student_fid").unwrap().metrics["fid"].as_f64().unwrap().is_finite());
+    assert_fid_curve(&r);
+}
+
+/// The DMD stage's FID-vs-iterations curve: before training, after each iteration (every = 1).
+fn assert_fid_curve(r: &runner::RunReport) {
+    let curve = r.stage("dmd").unwrap().metrics["fid_curve"].as_array().unwrap().clone();
+    let iters: Vec<u64> = curve.iter().map(|p| p[0].as_u64().unwrap()).collect();
+    assert_eq!(iters, vec![0, 1, 2]);
+    assert!(curve.iter().all(|p| p[1].as_f64().unwrap().is_finite()));
 }
 
 #[test]
@@ -134,4 +149,5 @@ fn afhq64_pipeline_runs_on_a_fixture() {
     assert_eq!(r.stage("dataset").unwrap().metrics["num_classes"], 0, "unconditional");
     assert_eq!(r.stage("dmd").unwrap().metrics["iterations"], 2);
     assert!(r.stage("student_fid").unwrap().metrics["fid"].as_f64().unwrap().is_finite());
+    assert_fid_curve(&r);
 }

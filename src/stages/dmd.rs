@@ -37,6 +37,28 @@ pub struct DmdParams {
     pub grid_every: Option<u64>,
     /// LPIPS-VGG weights (safetensors, names in `nn::lpips`) for `regression_loss = "lpips"`.
     pub lpips_weights: Option<std::path::PathBuf>,
+    /// FID of the one-step generator during training (the FID-vs-iterations curve).
+    pub eval: Option<DmdEval>,
+}
+
+fn d_eval_samples() -> usize {
+    5000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DmdEval {
+    /// The `fid-ref` stage with the reference statistics.
+    pub reference: String,
+    pub inception: std::path::PathBuf,
+    /// Evaluate before training, every this many iterations, and at the end.
+    pub every: u64,
+    /// Samples per evaluation (class-balanced, seeds `seed`..`seed + num_samples`); fewer than
+    /// the final FID's 50k, so the curve reads high by a roughly constant offset.
+    #[serde(default = "d_eval_samples")]
+    pub num_samples: usize,
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl Stage for DmdParams {
@@ -66,16 +88,31 @@ impl Stage for DmdParams {
                 accepts: &[ArtifactType::Images, ArtifactType::Points2d],
             });
         }
+        if let Some(e) = &self.eval {
+            v.push(Upstream {
+                role: "fid_reference",
+                stage: e.reference.clone(),
+                accepts: &[ArtifactType::FidStats],
+            });
+        }
         v
     }
     fn input_paths(&self) -> Vec<super::InputPath> {
-        self.lpips_weights
+        let mut v: Vec<super::InputPath> = self
+            .lpips_weights
             .iter()
             .map(|p| super::InputPath {
                 role: "lpips_weights",
                 path: p.clone(),
             })
-            .collect()
+            .collect();
+        if let Some(e) = &self.eval {
+            v.push(super::InputPath {
+                role: "inception",
+                path: e.inception.clone(),
+            });
+        }
+        v
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         let t = &self.train;
@@ -97,6 +134,14 @@ impl Stage for DmdParams {
                     t.t_min_index, t.t_max_index, t.levels
                 ),
             ));
+        }
+        if let Some(e) = &self.eval {
+            if e.every == 0 || e.num_samples < 2 {
+                return Err(FieldIssue::new(
+                    "eval",
+                    "eval.every must be at least 1 and eval.num_samples at least 2",
+                ));
+            }
         }
         if t.regression_weight > 0.0 && self.pairs.is_none() {
             return Err(
@@ -156,12 +201,30 @@ impl Stage for DmdParams {
             Some(_) => Some(crate::nn::lpips::Lpips::load(ctx.input("lpips_weights")?, device)?),
             None => None,
         };
-        let progress_dir = ctx.out_dir.join("progress");
         let is_mlp = matches!(config, crate::nn::NetworkConfig::Mlp(_));
-        let mut hook = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
-            if is_mlp {
+        let evaluator = match &self.eval {
+            Some(e) if !is_mlp => Some((
+                e,
+                crate::eval::inception::Inception::load(ctx.input("inception")?, device)?,
+                crate::eval::fid::FidStats::load_npz(&ctx.upstream_dir("fid_reference")?.join(super::fid::STATS_FILE))?,
+            )),
+            _ => None,
+        };
+        let mut fid_curve: Vec<(u64, f64)> = Vec::new();
+        let quiet = indicatif::ProgressBar::hidden();
+        let mut evaluate = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
+            let Some((e, net, reference)) = &evaluator else { return Ok(()) };
+            if fid_curve.last().is_some_and(|l| l.0 == it) {
                 return Ok(());
             }
+            let s = super::fid::generator_stats(net, g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet)?;
+            let fid = crate::eval::fid::frechet_distance(&s.stats, reference)?;
+            tracing::info!(iteration = it, fid, samples = e.num_samples, "dmd fid");
+            fid_curve.push((it, fid));
+            Ok(())
+        };
+        let progress_dir = ctx.out_dir.join("progress");
+        let grid_at = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
             std::fs::create_dir_all(&progress_dir)?;
             let grid = class_grid(
                 config.img_resolution(),
@@ -178,9 +241,23 @@ impl Stage for DmdParams {
             );
             grid.save_png(&progress_dir.join(format!("grid-iter{it:07}.png")))
         };
-        let grids = self
-            .grid_every
-            .map(|n| (n, &mut hook as &mut dyn FnMut(u64, &Denoiser) -> anyhow::Result<()>));
+        if !ctx.work_dir.join("dmd_checkpoint.safetensors").exists() {
+            evaluate(0, &generator)?;
+        }
+        let (grid_every, eval_every) = (self.grid_every.unwrap_or(0), self.eval.as_ref().map_or(0, |e| e.every));
+        let mut hook = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
+            if is_mlp {
+                return Ok(());
+            }
+            if grid_every > 0 && it % grid_every == 0 {
+                grid_at(it, g)?;
+            }
+            if eval_every > 0 && it % eval_every == 0 {
+                evaluate(it, g)?;
+            }
+            Ok(())
+        };
+        let grids = (grid_every > 0 || eval_every > 0).then_some((1, &mut hook as &mut dyn FnMut(u64, &Denoiser) -> anyhow::Result<()>));
         let summary = dmd_train_with_grids(
             &teacher,
             &generator,
@@ -213,6 +290,16 @@ impl Stage for DmdParams {
             lpips.as_ref(),
         )?;
         std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
+        evaluate(summary.iterations, &generator)?;
+        if !fid_curve.is_empty() {
+            let mut c = String::from("iteration,fid\n");
+            for (i, f) in &fid_curve {
+                c.push_str(&format!("{i},{f}\n"));
+            }
+            std::fs::write(ctx.out_dir.join("fid_curve.csv"), c)?;
+            let pts: Vec<(f64, f64)> = fid_curve.iter().map(|&(i, f)| (i as f64, f)).collect();
+            line_plot("one-step FID vs DMD iteration", &[("fid", pts)], true).save_png(&ctx.out_dir.join("fid_curve.png"))?;
+        }
         let series =
             |f: fn(&crate::train::dmd::DmdLogRow) -> f64| summary.log.iter().map(|r| (r.iteration as f64, f(r))).collect::<Vec<_>>();
         line_plot(
@@ -240,6 +327,10 @@ impl Stage for DmdParams {
             "final_loss_fake": last.map(|r| r.loss_fake),
             "parameters": generator.num_params(),
         });
+        if let Some(&(_, last_fid)) = fid_curve.last() {
+            m["fid_curve"] = serde_json::json!(fid_curve);
+            m["fid_at_end"] = last_fid.into();
+        }
         if matches!(config, crate::nn::NetworkConfig::Mlp(_)) {
             let extra = toy_report(ctx, &teacher, &generator, &one, self.dataset.is_some())?;
             m.as_object_mut().expect("object").extend(extra);

@@ -57,11 +57,65 @@ fn dataset_batches(ds: &ImageDataset, batch: usize) -> impl Iterator<Item = Tens
     })
 }
 
-fn setup(device: &str, precision: Precision, inception: &std::path::Path) -> anyhow::Result<Inception> {
+pub fn setup(device: &str, precision: Precision, inception: &std::path::Path) -> anyhow::Result<Inception> {
     let device = crate::torch_shim::device(device)?;
     crate::torch_shim::set_tf32(device.is_cuda() && precision == Precision::Tf32);
     tch::Cuda::cudnn_set_benchmark(device.is_cuda());
     Inception::load(inception, device)
+}
+
+pub struct GeneratorStats {
+    pub stats: FidStats,
+    pub sampling_seconds: f64,
+    pub inception_seconds: f64,
+}
+
+/// Inception statistics of `n` samples of `generator`: image i has the latents of seed
+/// `seed + i` and, for a conditional model, class i mod label_dim (class-balanced).
+#[allow(clippy::too_many_arguments)]
+pub fn generator_stats(
+    net: &Inception,
+    generator: &crate::nn::Denoiser,
+    sampler: &SamplerConfig,
+    n: usize,
+    seed: u64,
+    batch: usize,
+    bf16: bool,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<GeneratorStats> {
+    let cfg = &generator.config;
+    let (res, ch, label_dim) = (cfg.img_resolution(), cfg.img_channels(), cfg.label_dim());
+    let mut acc = StatsAccumulator::new();
+    let (mut gen_secs, mut inc_secs) = (0.0, 0.0);
+    for start in (0..n).step_by(batch.max(1)) {
+        let count = batch.min(n - start);
+        let seeds: Vec<u64> = (start..start + count).map(|i| seed + i as u64).collect();
+        let t = Instant::now();
+        let z = seeded_latents(&seeds, [ch, res, res], net.device);
+        let labels = (label_dim > 0).then(|| {
+            one_hot(
+                &(start..start + count).map(|i| (i as i64) % label_dim).collect::<Vec<_>>(),
+                label_dim,
+                net.device,
+            )
+        });
+        let x = tch::no_grad(|| -> anyhow::Result<Tensor> {
+            let _ac = crate::torch_shim::AutocastBf16::new(net.device.is_cuda() && bf16)?;
+            Ok(sample(generator, &z, labels.as_ref(), sampler))
+        })?;
+        let u8s = to_uint8_nhwc(&x);
+        gen_secs += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let b = Tensor::from_slice(&u8s).reshape([count as i64, res, res, ch]);
+        acc.add(&net.features(&b));
+        inc_secs += t.elapsed().as_secs_f64();
+        progress.inc(count as u64);
+    }
+    Ok(GeneratorStats {
+        stats: acc.finish()?,
+        sampling_seconds: gen_secs,
+        inception_seconds: inc_secs,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -233,45 +287,19 @@ impl Stage for FidParams {
         }
         let generator =
             crate::stages::teacher::load_teacher(ctx.upstream_dir("generator")?, net.device).context("loading the generator")?;
-        let cfg = generator.config.clone();
-        let (res, ch, label_dim) = (cfg.img_resolution(), cfg.img_channels(), cfg.label_dim());
         let n = self.num_samples;
         ctx.progress.set_length((n * self.repeats) as u64);
         let mut fids = Vec::new();
         let (mut gen_secs, mut inc_secs) = (0.0, 0.0);
         for r in 0..self.repeats {
             let base = self.seed + (r * n) as u64;
-            let mut acc = StatsAccumulator::new();
-            for start in (0..n).step_by(self.batch) {
-                let count = self.batch.min(n - start);
-                let seeds: Vec<u64> = (start..start + count).map(|i| base + i as u64).collect();
-                let t = Instant::now();
-                let z = seeded_latents(&seeds, [ch, res, res], net.device);
-                // Class-balanced: image i gets class i mod label_dim.
-                let labels = (label_dim > 0).then(|| {
-                    one_hot(
-                        &(start..start + count).map(|i| (i as i64) % label_dim).collect::<Vec<_>>(),
-                        label_dim,
-                        net.device,
-                    )
-                });
-                let x = {
-                    let _ac = crate::torch_shim::AutocastBf16::new(net.device.is_cuda() && self.bf16)?;
-                    sample(&generator, &z, labels.as_ref(), &self.sampler)
-                };
-                let u8s = to_uint8_nhwc(&x);
-                gen_secs += t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                let batch = Tensor::from_slice(&u8s).reshape([count as i64, res, res, ch]);
-                acc.add(&net.features(&batch));
-                inc_secs += t.elapsed().as_secs_f64();
-                ctx.progress.inc(count as u64);
-            }
-            let stats = acc.finish()?;
-            let fid = frechet_distance(&stats, &reference)?;
+            let s = generator_stats(&net, &generator, &self.sampler, n, base, self.batch, self.bf16, &ctx.progress)?;
+            gen_secs += s.sampling_seconds;
+            inc_secs += s.inception_seconds;
+            let fid = frechet_distance(&s.stats, &reference)?;
             tracing::info!(repeat = r, fid, "fid");
             if r == 0 {
-                stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+                s.stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
             }
             fids.push(fid);
         }
