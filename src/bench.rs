@@ -58,11 +58,19 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
         ema.copy_from(&net)?;
         out.insert(format!("{tag}_parameters"), net.num_params().into());
         let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
-        for bf16 in [true, false] {
-            let prec = if bf16 { "bf16" } else { "tf32" };
+        // The channels-last variant comes last: it re-lays out the weights for good.
+        for (prec, bf16, cl) in [("bf16", true, false), ("tf32", false, false), ("bf16_channels_last", true, true)] {
+            if cl {
+                let all = |d: &Denoiser| d.vs.variables().into_values().collect::<Vec<_>>();
+                torch_shim::to_channels_last(&all(&net))?;
+                torch_shim::to_channels_last(&all(&ema))?;
+                torch_shim::to_channels_last(&opt.exp_avg)?;
+                torch_shim::to_channels_last(&opt.exp_avg_sq)?;
+            }
+            let layout = |t: Tensor| if cl { torch_shim::channels_last(&t) } else { Ok(t) };
             let per_step = timed(device, 5.min(steps), steps, || {
                 opt.zero_grad();
-                let y = Tensor::rand([train_b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
+                let y = layout(Tensor::rand([train_b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0)?;
                 let labels = Tensor::randint(10, [train_b], (Kind::Int64, device))
                     .one_hot(10)
                     .to_kind(Kind::Float);
@@ -75,7 +83,7 @@ pub fn bench_gpu(device_name: &str, quick: bool) -> Result<Value> {
                 ema_update(&ema, &net, 0.999)
             })?;
             out.insert(format!("{tag}_train_{prec}_img_s"), (train_b as f64 / per_step).into());
-            let z = Tensor::randn([sample_b, 3, 32, 32], (Kind::Float, device)) * 80.0;
+            let z = layout(Tensor::randn([sample_b, 3, 32, 32], (Kind::Float, device)) * 80.0)?;
             let labels = one_hot(&(0..sample_b).map(|i| i % 10).collect::<Vec<_>>(), 10, device);
             let sigma = Tensor::from(80.0f32).to_device(device);
             let per_call = timed(device, 3.min(steps), 10.min(steps), || {

@@ -46,6 +46,26 @@ unsafe extern "C" {
     fn dmd_foreach_lerp(ema: *const CTensor, params: *const CTensor, n: libc::c_int, weight: f64) -> libc::c_int;
     fn dmd_sanitize_and_clip(grads: *const CTensor, n: libc::c_int, max_norm: f64, norm_out: CTensor) -> libc::c_int;
     fn dmd_clear_grads(params: *const CTensor, n: libc::c_int);
+    fn dmd_to_channels_last(ts: *const CTensor, n: libc::c_int) -> libc::c_int;
+    fn dmd_channels_last_copy(t: CTensor, out: CTensor) -> libc::c_int;
+}
+
+/// Re-lays out the 4-D tensors among `ts` (conv weights) as channels-last, in place.
+pub fn to_channels_last(ts: &[Tensor]) -> Result<()> {
+    let p = ptrs(ts);
+    if unsafe { dmd_to_channels_last(p.as_ptr(), p.len() as libc::c_int) } != 0 {
+        bail!("to_channels_last: {}", last_error());
+    }
+    Ok(())
+}
+
+/// A channels-last (NHWC in memory) copy of a 4-D tensor; same shape and values.
+pub fn channels_last(t: &Tensor) -> Result<Tensor> {
+    let out = Tensor::zeros([0], (tch::Kind::Float, Device::Cpu));
+    if unsafe { dmd_channels_last_copy(t.as_ptr() as CTensor, out.as_ptr() as CTensor) } != 0 {
+        bail!("channels_last: {}", last_error());
+    }
+    Ok(out)
 }
 
 fn ptrs(ts: &[Tensor]) -> Vec<CTensor> {
@@ -285,6 +305,19 @@ mod tests {
         let v1 = Vec::<f32>::try_from(&g1).unwrap();
         assert!((v1[0] - 0.6).abs() < 1e-5 && v1[1] == 0.0);
         assert!((Vec::<f32>::try_from(&g2).unwrap()[0] - 0.8).abs() < 1e-5);
+    }
+
+    #[test]
+    fn channels_last_keeps_values_and_changes_strides() {
+        let t = Tensor::randn([2, 3, 4, 5], (Kind::Float, Device::Cpu));
+        let c = channels_last(&t).unwrap();
+        assert_eq!(c.stride(), vec![60, 1, 15, 3]);
+        assert_eq!((&c - &t).abs().max().double_value(&[]), 0.0);
+        let w = Tensor::randn([2, 3, 4, 5], (Kind::Float, Device::Cpu));
+        let w0 = w.copy();
+        to_channels_last(&[w.shallow_clone()]).unwrap();
+        assert_eq!(w.stride(), vec![60, 1, 15, 3]);
+        assert_eq!((&w - &w0).abs().max().double_value(&[]), 0.0);
     }
 
     #[test]

@@ -124,4 +124,30 @@ int dmd_sanitize_and_clip(at::Tensor** grads, int n, double max_norm, at::Tensor
   }
 }
 
+// Re-lays out every 4-D tensor (conv weights) in channels-last (NHWC) memory order in place,
+// keeping the tensor objects (optimisers and variable stores keep their handles).
+int dmd_to_channels_last(at::Tensor** ts, int n) {
+  try {
+    at::NoGradGuard no_grad;
+    for (int i = 0; i < n; ++i) {
+      if (ts[i]->dim() == 4) ts[i]->set_data(ts[i]->contiguous(at::MemoryFormat::ChannelsLast));
+    }
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
+// A channels-last copy of a 4-D tensor.
+int dmd_channels_last_copy(at::Tensor* t, at::Tensor* out) {
+  try {
+    *out = t->contiguous(at::MemoryFormat::ChannelsLast);
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
 }  // extern "C"

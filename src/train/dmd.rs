@@ -303,12 +303,11 @@ pub fn dmd_train_with_grids(
     let start = Instant::now();
     let mut window: Vec<Tensor> = Vec::new();
     let mut window_start = (Instant::now(), it);
+    // Rows of an identity matrix rather than one_hot, whose range checks may read the device.
+    let eye = (label_dim > 0).then(|| Tensor::eye(label_dim, (Kind::Float, device)));
     let labels_for = |n: i64| {
-        (label_dim > 0).then(|| {
-            Tensor::randint(label_dim, [n], (Kind::Int64, device))
-                .one_hot(label_dim)
-                .to_kind(Kind::Float)
-        })
+        eye.as_ref()
+            .map(|e| e.index_select(0, &Tensor::randint(label_dim, [n], (Kind::Int64, device))))
     };
     let generate = |z: &Tensor, y: Option<&Tensor>| -> Result<Tensor> {
         let _ac = AutocastBf16::new(cuda && opts.bf16)?;
