@@ -129,6 +129,9 @@ enum BenchCommand {
         /// Tiny batches and few steps (a smoke test, e.g. on CPU).
         #[arg(long)]
         quick: bool,
+        /// Also time bf16 with channels-last (NHWC) weights and activations.
+        #[arg(long)]
+        channels_last: bool,
         /// Also write the numbers to this JSON file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -311,10 +314,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            what: BenchCommand::Gpu { device, quick, out },
+            what:
+                BenchCommand::Gpu {
+                    device,
+                    quick,
+                    channels_last,
+                    out,
+                },
         } => {
             init_logging(cli.verbose, None);
-            let v = crate::bench::bench_gpu(&device, quick)?;
+            let v = crate::bench::bench_gpu(&device, quick, channels_last)?;
             let text = serde_json::to_string_pretty(&v)?;
             println!("{text}");
             if let Some(o) = out {

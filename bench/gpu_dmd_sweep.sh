@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Device-machine DMD study: pipelines/cifar10-speedrun-distill.toml (imported speedrun teacher and
+# reference statistics from /tmp/stage) up to the pairs once, then several DMD settings in
+# parallel, each in its own copy of the project (own cache), each with its FID-vs-iterations curve.
+# Usage: bash bench/gpu_dmd_sweep.sh SECONDS NAME:batch:lr:fake_lr:warmup:fake_updates:reg_weight ...
+set -uo pipefail
+OUT_DIR="${OUT_DIR:-$OUT}"
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
+S=/tmp/stage
+secs=$1; shift
+mkdir -p models data/cifar-10-batches-bin
+cat $S/inception.part* > models/inception-2015-12-05.safetensors
+cp $S/speedrun-teacher.safetensors $S/cifar10-train-stats.npz models/
+cp $S/dmdpipe ./dmdpipe-bin
+BIN="$PWD/dmdpipe-bin"
+python3 -c "import lzma; open('data/cifar-10-batches-bin/test_batch.bin','wb').write(lzma.open('$S/test_batch.bin.xz').read())"
+P=pipelines/cifar10-speedrun-distill.toml
+$BIN run $P --until pairs > "$OUT_DIR/prep.log" 2>&1 || { tail -20 "$OUT_DIR/prep.log"; exit 1; }
+for spec in "$@"; do
+  IFS=: read -r name batch lr flr warm fu reg <<< "$spec"
+  d=/tmp/sweep/$name; rm -rf $d; mkdir -p $d
+  cp -r pipelines models data cache $d/
+  python3 - "$d/$P" "$secs" "$batch" "$lr" "$flr" "$warm" "$fu" "$reg" <<'PY'
+import re, sys
+p, secs, batch, lr, flr, warm, fu, reg = sys.argv[1:]
+s = open(p).read()
+head, train = s.split("[stages.dmd.train]", 1)
+train, tail = train.split("[stages.student_fid]", 1)
+for k, v in [("batch", batch), ("max_seconds", secs), ("lr", lr), ("warmup_steps", warm), ("fake_updates_per_g", fu), ("regression_weight", reg)]:
+    train = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", train)
+train = train.replace(f"lr = {lr}\n", f"lr = {lr}\nfake_lr = {flr}\n", 1)
+open(p, "w").write(head + "[stages.dmd.train]" + train + "[stages.student_fid]" + tail)
+PY
+  (cd $d && $BIN run $P -v > run.log 2>&1; echo "exit $?" >> run.log) &
+done
+wait
+for spec in "$@"; do
+  name=${spec%%:*}; d=/tmp/sweep/$name
+  tail -3 $d/run.log
+  stage_dir() { (cd $d && realpath "$($BIN path $P $1 2>/dev/null)"); }
+  dd=$(stage_dir dmd); sf=$(stage_dir student_fid); sg=$(stage_dir student_grid)
+  mkdir -p /tmp/res/$name
+  cp $d/run.log $d/$P /tmp/res/$name/ 2>/dev/null
+  for f in "$dd"/*.csv "$dd"/*.png "$dd"/metrics.json; do [ -f "$f" ] && cp "$f" /tmp/res/$name/dmd_$(basename $f); done
+  for f in "$sf"/metrics.json; do [ -f "$f" ] && cp "$f" /tmp/res/$name/student_fid.json; done
+  for f in "$sg"/*.png; do [ -f "$f" ] && cp "$f" /tmp/res/$name/student_$(basename $f); done
+  [ -f /tmp/res/$name/student_fid.json ] && echo "$name $(cat /tmp/res/$name/student_fid.json | head -c 300)"
+  [ -f "$dd/fid_curve.csv" ] && cat "$dd/fid_curve.csv" | tr '\n' ' ' && echo
+done
+tar -C /tmp/res -czf "$OUT_DIR/sweep.tgz" .
