@@ -136,7 +136,14 @@ fn afhq64_pipeline_runs_on_a_fixture() {
         }
     }
     let net = "{ arch = \"ddpmpp\", img_resolution = 64, label_dim = 0, augment_dim = 0, model_channels = 8, channel_mult = [1, 2], num_blocks = 1, attn_resolutions = [] }";
-    p.write("afhq64.toml", &shrink("afhq64", net));
+    // With an EMA generator exported as the stage's output (the raw one saved beside it).
+    let mut t: Table = toml::from_str(&shrink("afhq64", net)).unwrap();
+    let stages = t["stages"].as_table_mut().unwrap();
+    set(stages, &["dmd", "train", "ema_halflife_images"], 4.0.into());
+    set(stages, &["dmd", "export_ema"], true.into());
+    set(stages, &["dmd", "train", "gan_generator_weight"], 3e-3.into());
+    set(stages, &["dmd", "dataset"], "dataset".into());
+    p.write("afhq64.toml", &toml::to_string(&t).unwrap());
     let r = runner::run(
         &p.load("afhq64.toml"),
         &RunOptions {
@@ -150,4 +157,19 @@ fn afhq64_pipeline_runs_on_a_fixture() {
     assert_eq!(r.stage("dmd").unwrap().metrics["iterations"], 2);
     assert!(r.stage("student_fid").unwrap().metrics["fid"].as_f64().unwrap().is_finite());
     assert_fid_curve(&r);
+    let dmd = r.stage("dmd").unwrap();
+    assert_eq!(dmd.metrics["exported"], "ema");
+    // DMD2's GAN head ran: the discriminator loss is near 2 ln 2 at the start, never 0.
+    let d = dmd.metrics["final_loss_gan_d"].as_f64().unwrap();
+    assert!(d > 0.5 && d < 3.0, "discriminator loss {d}");
+    assert_eq!(dmd.metrics["fid_curve_ema"].as_array().unwrap().len(), 3);
+    let out = dmd.output_dir.as_ref().unwrap();
+    let raw = dmdpipe::nn::weights::read_safetensors(&out.join("generator_raw.safetensors"))
+        .unwrap()
+        .0;
+    let main = dmdpipe::nn::weights::read_safetensors(&out.join("denoiser.safetensors")).unwrap().0;
+    let differs = raw
+        .iter()
+        .any(|(k, v)| main.get(k).is_some_and(|v2| (v - v2).abs().max().double_value(&[]) > 0.0));
+    assert!(differs, "the exported EMA differs from the raw generator");
 }

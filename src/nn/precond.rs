@@ -148,6 +148,32 @@ impl Denoiser {
         c_skip * &x + c_out * f.to_kind(Kind::Float)
     }
 
+    /// The encoder's bottleneck features for input x at noise level sigma (EDM's input scaling),
+    /// for DDPM++ networks; None for the others.
+    pub fn bottleneck(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>, train: bool) -> Option<Tensor> {
+        let UNet::Song(net) = &self.net else { return None };
+        let x = x.to_kind(Kind::Float);
+        let n = x.size()[0];
+        let sigma = sigma.to_kind(Kind::Float).reshape([-1, 1, 1, 1]);
+        let sd = self.config.sigma_data();
+        let c_in = (sigma.square() + sd * sd).sqrt().reciprocal();
+        let c_noise = (sigma.log() / 4.0).flatten(0, -1).expand([n], false);
+        let labels = match (self.config.label_dim(), class_labels) {
+            (0, _) => None,
+            (d, None) => Some(Tensor::zeros([n, d], (Kind::Float, x.device()))),
+            (d, Some(l)) => Some(l.to_kind(Kind::Float).reshape([-1, d])),
+        };
+        Some(net.bottleneck(&(c_in * &x), &c_noise, labels.as_ref(), None, train))
+    }
+
+    /// Channels of [`Self::bottleneck`], for networks that have one.
+    pub fn bottleneck_channels(&self) -> Option<i64> {
+        match &self.net {
+            UNet::Song(n) => Some(n.bottleneck_channels()),
+            _ => None,
+        }
+    }
+
     /// A trainable copy (same config, same weights) on the same device.
     pub fn duplicate(&self) -> Result<Denoiser> {
         let mut d = Denoiser::new(&self.config, self.device());

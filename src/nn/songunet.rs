@@ -259,6 +259,44 @@ impl SongUNet {
         augment_labels: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
+        let (emb, x, skips) = self.encode(x, noise_labels, class_labels, augment_labels, train);
+        self.decode(&emb, x, skips, train)
+    }
+
+    /// The encoder's last feature map (the lowest resolution): DMD2's GAN head reads it.
+    pub fn bottleneck(
+        &self,
+        x: &Tensor,
+        noise_labels: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        self.encode(x, noise_labels, class_labels, augment_labels, train).1
+    }
+
+    /// Channels of [`Self::bottleneck`].
+    pub fn bottleneck_channels(&self) -> i64 {
+        self.enc
+            .iter()
+            .rev()
+            .find_map(|l| match l {
+                Enc::Block(b) => Some(b.out_channels),
+                Enc::Conv(c) => Some(c.out_channels),
+                _ => None,
+            })
+            .expect("the encoder has blocks")
+    }
+
+    /// Embedding, then the encoder: (embedding, last feature map, skip connections).
+    fn encode(
+        &self,
+        x: &Tensor,
+        noise_labels: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> (Tensor, Tensor, Vec<Tensor>) {
         let emb = match (&self.embedding, &self.fourier_freqs) {
             (Embedding::Fourier, Some(f)) => fourier_embedding(noise_labels, f),
             _ => positional_embedding(noise_labels, self.noise_channels, 10000.0, true),
@@ -306,6 +344,11 @@ impl SongUNet {
                 }
             }
         }
+        (emb, x, skips)
+    }
+
+    fn decode(&self, emb: &Tensor, x: Tensor, mut skips: Vec<Tensor>, train: bool) -> Tensor {
+        let mut x = x;
         let mut out: Option<Tensor> = None;
         let mut tmp: Option<Tensor> = None;
         for layer in &self.dec {
@@ -323,7 +366,7 @@ impl SongUNet {
                     if x.size()[1] != b.in_channels {
                         x = Tensor::cat(&[x, skips.pop().expect("skip available")], 1);
                     }
-                    x = b.forward(&x, &emb, train);
+                    x = b.forward(&x, emb, train);
                 }
             }
         }

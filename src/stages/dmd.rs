@@ -37,8 +37,13 @@ pub struct DmdParams {
     pub grid_every: Option<u64>,
     /// LPIPS-VGG weights (safetensors, names in `nn::lpips`) for `regression_loss = "lpips"`.
     pub lpips_weights: Option<std::path::PathBuf>,
-    /// FID of the one-step generator during training (the FID-vs-iterations curve).
+    /// FID of the one-step generator during training (the FID-vs-iterations curve; with
+    /// `train.ema_halflife_images`, also of the EMA generator).
     pub eval: Option<DmdEval>,
+    /// Which generator is the stage's output when `train.ema_halflife_images` is set: the EMA
+    /// (`true`) or the raw one; the other is saved beside it.
+    #[serde(default)]
+    pub export_ema: bool,
 }
 
 fn d_eval_samples() -> usize {
@@ -135,6 +140,15 @@ impl Stage for DmdParams {
                 ),
             ));
         }
+        if t.gan_generator_weight > 0.0 && self.dataset.is_none() {
+            return Err(FieldIssue::new(
+                "train",
+                "train.gan_generator_weight > 0 (DMD2's GAN head) needs `dataset` for real images",
+            ));
+        }
+        if self.export_ema && t.ema_halflife_images.is_none() {
+            return Err(FieldIssue::new("export_ema", "export_ema needs train.ema_halflife_images"));
+        }
         if let Some(e) = &self.eval {
             if e.every == 0 || e.num_samples < 2 {
                 return Err(FieldIssue::new(
@@ -182,7 +196,9 @@ impl Stage for DmdParams {
         }
         ctx.progress.set_length(self.train.iterations);
         let bar = ctx.progress.clone();
-        let mut csv = String::from("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,lr,iterations_per_second\n");
+        let mut csv = String::from(
+            "iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,loss_gan_g,loss_gan_d,lr,iterations_per_second\n",
+        );
         let one = SamplerConfig {
             solver: Solver::OneStep,
             sigma_max: self.train.sigma_max,
@@ -211,17 +227,44 @@ impl Stage for DmdParams {
             _ => None,
         };
         let mut fid_curve: Vec<(u64, f64)> = Vec::new();
+        let mut fid_curve_ema: Vec<(u64, f64)> = Vec::new();
         let quiet = indicatif::ProgressBar::hidden();
+        let ema_ref = ema.as_ref();
         let mut evaluate = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
             let Some((e, net, reference)) = &evaluator else { return Ok(()) };
             if fid_curve.last().is_some_and(|l| l.0 == it) {
                 return Ok(());
             }
-            let s = super::fid::generator_stats(net, g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet)?;
-            let fid = crate::eval::fid::frechet_distance(&s.stats, reference)?;
-            tracing::info!(iteration = it, fid, samples = e.num_samples, "dmd fid");
+            let fid_of = |net_g: &Denoiser| -> anyhow::Result<f64> {
+                let s = super::fid::generator_stats(net, net_g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet)?;
+                crate::eval::fid::frechet_distance(&s.stats, reference)
+            };
+            let fid = fid_of(g)?;
             fid_curve.push((it, fid));
+            match ema_ref {
+                Some(em) => {
+                    let fe = fid_of(em)?;
+                    tracing::info!(iteration = it, fid, fid_ema = fe, samples = e.num_samples, "dmd fid");
+                    fid_curve_ema.push((it, fe));
+                }
+                None => tracing::info!(iteration = it, fid, samples = e.num_samples, "dmd fid"),
+            }
             Ok(())
+        };
+        let real_images = if self.train.gan_generator_weight > 0.0 {
+            let ds = crate::data::artifact::ImageDataset::read(ctx.upstream_dir("dataset")?).context("real images for the GAN head")?;
+            let (n, h, w, c) = (ds.len() as i64, ds.height as i64, ds.width as i64, ds.channels as i64);
+            let images = Tensor::from_slice(&ds.images)
+                .reshape([n, h, w, c])
+                .permute([0, 3, 1, 2])
+                .contiguous()
+                .to_device(device);
+            let labels = (config.label_dim() > 0).then(|| {
+                Tensor::eye(config.label_dim(), (Kind::Float, device)).index_select(0, &Tensor::from_slice(&ds.labels).to_device(device))
+            });
+            Some(crate::train::dmd::RealImages { images, labels })
+        } else {
+            None
         };
         let progress_dir = ctx.out_dir.join("progress");
         let grid_at = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
@@ -282,23 +325,44 @@ impl Stage for DmdParams {
                     "dmd"
                 );
                 csv.push_str(&format!(
-                    "{},{},{},{},{},{},{},{}\n",
-                    r.iteration, r.loss_dm, r.loss_reg, r.loss_fake, r.grad_norm_g, r.grad_norm_fake, r.lr, r.iterations_per_second
+                    "{},{},{},{},{},{},{},{},{},{}\n",
+                    r.iteration,
+                    r.loss_dm,
+                    r.loss_reg,
+                    r.loss_fake,
+                    r.grad_norm_g,
+                    r.grad_norm_fake,
+                    r.loss_gan_g,
+                    r.loss_gan_d,
+                    r.lr,
+                    r.iterations_per_second
                 ));
             },
             grids,
             lpips.as_ref(),
+            real_images.as_ref(),
         )?;
         std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
         evaluate(summary.iterations, &generator)?;
         if !fid_curve.is_empty() {
-            let mut c = String::from("iteration,fid\n");
-            for (i, f) in &fid_curve {
-                c.push_str(&format!("{i},{f}\n"));
+            let mut c = String::from(if fid_curve_ema.is_empty() {
+                "iteration,fid\n"
+            } else {
+                "iteration,fid,fid_ema\n"
+            });
+            for (k, (i, f)) in fid_curve.iter().enumerate() {
+                match fid_curve_ema.get(k) {
+                    Some((_, fe)) => c.push_str(&format!("{i},{f},{fe}\n")),
+                    None => c.push_str(&format!("{i},{f}\n")),
+                }
             }
             std::fs::write(ctx.out_dir.join("fid_curve.csv"), c)?;
-            let pts: Vec<(f64, f64)> = fid_curve.iter().map(|&(i, f)| (i as f64, f)).collect();
-            line_plot("one-step FID vs DMD iteration", &[("fid", pts)], true).save_png(&ctx.out_dir.join("fid_curve.png"))?;
+            let pts = |v: &[(u64, f64)]| v.iter().map(|&(i, f)| (i as f64, f)).collect::<Vec<(f64, f64)>>();
+            let mut lines = vec![("fid", pts(&fid_curve))];
+            if !fid_curve_ema.is_empty() {
+                lines.push(("fid ema", pts(&fid_curve_ema)));
+            }
+            line_plot("one-step FID vs DMD iteration", &lines, true).save_png(&ctx.out_dir.join("fid_curve.png"))?;
         }
         let series =
             |f: fn(&crate::train::dmd::DmdLogRow) -> f64| summary.log.iter().map(|r| (r.iteration as f64, f(r))).collect::<Vec<_>>();
@@ -312,9 +376,14 @@ impl Stage for DmdParams {
             true,
         )
         .save_png(&ctx.out_dir.join("losses.png"))?;
-        weights::save_safetensors(&generator, &ctx.out_dir.join(super::teacher::WEIGHTS_FILE)).context("saving the generator")?;
-        if let Some(e) = &ema {
-            weights::save_safetensors(e, &ctx.out_dir.join("generator_ema.safetensors"))?;
+        let (main, other, other_file) = match (&ema, self.export_ema) {
+            (Some(e), true) => (e, Some(&generator), "generator_raw.safetensors"),
+            (Some(e), false) => (&generator, Some(e), "generator_ema.safetensors"),
+            (None, _) => (&generator, None, ""),
+        };
+        weights::save_safetensors(main, &ctx.out_dir.join(super::teacher::WEIGHTS_FILE)).context("saving the generator")?;
+        if let Some(o) = other {
+            weights::save_safetensors(o, &ctx.out_dir.join(other_file))?;
         }
         let last = summary.log.last();
         let mut m = serde_json::json!({
@@ -325,12 +394,19 @@ impl Stage for DmdParams {
             "final_loss_dm": last.map(|r| r.loss_dm),
             "final_loss_reg": last.map(|r| r.loss_reg),
             "final_loss_fake": last.map(|r| r.loss_fake),
+            "final_loss_gan_g": last.map(|r| r.loss_gan_g),
+            "final_loss_gan_d": last.map(|r| r.loss_gan_d),
             "parameters": generator.num_params(),
         });
         if let Some(&(_, last_fid)) = fid_curve.last() {
             m["fid_curve"] = serde_json::json!(fid_curve);
             m["fid_at_end"] = last_fid.into();
         }
+        if let Some(&(_, last_fid)) = fid_curve_ema.last() {
+            m["fid_curve_ema"] = serde_json::json!(fid_curve_ema);
+            m["fid_ema_at_end"] = last_fid.into();
+        }
+        m["exported"] = if self.export_ema { "ema" } else { "raw" }.into();
         if matches!(config, crate::nn::NetworkConfig::Mlp(_)) {
             let extra = toy_report(ctx, &teacher, &generator, &one, self.dataset.is_some())?;
             m.as_object_mut().expect("object").extend(extra);

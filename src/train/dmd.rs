@@ -93,6 +93,11 @@ pub struct DmdOptions {
     pub checkpoint_every: u64,
     /// EMA of the generator with this half-life in images, reported beside the raw generator.
     pub ema_halflife_images: Option<f64>,
+    /// DMD2's GAN head on the fake score's bottleneck: weight of the generator's
+    /// non-saturating GAN loss (0: off; DMD2 uses 3e-3). Needs real images (a dataset stage).
+    pub gan_generator_weight: f64,
+    /// Weight of the discriminator loss, added to the fake-score loss (DMD2: 1e-2).
+    pub gan_discriminator_weight: f64,
     /// On CUDA, capture the whole iteration as a CUDA graph and replay it (small networks are
     /// launch-bound: this is what makes short runs fast). Ignored on the CPU.
     pub cuda_graph: bool,
@@ -130,6 +135,8 @@ impl Default for DmdOptions {
             log_every: 10,
             checkpoint_every: 500,
             ema_halflife_images: None,
+            gan_generator_weight: 0.0,
+            gan_discriminator_weight: 1e-2,
             cuda_graph: true,
         }
     }
@@ -156,6 +163,21 @@ impl Pairs {
             self.labels.as_ref().map(|l| l.index_select(0, &idx)),
             self.x.index_select(0, &idx),
         )
+    }
+}
+
+/// Real images on the training device for the GAN head: uint8 [N, C, H, W] and one-hot labels.
+pub struct RealImages {
+    pub images: Tensor,
+    pub labels: Option<Tensor>,
+}
+
+impl RealImages {
+    /// A random batch in [-1, 1] (device ops only, so it can be captured).
+    fn batch(&self, size: i64) -> (Tensor, Option<Tensor>) {
+        let idx = Tensor::randint(self.images.size()[0], [size], (Kind::Int64, self.images.device()));
+        let x = self.images.index_select(0, &idx).to_kind(Kind::Float) / 127.5 - 1.0;
+        (x, self.labels.as_ref().map(|l| l.index_select(0, &idx)))
     }
 }
 
@@ -205,6 +227,8 @@ pub struct DmdLogRow {
     pub loss_fake: f64,
     pub grad_norm_g: f64,
     pub grad_norm_fake: f64,
+    pub loss_gan_g: f64,
+    pub loss_gan_d: f64,
     pub lr: f64,
     pub iterations_per_second: f64,
 }
@@ -239,7 +263,7 @@ pub fn dmd_train(
     work_dir: &Path,
     on_log: impl FnMut(&DmdLogRow),
 ) -> Result<DmdSummary> {
-    dmd_train_with_grids(real, generator, fake, ema, pairs, opts, work_dir, on_log, None, None)
+    dmd_train_with_grids(real, generator, fake, ema, pairs, opts, work_dir, on_log, None, None, None)
 }
 
 /// [`dmd_train`], calling `grids.1(iteration, generator)` every `grids.0` iterations.
@@ -255,10 +279,21 @@ pub fn dmd_train_with_grids(
     mut on_log: impl FnMut(&DmdLogRow),
     mut grids: Option<super::teacher::GridHook>,
     lpips: Option<&crate::nn::lpips::Lpips>,
+    real_images: Option<&RealImages>,
 ) -> Result<DmdSummary> {
     if opts.regression_loss == RegressionLoss::Lpips && lpips.is_none() && opts.regression_weight > 0.0 {
         bail!("regression_loss = \"lpips\" needs LPIPS weights");
     }
+    let gan = opts.gan_generator_weight > 0.0;
+    let head = match (gan, fake.bottleneck_channels(), real_images) {
+        (false, _, _) => None,
+        (true, None, _) => bail!("the GAN head needs a DDPM++ fake score (its encoder bottleneck)"),
+        (true, _, None) => bail!("the GAN head needs real images (a dataset stage)"),
+        (true, Some(c), Some(_)) => Some(super::gan::GanHead::new(c, generator.device())),
+    };
+    let opt_h = head
+        .as_ref()
+        .map(|h| AdamW::from_varstore(&h.vs, opts.betas, opts.eps, opts.weight_decay));
     let device = generator.device();
     let cuda = device.is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
@@ -280,7 +315,7 @@ pub fn dmd_train_with_grids(
     let mut log: Vec<DmdLogRow> = Vec::new();
     if ckpt.exists() {
         let (t, meta) = crate::nn::weights::read_safetensors(&ckpt)?;
-        for (prefix, opt) in [("g", &opt_g), ("f", &opt_f)] {
+        for (prefix, opt) in [("g", &opt_g), ("f", &opt_f)].into_iter().chain(opt_h.as_ref().map(|o| ("h", o))) {
             checkpoint::restore(&t, &format!("{prefix}.net."), &opt.names, &opt.params)?;
             checkpoint::restore(&t, &format!("{prefix}.m."), &opt.names, &opt.exp_avg)?;
             checkpoint::restore(&t, &format!("{prefix}.v."), &opt.names, &opt.exp_avg_sq)?;
@@ -322,15 +357,37 @@ pub fn dmd_train_with_grids(
     // Learning rates live in device tensors so that a captured iteration follows the warm-up.
     let lr_g_t = Tensor::zeros([], (Kind::Float, device));
     let lr_f_t = Tensor::zeros([], (Kind::Float, device));
-    let fake_step = |x: &Tensor, y: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
+    // Logits of the GAN head for noisy versions of x (noise levels over the whole schedule).
+    let gan_logits = |h: &super::gan::GanHead, x: &Tensor, y: Option<&Tensor>, train: bool| -> Tensor {
+        let sigma = sigma_at(0, opts.levels);
+        let xt = x + Tensor::randn_like(x) * &sigma;
+        h.forward(&fake.bottleneck(&xt, &sigma, y, train).expect("checked: DDPM++"))
+    };
+    // Fake-score update (plus the discriminator's, with the GAN head): returns the fake-score
+    // loss, its gradient norm and the discriminator loss.
+    let fake_step = |x: &Tensor, y: Option<&Tensor>| -> Result<(Tensor, Tensor, Tensor)> {
         opt_f.zero_grad();
-        let loss = {
+        let (loss, loss_d) = {
             let _ac = AutocastBf16::new(cuda && opts.bf16)?;
-            fake_score_loss(fake, x, y, &sigma_at(0, opts.levels))
+            let loss = fake_score_loss(fake, x, y, &sigma_at(0, opts.levels));
+            match (&head, real_images) {
+                (Some(h), Some(r)) => {
+                    let (xr, yr) = r.batch(b);
+                    let d = super::gan::discriminator_loss(&gan_logits(h, x, y, true), &gan_logits(h, &xr, yr.as_ref(), true));
+                    (&loss + &d * opts.gan_discriminator_weight, d)
+                }
+                _ => (loss, zero.shallow_clone()),
+            }
         };
+        if let Some(o) = &opt_h {
+            o.zero_grad();
+        }
         loss.backward();
         let gn = opt_f.step(&lr_f_t, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
-        Ok((loss.detach(), gn))
+        if let Some(o) = &opt_h {
+            o.step(&lr_f_t, opts.grad_clip)?;
+        }
+        Ok((loss.detach(), gn, loss_d.detach()))
     };
     let regress = pairs.filter(|_| opts.regression_weight > 0.0);
     // One DMD iteration, device work only (no host reads), so that it can be captured as a
@@ -364,19 +421,38 @@ pub fn dmd_train_with_grids(
             Ok(dm_gradient(&xd, &real_d, &fake_d))
         })?;
         let loss_dm = dm_loss(&x, &g);
-        let (loss, loss_reg) = match reg {
+        let (mut loss, loss_reg) = match reg {
             Some((pred, target)) => {
                 let l = regression_loss(&pred, &target, opts.regression_loss, lpips);
                 (&loss_dm + &l * opts.regression_weight, l)
             }
             None => (loss_dm.shallow_clone(), zero.shallow_clone()),
         };
+        // The generator's GAN loss flows through the fake score's encoder and the head; their
+        // gradients from this pass are dropped by the fake step's zero_grad.
+        let loss_gan_g = match &head {
+            Some(h) => {
+                let _ac = AutocastBf16::new(cuda && opts.bf16)?;
+                let l = super::gan::generator_loss(&gan_logits(h, &x, y.as_ref(), false));
+                loss = loss + &l * opts.gan_generator_weight;
+                l
+            }
+            None => zero.shallow_clone(),
+        };
         loss.backward();
         let gn_g = opt_g.step(&lr_g_t, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
         // Fake-score update on the same (detached) samples.
-        let (loss_f, gn_f) = fake_step(&xd, y.as_ref())?;
+        let (loss_f, gn_f, loss_gan_d) = fake_step(&xd, y.as_ref())?;
         Ok(Tensor::stack(
-            &[loss_dm.detach(), loss_reg.detach(), loss_f, gn_g.reshape([]), gn_f.reshape([])],
+            &[
+                loss_dm.detach(),
+                loss_reg.detach(),
+                loss_f,
+                gn_g.reshape([]),
+                gn_f.reshape([]),
+                loss_gan_g.detach(),
+                loss_gan_d,
+            ],
             0,
         ))
     };
@@ -439,6 +515,8 @@ pub fn dmd_train_with_grids(
                 loss_fake: mean(2),
                 grad_norm_g: mean(3),
                 grad_norm_fake: mean(4),
+                loss_gan_g: mean(5),
+                loss_gan_d: mean(6),
                 lr,
                 iterations_per_second: rate,
             };
@@ -447,7 +525,7 @@ pub fn dmd_train_with_grids(
             window.clear();
             window_start = (Instant::now(), it);
             if it % opts.checkpoint_every < opts.log_every {
-                save(&ckpt, &opt_g, &opt_f, ema, it)?;
+                save(&ckpt, &opt_g, &opt_f, opt_h.as_ref(), ema, it)?;
             }
         }
     }
@@ -461,9 +539,9 @@ pub fn dmd_train_with_grids(
     })
 }
 
-fn save(path: &Path, g: &AdamW, f: &AdamW, ema: Option<&Denoiser>, it: u64) -> Result<()> {
+fn save(path: &Path, g: &AdamW, f: &AdamW, h: Option<&AdamW>, ema: Option<&Denoiser>, it: u64) -> Result<()> {
     let mut t = Vec::new();
-    for (prefix, opt) in [("g", g), ("f", f)] {
+    for (prefix, opt) in [("g", g), ("f", f)].into_iter().chain(h.map(|o| ("h", o))) {
         for (i, n) in opt.names.iter().enumerate() {
             t.push((format!("{prefix}.net.{n}"), opt.params[i].shallow_clone()));
             t.push((format!("{prefix}.m.{n}"), opt.exp_avg[i].shallow_clone()));

@@ -3,5 +3,6 @@
 pub mod checkpoint;
 pub mod device_data;
 pub mod dmd;
+pub mod gan;
 pub mod optim;
 pub mod teacher;

@@ -27,7 +27,14 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(net: &Denoiser, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
-        let (names, params): (Vec<String>, Vec<Tensor>) = named_trainables(net).into_iter().unzip();
+        Self::from_varstore(&net.vs, betas, eps, weight_decay)
+    }
+
+    /// Over the trainable variables of any variable store, in name order.
+    pub fn from_varstore(vs: &tch::nn::VarStore, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let (names, params): (Vec<String>, Vec<Tensor>) = vars.into_iter().unzip();
         let zeros = |p: &Tensor| Tensor::zeros_like(p).set_requires_grad(false);
         let exp_avg = params.iter().map(zeros).collect();
         let exp_avg_sq = params.iter().map(zeros).collect();
