@@ -2,7 +2,7 @@
 # Device-machine DMD study: pipelines/cifar10-speedrun-distill.toml (imported speedrun teacher and
 # reference statistics from /tmp/stage) up to the pairs once, then several DMD settings in
 # parallel, each in its own copy of the project (own cache), each with its FID-vs-iterations curve.
-# Usage: bash bench/gpu_dmd_sweep.sh SECONDS NAME:batch:lr:fake_lr:warmup:fake_updates:reg_weight ...
+# Usage: bash bench/gpu_dmd_sweep.sh SECONDS NAME:batch:lr:fake_lr:warmup:fake_updates:reg_weight[:ema_halflife_images[:gan_weight]] ...
 set -uo pipefail
 OUT_DIR="${OUT_DIR:-$OUT}"
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
@@ -17,18 +17,23 @@ python3 -c "import lzma; open('data/cifar-10-batches-bin/test_batch.bin','wb').w
 P=pipelines/cifar10-speedrun-distill.toml
 $BIN run $P --until pairs > "$OUT_DIR/prep.log" 2>&1 || { tail -20 "$OUT_DIR/prep.log"; exit 1; }
 for spec in "$@"; do
-  IFS=: read -r name batch lr flr warm fu reg <<< "$spec"
+  IFS=: read -r name batch lr flr warm fu reg ema gan <<< "$spec"
   d=/tmp/sweep/$name; rm -rf $d; mkdir -p $d
   cp -r pipelines models data cache $d/
-  python3 - "$d/$P" "$secs" "$batch" "$lr" "$flr" "$warm" "$fu" "$reg" <<'PY'
+  python3 - "$d/$P" "$secs" "$batch" "$lr" "$flr" "$warm" "$fu" "$reg" "${ema:-0}" "${gan:-0}" <<'PY'
 import re, sys
-p, secs, batch, lr, flr, warm, fu, reg = sys.argv[1:]
+p, secs, batch, lr, flr, warm, fu, reg, ema, gan = sys.argv[1:]
 s = open(p).read()
 head, train = s.split("[stages.dmd.train]", 1)
 train, tail = train.split("[stages.student_fid]", 1)
 for k, v in [("batch", batch), ("max_seconds", secs), ("lr", lr), ("warmup_steps", warm), ("fake_updates_per_g", fu), ("regression_weight", reg)]:
     train = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", train)
 train = train.replace(f"lr = {lr}\n", f"lr = {lr}\nfake_lr = {flr}\n", 1)
+if float(ema) > 0:
+    train = train.replace("bf16 = true\n", f"bf16 = true\nema_halflife_images = {ema}\n", 1)
+    head = head.replace("grid_every = ", "export_ema = true\ngrid_every = ", 1)
+if float(gan) > 0:
+    train = train.replace("bf16 = true\n", f"bf16 = true\ngan_generator_weight = {gan}\n", 1)
 open(p, "w").write(head + "[stages.dmd.train]" + train + "[stages.student_fid]" + tail)
 PY
   (cd $d && $BIN run $P -v > run.log 2>&1; echo "exit $?" >> run.log) &

@@ -191,3 +191,128 @@ pub fn bench_inception(device_name: &str, weights: &std::path::Path, cifar_dir: 
     }
     Ok(Value::Object(out))
 }
+
+/// One rank of `bench scaling` (run under `dmdpipe launch`, or alone for 1 GPU): teacher
+/// training img/s at `per_gpu_batch` images per GPU, DMD it/s at 56 and 128 per GPU (55.7M, with
+/// graph capture) and 128 per GPU (8.8M), and a short teacher run on fixed images whose loss
+/// curve is compared across GPU counts at the same global batch. Rank 0 returns the numbers.
+pub fn bench_data_parallel(per_gpu_batch: usize, quick: bool) -> Result<Value> {
+    crate::dist::init_from_env()?;
+    let world = crate::dist::world();
+    let device = crate::dist::local_device(torch_shim::device("cuda")?);
+    tch::Cuda::cudnn_set_benchmark(true);
+    torch_shim::set_tf32(true);
+    let mut out = Map::new();
+    out.insert("gpus".into(), world.into());
+    let steps = if quick { 3 } else { 20 };
+    for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
+        tch::manual_seed(0);
+        let net = Denoiser::new(&cfg, device);
+        let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
+        crate::dist::broadcast_from_main(&opt.params)?;
+        let b = per_gpu_batch as i64;
+        let per_step = timed(device, 3, steps, || {
+            opt.zero_grad();
+            let y = Tensor::rand([b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
+            let labels = Tensor::randint(10, [b], (Kind::Int64, device)).one_hot(10).to_kind(Kind::Float);
+            let (loss, _) = {
+                let _ac = AutocastBf16::new(true)?;
+                edm_loss(&net, &y, Some(&labels), -1.2, 1.2, true)
+            };
+            loss.backward();
+            opt.step(1e-4, 0.0)?;
+            Ok(())
+        })?;
+        out.insert(format!("{tag}_train_img_s"), ((per_gpu_batch * world) as f64 / per_step).into());
+        crate::dist::check_identical(&opt.params, "parameters after the timed steps")?;
+    }
+    for (tag, cfg, batches) in [("edm55m", ddpmpp(128, 4), vec![56usize, 128]), ("speedrun9m", ddpmpp(64, 2), vec![128])] {
+        for per_gpu in batches {
+            let ips = bench_dmd(&cfg, device, per_gpu * world, if quick { 2 } else { 40 }, true)?;
+            out.insert(format!("{tag}_dmd_b{per_gpu}_per_gpu_it_s"), ips.into());
+        }
+    }
+    // Loss tracking: the 8.8M teacher on 2,048 fixed images, global batch 256, same seeds.
+    tch::manual_seed(1);
+    let n = 2048usize;
+    let images: Vec<u8> = Vec::<u8>::try_from((Tensor::rand([n as i64 * 3072], (Kind::Float, tch::Device::Cpu)) * 255.0).to_kind(Kind::Uint8))?;
+    let ds = crate::data::artifact::ImageDataset {
+        images,
+        height: 32,
+        width: 32,
+        channels: 3,
+        labels: (0..n as i64).map(|i| i % 10).collect(),
+        classes: (0..10).map(|i| format!("c{i}")).collect(),
+    };
+    let data = crate::train::device_data::DeviceImages::new(&ds, device);
+    tch::manual_seed(2);
+    let net = Denoiser::new(&ddpmpp(64, 2), device);
+    let ema = net.duplicate()?;
+    let opts: crate::train::teacher::TrainOptions = serde_json::from_value(json!({
+        "batch": 256, "images": if quick { 512 } else { 256 * 300 }, "lr": 1e-3, "lr_warmup_images": 25600,
+        "log_every": 10, "checkpoint_every": 1_000_000, "xflip": false
+    }))?;
+    let work = tempfile::tempdir()?;
+    let summary = crate::train::teacher::train(&net, &ema, &data, &opts, work.path(), |_, _, _, _| {})?;
+    out.insert("loss_curve_global_batch_256".into(), json!(summary.loss_curve));
+    Ok(if crate::dist::is_main() { Value::Object(out) } else { Value::Null })
+}
+
+/// `bench scaling`: `bench data-parallel` alone on one GPU, then on `gpus` GPUs through
+/// `launch`, each in fresh processes; speed-ups (N-GPU throughput over 1-GPU throughput, at the
+/// same per-GPU batch) and efficiencies (speed-up / N).
+pub fn bench_scaling(gpus: usize, per_gpu_batch: usize, quick: bool) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let exe = std::env::current_exe()?;
+    let args = |file: &std::path::Path| {
+        let mut a = vec!["bench".to_string(), "data-parallel".into(), "--per-gpu-batch".into(), per_gpu_batch.to_string()];
+        if quick {
+            a.push("--quick".into());
+        }
+        a.extend(["--out".into(), file.display().to_string()]);
+        a
+    };
+    let one_file = dir.path().join("one.json");
+    let status = std::process::Command::new(&exe)
+        .args(args(&one_file))
+        .env_remove("WORLD_SIZE")
+        .status()?;
+    anyhow::ensure!(status.success(), "the 1-GPU run failed ({status})");
+    let many_file = dir.path().join("many.json");
+    let spec = crate::dist::launch::LaunchSpec {
+        nproc: gpus,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: None,
+    };
+    crate::dist::launch::launch(&spec, &args(&many_file))?;
+    let read = |f: &std::path::Path| -> Result<Map<String, Value>> {
+        Ok(serde_json::from_str::<Value>(&std::fs::read_to_string(f)?)?
+            .as_object()
+            .cloned()
+            .unwrap_or_default())
+    };
+    let (one, many) = (read(&one_file)?, read(&many_file)?);
+    let mut out = Map::new();
+    out.insert("gpus".into(), gpus.into());
+    out.insert("per_gpu_batch".into(), per_gpu_batch.into());
+    for (k, v1) in &one {
+        let (Some(a), Some(b)) = (v1.as_f64(), many.get(k).and_then(|v| v.as_f64())) else { continue };
+        if k == "gpus" {
+            continue;
+        }
+        // Training img/s are global; DMD it/s are at a fixed per-GPU batch (N times the samples).
+        let speedup = if k.contains("_dmd_") { gpus as f64 * b / a } else { b / a };
+        out.insert(format!("{k}_1gpu"), a.into());
+        out.insert(format!("{k}_{gpus}gpu"), b.into());
+        out.insert(format!("{k}_speedup"), speedup.into());
+        out.insert(format!("{k}_efficiency"), (speedup / gpus as f64).into());
+    }
+    for (tag, m) in [("1gpu", &one), ("ngpu", &many)] {
+        if let Some(c) = m.get("loss_curve_global_batch_256") {
+            out.insert(format!("loss_curve_{tag}"), c.clone());
+        }
+    }
+    Ok(Value::Object(out))
+}

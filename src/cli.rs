@@ -102,6 +102,28 @@ enum Command {
     },
     /// Print the output directory of a fresh stage.
     Path { pipeline: PathBuf, stage: String },
+    /// Check the launch path without GPUs: parse the rank variables and exchange an id with
+    /// rank 0 over TCP (NCCL's rendezvous); each rank writes `rank<R>.txt` into DIR.
+    DistCheck { dir: PathBuf },
+    /// Run a dmdpipe command in one process per GPU, data parallel through NCCL (torchrun's
+    /// RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT). Several hosts: run it on each with
+    /// the same --nnodes, --master-addr and --master-port and its own --node-rank.
+    Launch {
+        /// Processes (GPUs) on this host.
+        #[arg(long)]
+        nproc: usize,
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// The dmdpipe command to run, after `--`.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,6 +141,28 @@ enum BenchCommand {
         /// Use only the first N images of each split (a smoke test).
         #[arg(long)]
         limit: Option<usize>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Data-parallel scaling: `bench data-parallel` on 1 GPU, then on N GPUs through `launch`;
+    /// speed-ups, efficiencies and the loss curves of both at the same global batch.
+    Scaling {
+        #[arg(long, default_value_t = 2)]
+        gpus: usize,
+        /// Teacher-training images per GPU.
+        #[arg(long, default_value_t = 256)]
+        per_gpu_batch: usize,
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// One rank of `bench scaling` (joins the group given by the environment, if any).
+    DataParallel {
+        #[arg(long, default_value_t = 256)]
+        per_gpu_batch: usize,
+        #[arg(long)]
+        quick: bool,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -343,6 +387,69 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_inception(&device, &weights, &data, limit)?;
+            let text = serde_json::to_string_pretty(&v)?;
+            println!("{text}");
+            if let Some(o) = out {
+                std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DistCheck { dir } => {
+            let env = crate::dist::rendezvous::Env::from_process()?.context("no WORLD_SIZE > 1 in the environment")?;
+            let id: Option<[u8; crate::dist::nccl::UNIQUE_ID_BYTES]> = (env.rank == 0).then(|| {
+                let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+                std::array::from_fn(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add(i as u128 * 1442695040888963407) >> 64) as u8)
+            });
+            let got = crate::dist::rendezvous::exchange_id(&env, id, std::time::Duration::from_secs(60))?;
+            std::fs::write(
+                dir.join(format!("rank{}.txt", env.rank)),
+                format!("{} {} {}", env.world, env.local_rank, hex::encode(&got[..16])),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Launch {
+            nproc,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            args,
+        } => {
+            let spec = crate::dist::launch::LaunchSpec {
+                nproc,
+                nnodes,
+                node_rank,
+                master_addr,
+                master_port,
+            };
+            crate::dist::launch::launch(&spec, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what: BenchCommand::DataParallel { per_gpu_batch, quick, out },
+        } => {
+            init_logging(cli.verbose, None);
+            let v = crate::bench::bench_data_parallel(per_gpu_batch, quick)?;
+            if !v.is_null() {
+                let text = serde_json::to_string_pretty(&v)?;
+                println!("{text}");
+                if let Some(o) = out {
+                    std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Scaling {
+                    gpus,
+                    per_gpu_batch,
+                    quick,
+                    out,
+                },
+        } => {
+            init_logging(cli.verbose, None);
+            let v = crate::bench::bench_scaling(gpus, per_gpu_batch, quick)?;
             let text = serde_json::to_string_pretty(&v)?;
             println!("{text}");
             if let Some(o) = out {

@@ -24,6 +24,8 @@ struct Api {
     capture_begin: GraphFn,
     capture_end: GraphFn,
     replay: GraphFn,
+    current_stream: unsafe extern "C" fn() -> *mut libc::c_void,
+    set_device: unsafe extern "C" fn(libc::c_int) -> libc::c_int,
 }
 
 #[cfg(dmd_cuda_graph)]
@@ -90,6 +92,8 @@ fn load() -> Result<Api> {
         capture_begin: sym!("dmdc_capture_begin"),
         capture_end: sym!("dmdc_capture_end"),
         replay: sym!("dmdc_replay"),
+        current_stream: sym!("dmdc_current_stream"),
+        set_device: sym!("dmdc_set_device"),
     })
 }
 
@@ -99,6 +103,17 @@ fn check(api: &Api, rc: libc::c_int, what: &str) -> Result<()> {
         bail!("{what}: {msg}");
     }
     Ok(())
+}
+
+/// The current CUDA stream (a `cudaStream_t`), where NCCL collectives are enqueued.
+pub fn current_stream() -> Result<*mut libc::c_void> {
+    Ok(unsafe { (api()?.current_stream)() })
+}
+
+/// Makes `index` the current CUDA device (NCCL communicators bind to it).
+pub fn set_device(index: usize) -> Result<()> {
+    let api = api()?;
+    check(api, unsafe { (api.set_device)(index as libc::c_int) }, "setting the CUDA device")
 }
 
 /// Runs the current thread's CUDA work on a fresh side stream while alive (capture needs a

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cli;
 pub mod cuda_graph;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod nn;
 pub mod pipeline;

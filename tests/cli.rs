@@ -144,3 +144,34 @@ fn run_writes_an_html_report_with_pictures() {
     assert!(html.contains("<h2>a <small>(gmm2d") && html.contains("<h2>pic <small>(scatter-plot"));
     assert!(html.contains("scatter.png") && html.contains("component_fractions"));
 }
+
+/// The multi-process launch path without GPUs: `launch` starts two processes with torchrun's
+/// variables, and rank 1 receives rank 0's id over TCP (what NCCL's unique id travels by).
+#[test]
+fn launch_starts_ranks_that_rendezvous_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dmdpipe()
+        .args(["launch", "--nproc", "2", "--", "dist-check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r0 = std::fs::read_to_string(dir.path().join("rank0.txt")).unwrap();
+    let r1 = std::fs::read_to_string(dir.path().join("rank1.txt")).unwrap();
+    let (f0, f1): (Vec<&str>, Vec<&str>) = (r0.split(' ').collect(), r1.split(' ').collect());
+    assert_eq!((f0[0], f0[1]), ("2", "0"));
+    assert_eq!((f1[0], f1[1]), ("2", "1"));
+    assert_eq!(f0[2], f1[2], "both ranks hold rank 0's id");
+    assert_eq!(f0[2].len(), 32);
+}
+
+#[test]
+fn launch_fails_when_a_rank_fails_and_names_it() {
+    let out = dmdpipe()
+        .args(["launch", "--nproc", "2", "--", "run", "/nonexistent/pipeline.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("local rank"), "{err}");
+}

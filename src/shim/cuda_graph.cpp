@@ -72,6 +72,11 @@ int dmdc_capture_end(void* g) {
   })
 }
 
+// The current CUDA stream of the current device (for NCCL calls).
+void* dmdc_current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+int dmdc_set_device(int index) { DMDC_TRY(c10::cuda::set_device(static_cast<c10::DeviceIndex>(index))) }
+
 int dmdc_replay(void* g) { DMDC_TRY(static_cast<at::cuda::CUDAGraph*>(g)->replay()) }
 
 }  // extern "C"

@@ -297,7 +297,8 @@ pub fn dmd_train_with_grids(
     let device = generator.device();
     let cuda = device.is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
-    tch::manual_seed(opts.seed as i64);
+    let (rank, world) = (crate::dist::rank(), crate::dist::world());
+    tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64);
     let opt_g = AdamW::new(generator, opts.betas, opts.eps, opts.weight_decay);
     let opt_f = AdamW::new(fake, opts.betas, opts.eps, opts.weight_decay);
     let mut sched = karras_sigmas(opts.levels, opts.sigma_min, opts.sigma_max, opts.rho);
@@ -305,7 +306,8 @@ pub fn dmd_train_with_grids(
     let sched = Tensor::from_slice(&sched).to_kind(Kind::Float).to_device(device);
     let shape = generator.config.sample_shape();
     let label_dim = generator.config.label_dim();
-    let b = opts.batch as i64;
+    // `batch` is global: each of the `world` ranks generates its share.
+    let b = crate::dist::batch_share(opts.batch, world)? as i64;
     let bshape: Vec<i64> = std::iter::once(b).chain(shape.iter().copied()).collect();
     let mut sshape = vec![b];
     sshape.extend(std::iter::repeat_n(1, shape.len()));
@@ -331,7 +333,7 @@ pub fn dmd_train_with_grids(
             .and_then(|s| serde_json::from_str::<Vec<serde_json::Value>>(s).ok())
             .map(|_| Vec::new())
             .unwrap_or_default();
-        tch::manual_seed(opts.seed as i64 + it as i64);
+        tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64 + it as i64);
         tracing::info!(iteration = it, "resumed DMD from checkpoint");
     }
     let resumed_from = it;
@@ -465,7 +467,14 @@ pub fn dmd_train_with_grids(
     }
     let _side_stream = use_graph.then(crate::cuda_graph::SideStream::enter).transpose()?;
     let mut graph: Option<(crate::cuda_graph::CudaGraph, Tensor)> = None;
-    while it < opts.iterations && opts.max_seconds.is_none_or(|m| start.elapsed().as_secs_f64() < m) {
+    // Every rank starts from rank 0's weights (they are copies of the same teacher anyway).
+    for o in [Some(&opt_g), Some(&opt_f), opt_h.as_ref()].into_iter().flatten() {
+        crate::dist::broadcast_from_main(&o.params)?;
+    }
+    let check_every = crate::dist::debug_check_every();
+    let timed_out = || opts.max_seconds.is_some_and(|m| start.elapsed().as_secs_f64() >= m);
+    let mut stop = false;
+    while it < opts.iterations && !stop {
         let ramp = ((it + 1) as f64 / opts.warmup_steps.max(1) as f64).min(1.0);
         let lr = opts.lr * ramp;
         let lr_f = opts.fake_lr.unwrap_or(opts.lr) * ramp;
@@ -490,13 +499,25 @@ pub fn dmd_train_with_grids(
         }
         it += 1;
         if let Some((every, hook)) = grids.as_mut() {
-            if *every > 0 && it % *every == 0 {
+            if *every > 0 && it % *every == 0 && crate::dist::is_main() {
                 hook(it, generator)?;
             }
         }
         window.push(stats);
-        if it % opts.log_every == 0 || it >= opts.iterations {
-            let rows = Vec::<Vec<f64>>::try_from(Tensor::stack(&window, 0).to_kind(Kind::Double))?;
+        // Ranks must agree on when to stop: in a group the time limit is read at log steps only.
+        if world == 1 {
+            stop = timed_out();
+        }
+        if it % opts.log_every == 0 || it >= opts.iterations || stop {
+            if world > 1 {
+                stop = crate::dist::agree(timed_out())?;
+                if check_every > 0 && it % check_every < opts.log_every {
+                    crate::dist::check_identical(&opt_g.params, "generator parameters")?;
+                    crate::dist::check_identical(&opt_f.params, "fake-score parameters")?;
+                }
+            }
+            let stacked = crate::dist::mean_over_ranks(&Tensor::stack(&window, 0))?;
+            let rows = Vec::<Vec<f64>>::try_from(stacked.to_kind(Kind::Double))?;
             if let Some(i) = rows.iter().position(|r| r[..3].iter().any(|v| !v.is_finite())) {
                 let bad = it - rows.len() as u64 + i as u64 + 1;
                 bail!(
@@ -525,7 +546,9 @@ pub fn dmd_train_with_grids(
             window.clear();
             window_start = (Instant::now(), it);
             if it % opts.checkpoint_every < opts.log_every {
-                save(&ckpt, &opt_g, &opt_f, opt_h.as_ref(), ema, it)?;
+                if crate::dist::is_main() {
+                    save(&ckpt, &opt_g, &opt_f, opt_h.as_ref(), ema, it)?;
+                }
             }
         }
     }

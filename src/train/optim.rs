@@ -66,6 +66,8 @@ impl AdamW {
         let idx: Vec<usize> = (0..self.params.len()).filter(|&i| self.params[i].grad().defined()).collect();
         let pick = |v: &Vec<Tensor>| idx.iter().map(|&i| v[i].shallow_clone()).collect::<Vec<_>>();
         let grads: Vec<Tensor> = idx.iter().map(|&i| self.params[i].grad()).collect();
+        // Data parallel: average the gradients over the ranks first (no-op in one process).
+        crate::dist::all_reduce_mean(&grads)?;
         let norm = torch_shim::sanitize_and_clip(&grads, max_norm)?;
         let (p, m, v, s) = (pick(&self.params), pick(&self.exp_avg), pick(&self.exp_avg_sq), pick(&self.steps));
         torch_shim::fused_adamw(&p, &grads, &m, &v, &s, lr, self.betas, self.weight_decay, self.eps)?;

@@ -125,8 +125,12 @@ pub fn train_with_grids(
 ) -> Result<TrainSummary> {
     let cuda = net.device().is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
-    tch::manual_seed(opts.seed as i64);
+    let (rank, world) = (crate::dist::rank(), crate::dist::world());
+    tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64);
     let opt = AdamW::new(net, opts.betas, opts.eps, 0.0);
+    // Every rank starts from rank 0's weights.
+    crate::dist::broadcast_from_main(&opt.params)?;
+    crate::dist::broadcast_from_main(&ema.vs.variables().into_values().filter(|t| t.is_floating_point()).collect::<Vec<_>>())?;
     let ema_names: Vec<String> = sorted_names(ema);
     let ckpt_path = work_dir.join("checkpoint.safetensors");
     let mut step = 0u64;
@@ -144,7 +148,7 @@ pub fn train_with_grids(
         step = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
         images = meta.get("images").and_then(|s| s.parse().ok()).unwrap_or(0);
         curve = meta.get("curve").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
-        tch::manual_seed(opts.seed as i64 + step as i64);
+        tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64 + step as i64);
         tracing::info!(step, images, "resumed from checkpoint");
     }
     let resumed_from_step = step;
@@ -152,8 +156,11 @@ pub fn train_with_grids(
     let mut window = Vec::new();
     let mut window_start = (Instant::now(), images);
     let mut last_loss = f64::NAN;
-    let b = opts.batch as i64;
-    while images < opts.images && opts.max_seconds.is_none_or(|m| start.elapsed().as_secs_f64() < m) {
+    // `batch` is global: each of the `world` ranks trains on its share.
+    let b = crate::dist::batch_share(opts.batch, world)? as i64;
+    let check_every = crate::dist::debug_check_every();
+    let mut stop = false;
+    while images < opts.images && !stop {
         opt.zero_grad();
         let (y, labels) = data.batch(b, opts.xflip);
         let (loss, mean) = {
@@ -161,19 +168,30 @@ pub fn train_with_grids(
             edm_loss(net, &y, labels.as_ref(), opts.p_mean, opts.p_std, true)
         };
         loss.backward();
-        images += b as u64;
+        images += opts.batch as u64;
         step += 1;
         let lr = opts.lr * (images as f64 / opts.lr_warmup_images.max(1) as f64).min(1.0);
         opt.step(lr, 0.0)?;
         ema_update(ema, net, ema_beta(opts.batch, images, opts.ema_halflife_images, opts.ema_rampup))?;
         if let Some((every, hook)) = grids.as_mut() {
-            if *every > 0 && step % *every == 0 {
+            if *every > 0 && step % *every == 0 && crate::dist::is_main() {
                 hook(step, ema)?;
             }
         }
         window.push(mean);
-        if step % opts.log_every == 0 || images >= opts.images {
-            let losses = Vec::<f64>::try_from(Tensor::stack(&window, 0).to_kind(Kind::Double))?;
+        // Ranks must agree on when to stop: in a group the time limit is read at log steps only.
+        let timed_out = || opts.max_seconds.is_some_and(|m| start.elapsed().as_secs_f64() >= m);
+        if world == 1 {
+            stop = timed_out();
+        }
+        if step % opts.log_every == 0 || images >= opts.images || stop {
+            if world > 1 {
+                stop = crate::dist::agree(timed_out())?;
+                if check_every > 0 && step % check_every < opts.log_every {
+                    crate::dist::check_identical(&opt.params, "teacher parameters")?;
+                }
+            }
+            let losses = Vec::<f64>::try_from(crate::dist::mean_over_ranks(&Tensor::stack(&window, 0))?.to_kind(Kind::Double))?;
             if let Some(i) = losses.iter().position(|l| !l.is_finite()) {
                 let bad = step - losses.len() as u64 + i as u64 + 1;
                 bail!(
@@ -188,7 +206,7 @@ pub fn train_with_grids(
             on_log(step, images, last_loss, rate);
             window.clear();
             window_start = (Instant::now(), images);
-            if step % opts.checkpoint_every < opts.log_every {
+            if step % opts.checkpoint_every < opts.log_every && crate::dist::is_main() {
                 save_checkpoint(&ckpt_path, &opt, ema, &ema_names, step, images, &curve)?;
             }
         }

@@ -1,0 +1,197 @@
+//! Data-parallel training on several GPUs: one process per GPU, the same model on each,
+//! gradients averaged through NCCL before every optimiser step.
+//!
+//! A process joins the group with [`init_from_env`] (torchrun's variables: RANK, WORLD_SIZE,
+//! LOCAL_RANK, MASTER_ADDR, MASTER_PORT); `dmdpipe launch` sets them for N local processes. The
+//! group is process-global, like PyTorch's default process group: the training loops ask it for
+//! the rank (seeds, batch share, who writes) and the optimiser all-reduces through it. Without a
+//! group every call here is a no-op and training is single-process.
+
+pub mod bucket;
+pub mod launch;
+pub mod nccl;
+pub mod rendezvous;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tch::{Kind, Tensor};
+
+pub struct Group {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    comm: nccl::Communicator,
+}
+
+static GROUP: OnceLock<Group> = OnceLock::new();
+
+/// Joins the group described by the environment, if any (once per process). The process uses
+/// CUDA device LOCAL_RANK.
+pub fn init_from_env() -> Result<Option<&'static Group>> {
+    if let Some(g) = GROUP.get() {
+        return Ok(Some(g));
+    }
+    let Some(env) = rendezvous::Env::from_process()? else { return Ok(None) };
+    if !crate::torch_shim::init_cuda() {
+        bail!("WORLD_SIZE={} asks for data parallelism, which needs CUDA and NCCL", env.world);
+    }
+    crate::cuda_graph::set_device(env.local_rank)?;
+    let id = if env.rank == 0 { Some(nccl::unique_id()?.internal) } else { None };
+    let id = rendezvous::exchange_id(&env, id, Duration::from_secs(300))?;
+    let comm = nccl::Communicator::new(env.world, env.rank, nccl::UniqueId { internal: id })
+        .with_context(|| format!("rank {} of {}", env.rank, env.world))?;
+    tracing::info!(rank = env.rank, world = env.world, nccl = nccl::version().unwrap_or(0), "joined the data-parallel group");
+    let _ = GROUP.set(Group {
+        rank: env.rank,
+        world: env.world,
+        local_rank: env.local_rank,
+        comm,
+    });
+    Ok(GROUP.get())
+}
+
+pub fn group() -> Option<&'static Group> {
+    GROUP.get()
+}
+
+pub fn rank() -> usize {
+    group().map_or(0, |g| g.rank)
+}
+
+pub fn world() -> usize {
+    group().map_or(1, |g| g.world)
+}
+
+/// Rank 0 (or no group): the process that writes checkpoints, metrics and pictures.
+pub fn is_main() -> bool {
+    rank() == 0
+}
+
+/// The CUDA device of this process (LOCAL_RANK in a group, else `default`).
+pub fn local_device(default: tch::Device) -> tch::Device {
+    match (group(), default) {
+        (Some(g), tch::Device::Cuda(_)) => tch::Device::Cuda(g.local_rank),
+        _ => default,
+    }
+}
+
+/// The seed of this rank's data and noise streams: `seed` on rank 0, decorrelated on the others.
+pub fn rank_seed(seed: u64, rank: usize) -> u64 {
+    if rank == 0 {
+        return seed;
+    }
+    // splitmix64 of (seed, rank)
+    let mut z = seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) >> 1
+}
+
+/// This rank's share of a global batch (the configured batch is global, so results and cache
+/// keys do not depend on the GPU count).
+pub fn batch_share(global: usize, world: usize) -> Result<usize> {
+    if global % world != 0 {
+        bail!("batch {global} does not split evenly over {world} GPUs");
+    }
+    Ok(global / world)
+}
+
+fn stream() -> Result<*mut libc::c_void> {
+    crate::cuda_graph::current_stream()
+}
+
+/// Averages f32 CUDA tensors over the group in place (no-op without a group).
+pub fn all_reduce_mean(ts: &[Tensor]) -> Result<()> {
+    let Some(g) = group() else { return Ok(()) };
+    let s = stream()?;
+    bucket::reduce_in_buckets(ts, bucket::DEFAULT_CAP_BYTES, |flat| {
+        g.comm.all_reduce_f32(flat.data_ptr(), flat.numel(), nccl::AVG, s)
+    })
+}
+
+/// Copies rank 0's values of `ts` to every rank (no-op without a group).
+pub fn broadcast_from_main(ts: &[Tensor]) -> Result<()> {
+    let Some(g) = group() else { return Ok(()) };
+    let s = stream()?;
+    bucket::reduce_in_buckets(ts, bucket::DEFAULT_CAP_BYTES, |flat| {
+        g.comm.broadcast_f32(flat.data_ptr(), flat.numel(), 0, s)
+    })
+}
+
+/// Fails when the ranks' copies of `ts` differ (a checksum compared by min and max over ranks).
+pub fn check_identical(ts: &[Tensor], what: &str) -> Result<()> {
+    let Some(g) = group() else { return Ok(()) };
+    let parts: Vec<Tensor> = ts
+        .iter()
+        .map(|t| {
+            let d = t.to_kind(Kind::Double);
+            Tensor::stack(&[d.sum(Kind::Double), d.square().sum(Kind::Double)], 0)
+        })
+        .collect();
+    let sum = Tensor::stack(&parts, 0).sum_dim_intlist([0i64].as_slice(), false, Kind::Double).to_kind(Kind::Float);
+    let (lo, hi) = (sum.copy(), sum.copy());
+    let s = stream()?;
+    g.comm.all_reduce_f32(lo.data_ptr(), 2, nccl::MIN, s)?;
+    g.comm.all_reduce_f32(hi.data_ptr(), 2, nccl::MAX, s)?;
+    let (lo, hi) = (Vec::<f32>::try_from(&lo)?, Vec::<f32>::try_from(&hi)?);
+    if lo != hi {
+        bail!("{what} differ across ranks (checksums {lo:?} vs {hi:?})");
+    }
+    Ok(())
+}
+
+/// Rank 0's answer to a yes/no question, on every rank (e.g. "stop now?": ranks that disagree
+/// on it would wait for each other forever).
+pub fn agree(answer: bool) -> Result<bool> {
+    let Some(g) = group() else { return Ok(answer) };
+    let dev = tch::Device::Cuda(g.local_rank);
+    let t = Tensor::from(answer as i32 as f32).to_device(dev);
+    g.comm.broadcast_f32(t.data_ptr(), 1, 0, stream()?)?;
+    Ok(t.double_value(&[]) != 0.0)
+}
+
+/// With DMDPIPE_DIST_CHECK_EVERY=K (debug mode), the training loops compare a digest of the
+/// parameters across ranks every K steps.
+pub fn debug_check_every() -> u64 {
+    std::env::var("DMDPIPE_DIST_CHECK_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The average of a tensor over ranks (e.g. a logged loss); a copy, the input is untouched.
+pub fn mean_over_ranks(t: &Tensor) -> Result<Tensor> {
+    let out = t.to_kind(Kind::Float).copy();
+    all_reduce_mean(&[out.shallow_clone()])?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_seeds_are_distinct_and_rank_zero_keeps_the_run_seed() {
+        assert_eq!(rank_seed(42, 0), 42);
+        let seeds: std::collections::HashSet<u64> = (0..64).map(|r| rank_seed(42, r)).collect();
+        assert_eq!(seeds.len(), 64);
+        assert_ne!(rank_seed(42, 1), rank_seed(43, 1));
+        assert!((0..64).all(|r| rank_seed(7, r) < (1 << 63)), "fits tch's i64 seed");
+    }
+
+    #[test]
+    fn batch_shares_split_the_global_batch() {
+        assert_eq!(batch_share(512, 1).unwrap(), 512);
+        assert_eq!(batch_share(392, 7).unwrap(), 56);
+        assert!(batch_share(100, 8).unwrap_err().to_string().contains("8 GPUs"));
+    }
+
+    #[test]
+    fn without_a_group_collectives_are_no_ops() {
+        let t = Tensor::from_slice(&[1.0f32, 2.0]);
+        all_reduce_mean(&[t.shallow_clone()]).unwrap();
+        broadcast_from_main(&[t.shallow_clone()]).unwrap();
+        check_identical(&[t.shallow_clone()], "x").unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0]);
+        assert!(is_main() && world() == 1);
+    }
+}
