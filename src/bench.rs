@@ -117,7 +117,12 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool) -> Result<
 /// DMD iterations per second (generator step with the regression loss + fake-score step), bf16,
 /// measured over the iterations after the first `skip` (eager warm-up and graph capture).
 fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations: u64, cuda_graph: bool) -> Result<f64> {
-    use crate::train::dmd::{DmdOptions, Pairs, dmd_train};
+    bench_dmd_gan(cfg, device, batch, iterations, cuda_graph, false)
+}
+
+/// [`bench_dmd`], optionally with DMD2's GAN head (random "real" images).
+fn bench_dmd_gan(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations: u64, cuda_graph: bool, gan: bool) -> Result<f64> {
+    use crate::train::dmd::{DmdOptions, Pairs, RealImages, dmd_train_with_grids};
     let mut cfg = cfg.clone();
     cfg.set_dropout(0.0);
     tch::manual_seed(0);
@@ -136,9 +141,26 @@ fn bench_dmd(cfg: &NetworkConfig, device: tch::Device, batch: usize, iterations:
         log_every: skip,
         checkpoint_every: u64::MAX,
         cuda_graph,
+        gan_generator_weight: if gan { 3e-3 } else { 0.0 },
         ..Default::default()
     };
-    let summary = dmd_train(&teacher, &g, &f, None, Some(&pairs), &opts, work.path(), |_| {})?;
+    let real = gan.then(|| RealImages {
+        images: (Tensor::rand([1024, 3, 32, 32], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8),
+        labels: Some(Tensor::eye(10, (Kind::Float, device)).index_select(0, &Tensor::randint(10, [1024], (Kind::Int64, device)))),
+    });
+    let summary = dmd_train_with_grids(
+        &teacher,
+        &g,
+        &f,
+        None,
+        Some(&pairs),
+        &opts,
+        work.path(),
+        |_| {},
+        None,
+        None,
+        real.as_ref(),
+    )?;
     let timed: Vec<f64> = summary.log.iter().skip(1).map(|r| r.iterations_per_second).collect();
     Ok(timed.len() as f64 / timed.iter().map(|r| 1.0 / r).sum::<f64>())
 }
@@ -199,7 +221,7 @@ pub fn bench_inception(device_name: &str, weights: &std::path::Path, cifar_dir: 
 pub fn bench_data_parallel(per_gpu_batch: usize, quick: bool) -> Result<Value> {
     crate::dist::init_from_env()?;
     let world = crate::dist::world();
-    let device = crate::dist::local_device(torch_shim::device("cuda")?);
+    let device = crate::dist::local_device(torch_shim::device(if quick { "auto" } else { "cuda" })?);
     tch::Cuda::cudnn_set_benchmark(true);
     torch_shim::set_tf32(true);
     let mut out = Map::new();
@@ -226,16 +248,24 @@ pub fn bench_data_parallel(per_gpu_batch: usize, quick: bool) -> Result<Value> {
         out.insert(format!("{tag}_train_img_s"), ((per_gpu_batch * world) as f64 / per_step).into());
         crate::dist::check_identical(&opt.params, "parameters after the timed steps")?;
     }
-    for (tag, cfg, batches) in [("edm55m", ddpmpp(128, 4), vec![56usize, 128]), ("speedrun9m", ddpmpp(64, 2), vec![128])] {
+    for (tag, cfg, batches) in [
+        ("edm55m", ddpmpp(128, 4), vec![56usize, 128]),
+        ("speedrun9m", ddpmpp(64, 2), vec![128]),
+    ] {
         for per_gpu in batches {
+            let per_gpu = if quick { 2 } else { per_gpu };
             let ips = bench_dmd(&cfg, device, per_gpu * world, if quick { 2 } else { 40 }, true)?;
             out.insert(format!("{tag}_dmd_b{per_gpu}_per_gpu_it_s"), ips.into());
         }
     }
+    let gan_b = if quick { 2 } else { 128 };
+    let gan = bench_dmd_gan(&ddpmpp(64, 2), device, gan_b * world, if quick { 2 } else { 40 }, true, true)?;
+    out.insert("speedrun9m_dmd_gan_b128_per_gpu_it_s".into(), gan.into());
     // Loss tracking: the 8.8M teacher on 2,048 fixed images, global batch 256, same seeds.
     tch::manual_seed(1);
     let n = 2048usize;
-    let images: Vec<u8> = Vec::<u8>::try_from((Tensor::rand([n as i64 * 3072], (Kind::Float, tch::Device::Cpu)) * 255.0).to_kind(Kind::Uint8))?;
+    let images: Vec<u8> =
+        Vec::<u8>::try_from((Tensor::rand([n as i64 * 3072], (Kind::Float, tch::Device::Cpu)) * 255.0).to_kind(Kind::Uint8))?;
     let ds = crate::data::artifact::ImageDataset {
         images,
         height: 32,
@@ -249,7 +279,7 @@ pub fn bench_data_parallel(per_gpu_batch: usize, quick: bool) -> Result<Value> {
     let net = Denoiser::new(&ddpmpp(64, 2), device);
     let ema = net.duplicate()?;
     let opts: crate::train::teacher::TrainOptions = serde_json::from_value(json!({
-        "batch": 256, "images": if quick { 512 } else { 256 * 300 }, "lr": 1e-3, "lr_warmup_images": 25600,
+        "batch": if quick { 4 } else { 256 }, "images": if quick { 8 } else { 256 * 300 }, "lr": 1e-3, "lr_warmup_images": 25600,
         "log_every": 10, "checkpoint_every": 1_000_000, "xflip": false
     }))?;
     let work = tempfile::tempdir()?;
@@ -265,7 +295,12 @@ pub fn bench_scaling(gpus: usize, per_gpu_batch: usize, quick: bool) -> Result<V
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let args = |file: &std::path::Path| {
-        let mut a = vec!["bench".to_string(), "data-parallel".into(), "--per-gpu-batch".into(), per_gpu_batch.to_string()];
+        let mut a = vec![
+            "bench".to_string(),
+            "data-parallel".into(),
+            "--per-gpu-batch".into(),
+            per_gpu_batch.to_string(),
+        ];
         if quick {
             a.push("--quick".into());
         }
@@ -298,7 +333,9 @@ pub fn bench_scaling(gpus: usize, per_gpu_batch: usize, quick: bool) -> Result<V
     out.insert("gpus".into(), gpus.into());
     out.insert("per_gpu_batch".into(), per_gpu_batch.into());
     for (k, v1) in &one {
-        let (Some(a), Some(b)) = (v1.as_f64(), many.get(k).and_then(|v| v.as_f64())) else { continue };
+        let (Some(a), Some(b)) = (v1.as_f64(), many.get(k).and_then(|v| v.as_f64())) else {
+            continue;
+        };
         if k == "gpus" {
             continue;
         }

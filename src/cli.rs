@@ -397,7 +397,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::DistCheck { dir } => {
             let env = crate::dist::rendezvous::Env::from_process()?.context("no WORLD_SIZE > 1 in the environment")?;
             let id: Option<[u8; crate::dist::nccl::UNIQUE_ID_BYTES]> = (env.rank == 0).then(|| {
-                let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+                let seed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
                 std::array::from_fn(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add(i as u128 * 1442695040888963407) >> 64) as u8)
             });
             let got = crate::dist::rendezvous::exchange_id(&env, id, std::time::Duration::from_secs(60))?;

@@ -48,6 +48,9 @@ pub fn launch(spec: &LaunchSpec, args: &[String]) -> Result<()> {
         let child = Command::new(&exe)
             .args(args)
             .envs(env_for(spec, local, port))
+            // NVLink multicast stays off unless the user says otherwise: on shared hosts a
+            // program using it can take the GPUs out of service.
+            .env("NCCL_NVLS_ENABLE", std::env::var("NCCL_NVLS_ENABLE").unwrap_or_else(|_| "0".into()))
             .spawn()
             .with_context(|| format!("starting local rank {local}"))?;
         children.push((local, child));

@@ -33,7 +33,9 @@ pub fn init_from_env() -> Result<Option<&'static Group>> {
     if let Some(g) = GROUP.get() {
         return Ok(Some(g));
     }
-    let Some(env) = rendezvous::Env::from_process()? else { return Ok(None) };
+    let Some(env) = rendezvous::Env::from_process()? else {
+        return Ok(None);
+    };
     if !crate::torch_shim::init_cuda() {
         bail!("WORLD_SIZE={} asks for data parallelism, which needs CUDA and NCCL", env.world);
     }
@@ -42,7 +44,12 @@ pub fn init_from_env() -> Result<Option<&'static Group>> {
     let id = rendezvous::exchange_id(&env, id, Duration::from_secs(300))?;
     let comm = nccl::Communicator::new(env.world, env.rank, nccl::UniqueId { internal: id })
         .with_context(|| format!("rank {} of {}", env.rank, env.world))?;
-    tracing::info!(rank = env.rank, world = env.world, nccl = nccl::version().unwrap_or(0), "joined the data-parallel group");
+    tracing::info!(
+        rank = env.rank,
+        world = env.world,
+        nccl = nccl::version().unwrap_or(0),
+        "joined the data-parallel group"
+    );
     let _ = GROUP.set(Group {
         rank: env.rank,
         world: env.world,
@@ -130,7 +137,9 @@ pub fn check_identical(ts: &[Tensor], what: &str) -> Result<()> {
             Tensor::stack(&[d.sum(Kind::Double), d.square().sum(Kind::Double)], 0)
         })
         .collect();
-    let sum = Tensor::stack(&parts, 0).sum_dim_intlist([0i64].as_slice(), false, Kind::Double).to_kind(Kind::Float);
+    let sum = Tensor::stack(&parts, 0)
+        .sum_dim_intlist([0i64].as_slice(), false, Kind::Double)
+        .to_kind(Kind::Float);
     let (lo, hi) = (sum.copy(), sum.copy());
     let s = stream()?;
     g.comm.all_reduce_f32(lo.data_ptr(), 2, nccl::MIN, s)?;
@@ -155,7 +164,10 @@ pub fn agree(answer: bool) -> Result<bool> {
 /// With DMDPIPE_DIST_CHECK_EVERY=K (debug mode), the training loops compare a digest of the
 /// parameters across ranks every K steps.
 pub fn debug_check_every() -> u64 {
-    std::env::var("DMDPIPE_DIST_CHECK_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    std::env::var("DMDPIPE_DIST_CHECK_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The average of a tensor over ranks (e.g. a logged loss); a copy, the input is untouched.

@@ -114,7 +114,10 @@ impl Communicator {
 
     /// In-place all-reduce of `count` f32 values at `ptr` (device memory) on `stream`.
     pub fn all_reduce_f32(&self, ptr: *mut libc::c_void, count: usize, op: libc::c_int, stream: Stream) -> Result<()> {
-        check(unsafe { (api()?.all_reduce)(ptr, ptr, count, FLOAT32, op, self.comm, stream) }, "all-reduce")
+        check(
+            unsafe { (api()?.all_reduce)(ptr, ptr, count, FLOAT32, op, self.comm, stream) },
+            "all-reduce",
+        )
     }
 
     /// In-place broadcast from `root` of `count` f32 values at `ptr` on `stream`.

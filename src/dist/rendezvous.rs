@@ -23,7 +23,11 @@ impl Env {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Env>> {
         let num = |k: &str| -> Result<Option<usize>> {
             get(k)
-                .map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v} is not a non-negative integer")))
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("{k}={v} is not a non-negative integer"))
+                })
                 .transpose()
         };
         let world = num("WORLD_SIZE")?.unwrap_or(1);
@@ -118,9 +122,15 @@ mod tests {
     fn torchrun_variables_are_parsed_and_checked() {
         assert_eq!(env_of(&[]).unwrap(), None);
         assert_eq!(env_of(&[("WORLD_SIZE", "1")]).unwrap(), None);
-        let e = env_of(&[("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "29500")])
-            .unwrap()
-            .unwrap();
+        let e = env_of(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!((e.rank, e.world, e.local_rank, e.master.as_str()), (3, 4, 1, "node0:29500"));
         assert!(env_of(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_PORT", "1")]).is_err());
         assert!(env_of(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).is_err());

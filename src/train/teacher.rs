@@ -130,7 +130,13 @@ pub fn train_with_grids(
     let opt = AdamW::new(net, opts.betas, opts.eps, 0.0);
     // Every rank starts from rank 0's weights.
     crate::dist::broadcast_from_main(&opt.params)?;
-    crate::dist::broadcast_from_main(&ema.vs.variables().into_values().filter(|t| t.is_floating_point()).collect::<Vec<_>>())?;
+    crate::dist::broadcast_from_main(
+        &ema.vs
+            .variables()
+            .into_values()
+            .filter(|t| t.is_floating_point())
+            .collect::<Vec<_>>(),
+    )?;
     let ema_names: Vec<String> = sorted_names(ema);
     let ckpt_path = work_dir.join("checkpoint.safetensors");
     let mut step = 0u64;
