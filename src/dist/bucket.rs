@@ -38,9 +38,12 @@ pub fn reduce_in_buckets(grads: &[Tensor], cap_bytes: usize, mut reduce: impl Fn
         let flat = Tensor::cat(&views, 0);
         reduce(&flat)?;
         let sizes: Vec<i64> = numels[r.clone()].iter().map(|&n| n as i64).collect();
-        for (g, part) in grads[r].iter().zip(flat.split_with_sizes(sizes.as_slice(), 0)) {
-            let _ = g.shallow_clone().copy_(&part.view_as(g));
-        }
+        // no_grad: the tensors may be parameters (leaves that require grad), as in a broadcast.
+        tch::no_grad(|| {
+            for (g, part) in grads[r].iter().zip(flat.split_with_sizes(sizes.as_slice(), 0)) {
+                let _ = g.shallow_clone().copy_(&part.view_as(g));
+            }
+        });
     }
     Ok(())
 }
@@ -65,6 +68,17 @@ mod tests {
             let bytes: usize = sizes[r.clone()].iter().sum::<usize>() * 4;
             assert!(bytes <= 4000 || r.len() == 1);
         }
+    }
+
+    #[test]
+    fn parameters_that_require_grad_can_be_written_back() {
+        let p = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        reduce_in_buckets(&[p.shallow_clone()], DEFAULT_CAP_BYTES, |flat| {
+            let _ = flat.shallow_clone().fill_(2.0);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(Vec::<f32>::try_from(&p.detach()).unwrap(), vec![2.0; 3]);
     }
 
     #[test]
