@@ -55,6 +55,10 @@ enum Command {
         /// Compute device override: auto, cpu, cuda, cuda:N.
         #[arg(long)]
         device: Option<String>,
+        /// Data-parallel GPUs for teacher and dmd stages: `all` or e.g. `0,1` (overrides the
+        /// pipeline's `devices`; results and cache keys do not depend on it).
+        #[arg(long, value_parser = crate::pipeline::config::Devices::parse)]
+        devices: Option<crate::pipeline::config::Devices>,
     },
     /// Fresh / stale / never run, per stage.
     Status {
@@ -102,6 +106,9 @@ enum Command {
     },
     /// Print the output directory of a fresh stage.
     Path { pipeline: PathBuf, stage: String },
+    /// One data-parallel rank of a teacher or dmd stage (started by `run` with several devices,
+    /// or by hand on another host with torchrun's variables and the job file).
+    StageWorker { job: PathBuf },
     /// Check the launch path without GPUs: parse the rank variables and exchange an id with
     /// rank 0 over TCP (NCCL's rendezvous); each rank writes `rank<R>.txt` into DIR.
     DistCheck { dir: PathBuf },
@@ -236,6 +243,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             until,
             dry_run,
             device,
+            devices,
         } => {
             let p = load(pipeline.as_deref())?;
             let cache_dir = cli.cache.clone().unwrap_or_else(|| p.cache_dir());
@@ -255,6 +263,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 dry_run,
                 cache_dir: cli.cache,
                 device,
+                devices,
                 progress: true,
             };
             let report = runner::run(&p, &opts)?;
@@ -392,6 +401,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if let Some(o) = out {
                 std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::StageWorker { job } => {
+            init_logging(cli.verbose, None);
+            crate::dist::stage::run_worker(&job)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DistCheck { dir } => {

@@ -363,3 +363,15 @@ fn garbage_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn devices_accepts_all_or_a_list_and_nothing_else() {
+    use dmdpipe::pipeline::config::Devices;
+    let p = parse(&format!("[pipeline]\ndevices = \"all\"\n{GOOD_DATA}")).unwrap();
+    assert!(matches!(p.settings.devices, Some(Devices::All(_))));
+    let p = parse(&format!("[pipeline]\ndevices = [0, 3]\n{GOOD_DATA}")).unwrap();
+    assert_eq!(p.settings.devices, Some(Devices::List(vec![0, 3])));
+    let e = parse(&format!("[pipeline]\ndevices = \"some\"\n{GOOD_DATA}")).expect_err("`some` is not a device list");
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.key.contains("pipeline"), "{e}");
+}

@@ -28,6 +28,25 @@ fn toy2d_pipeline_distils_onto_the_mixture() {
     }
     assert_eq!(r.stage("pairs").unwrap().metrics["count"], 4000);
     assert!(p.run("toy2d.toml").all_fresh());
+    // The GPU count is not in any key: other `devices` (pipeline or command line) reuse it all
+    // (on a CPU-only machine the stages also train in one process).
+    p.write("toy2d.toml", &toy.replace("[pipeline]\n", "[pipeline]\ndevices = [0, 1]\n"));
+    assert!(p.load("toy2d.toml").settings.devices.is_some());
+    assert!(p.run("toy2d.toml").all_fresh());
+    let opts = RunOptions {
+        devices: Some(dmdpipe::pipeline::config::Devices::parse("all").unwrap()),
+        ..Default::default()
+    };
+    assert!(p.run_with("toy2d.toml", opts).all_fresh());
+}
+
+#[test]
+fn devices_parse_from_the_command_line_form() {
+    use dmdpipe::pipeline::config::Devices;
+    assert_eq!(Devices::parse("0,2").unwrap(), Devices::List(vec![0, 2]));
+    assert_eq!(Devices::parse("all").unwrap().resolve(4), vec![0, 1, 2, 3]);
+    assert_eq!(Devices::List(vec![3]).resolve(8), vec![3]);
+    assert!(Devices::parse("0,x").unwrap_err().contains("`x`"));
 }
 
 const NET: &str = "{ arch = \"ddpmpp\", img_resolution = 8, label_dim = 2, augment_dim = 0, model_channels = 16, channel_mult = [1, 2], num_blocks = 1, attn_resolutions = [], dropout = 0.1 }";
@@ -79,7 +98,7 @@ fn image_dmd_with_pairs_writes_a_generator_grid_and_log() {
     }
     let csv = std::fs::read_to_string(dir.join("dmd_log.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 3, "a row per log step");
-    assert!(csv.starts_with("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,lr"));
+    assert!(csv.starts_with("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,loss_gan_g,loss_gan_d,lr"));
     // The generator is a one-step denoiser artifact: load it and sample.
     let g = dmdpipe::stages::teacher::load_teacher(&dir, tch::Device::Cpu).unwrap();
     assert_eq!(g.config.label_dim(), 2);

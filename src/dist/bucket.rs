@@ -92,7 +92,7 @@ mod tests {
         // A stand-in for an all-reduce with mean over two identical ranks plus a visible change.
         reduce_in_buckets(&grads, 40, |flat| {
             calls += 1;
-            let _ = flat.shallow_clone().mul_(3.0);
+            let _ = flat.shallow_clone().g_mul_scalar_(3.0);
             Ok(())
         })
         .unwrap();

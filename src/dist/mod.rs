@@ -11,8 +11,9 @@ pub mod bucket;
 pub mod launch;
 pub mod nccl;
 pub mod rendezvous;
+pub mod stage;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -25,23 +26,29 @@ pub struct Group {
     comm: nccl::Communicator,
 }
 
-static GROUP: OnceLock<Group> = OnceLock::new();
+static GROUP: RwLock<Option<Arc<Group>>> = RwLock::new(None);
 
-/// Joins the group described by the environment, if any (once per process). The process uses
-/// CUDA device LOCAL_RANK.
-pub fn init_from_env() -> Result<Option<&'static Group>> {
-    if let Some(g) = GROUP.get() {
+/// Joins the group described by the environment, if any. The process uses CUDA device
+/// LOCAL_RANK.
+pub fn init_from_env() -> Result<Option<Arc<Group>>> {
+    if let Some(g) = group() {
         return Ok(Some(g));
     }
-    let Some(env) = rendezvous::Env::from_process()? else {
-        return Ok(None);
-    };
+    match rendezvous::Env::from_process()? {
+        Some(env) => join(&env).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Joins the group `env` describes (rendezvous with rank 0, then an NCCL communicator) and makes
+/// it this process's group until [`leave`].
+pub fn join(env: &rendezvous::Env) -> Result<Arc<Group>> {
     if !crate::torch_shim::init_cuda() {
         bail!("WORLD_SIZE={} asks for data parallelism, which needs CUDA and NCCL", env.world);
     }
     crate::cuda_graph::set_device(env.local_rank)?;
     let id = if env.rank == 0 { Some(nccl::unique_id()?.internal) } else { None };
-    let id = rendezvous::exchange_id(&env, id, Duration::from_secs(300))?;
+    let id = rendezvous::exchange_id(env, id, Duration::from_secs(300))?;
     let comm = nccl::Communicator::new(env.world, env.rank, nccl::UniqueId { internal: id })
         .with_context(|| format!("rank {} of {}", env.rank, env.world))?;
     tracing::info!(
@@ -50,17 +57,23 @@ pub fn init_from_env() -> Result<Option<&'static Group>> {
         nccl = nccl::version().unwrap_or(0),
         "joined the data-parallel group"
     );
-    let _ = GROUP.set(Group {
+    let g = Arc::new(Group {
         rank: env.rank,
         world: env.world,
         local_rank: env.local_rank,
         comm,
     });
-    Ok(GROUP.get())
+    *GROUP.write().expect("group lock") = Some(g.clone());
+    Ok(g)
 }
 
-pub fn group() -> Option<&'static Group> {
-    GROUP.get()
+/// Leaves the current group (its communicator is destroyed when the last handle goes).
+pub fn leave() {
+    *GROUP.write().expect("group lock") = None;
+}
+
+pub fn group() -> Option<Arc<Group>> {
+    GROUP.read().expect("group lock").clone()
 }
 
 pub fn rank() -> usize {

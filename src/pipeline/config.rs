@@ -29,6 +29,48 @@ pub struct PipelineSettings {
     pub cache_dir: Option<PathBuf>,
     /// Compute device for stages that use one: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`.
     pub device: Option<String>,
+    /// GPUs for data-parallel training (`teacher` and `dmd` stages): `"all"` or a list of CUDA
+    /// indices. Not part of any cache key: results are keyed by the global batch, not the GPU count.
+    pub devices: Option<Devices>,
+}
+
+/// `"all"` or a list of CUDA device indices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Devices {
+    All(AllDevices),
+    List(Vec<usize>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AllDevices {
+    All,
+}
+
+impl Devices {
+    /// From the command line: `all`, or comma-separated indices (`0,1`).
+    pub fn parse(s: &str) -> Result<Devices, String> {
+        if s.trim() == "all" {
+            return Ok(Devices::All(AllDevices::All));
+        }
+        s.split(',')
+            .map(|p| {
+                p.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("`{p}` is not a device index (use `all` or e.g. `0,1`)"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Devices::List)
+    }
+
+    /// The CUDA indices, given how many devices there are.
+    pub fn resolve(&self, available: usize) -> Vec<usize> {
+        match self {
+            Devices::All(_) => (0..available).collect(),
+            Devices::List(l) => l.clone(),
+        }
+    }
 }
 
 /// The whole file, as the JSON schema describes it. Parsing goes through [`parse`], which

@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub cache_dir: Option<PathBuf>,
     /// Overrides the pipeline's device.
     pub device: Option<String>,
+    /// Overrides the pipeline's data-parallel GPU list.
+    pub devices: Option<super::config::Devices>,
     /// Show progress bars (when stderr is a terminal).
     pub progress: bool,
 }
@@ -269,6 +271,17 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     );
     overall.set_prefix(p.name.clone());
     let device = opts.device.clone().or(p.settings.device.clone()).unwrap_or_else(|| "auto".into());
+    let devices: Vec<usize> = match opts.devices.as_ref().or(p.settings.devices.as_ref()) {
+        Some(d) => {
+            let available = if crate::torch_shim::init_cuda() {
+                tch::Cuda::device_count() as usize
+            } else {
+                0
+            };
+            d.resolve(available)
+        }
+        None => Vec::new(),
+    };
     let mut trees: HashMap<String, String> = HashMap::new();
     let mut reports = Vec::new();
     let mut failure = None;
@@ -345,7 +358,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
             continue;
         }
         let key = key.ok_or_else(|| anyhow!("internal: stage `{}` has no key although its upstream ran", stage.name))?;
-        match run_stage(&cache, p, stage, &key, manifest, &trees, &mut stat, &multi, &device) {
+        match run_stage(&cache, p, stage, &key, manifest, &trees, &mut stat, &multi, &device, &devices) {
             Ok(entry) => {
                 report.outcome = Outcome::Ran;
                 report.seconds = entry.duration_s;
@@ -400,6 +413,7 @@ fn run_stage(
     stat: &mut StatCache,
     multi: &MultiProgress,
     device: &str,
+    devices: &[usize],
 ) -> Result<Entry> {
     let s = stage.spec.stage();
     let tmp = cache.new_tmp_dir(&stage.name)?;
@@ -431,6 +445,7 @@ fn run_stage(
         inputs,
         progress: bar.clone(),
         device: device.to_string(),
+        devices: devices.to_vec(),
     };
     let span = tracing::info_span!("stage", name = %stage.name, kind = stage.spec.kind());
     let _guard = span.enter();

@@ -167,6 +167,9 @@ impl Stage for DmdParams {
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
         let device = crate::torch_shim::device(&ctx.device)?;
+        // With several `devices`: this process is rank 0 of a data-parallel group.
+        let group = crate::dist::stage::StageGroup::start(ctx, "dmd", serde_json::to_value(self)?, device.is_cuda())?;
+        let device = crate::dist::local_device(device);
         let teacher = super::teacher::load_teacher(ctx.upstream_dir("teacher")?, device)?;
         for (_, v) in teacher.vs.variables() {
             let _ = v.set_requires_grad(false);
@@ -232,6 +235,9 @@ impl Stage for DmdParams {
         let ema_ref = ema.as_ref();
         let mut evaluate = |it: u64, g: &Denoiser| -> anyhow::Result<()> {
             let Some((e, net, reference)) = &evaluator else { return Ok(()) };
+            if !crate::dist::is_main() {
+                return Ok(());
+            }
             if fid_curve.last().is_some_and(|l| l.0 == it) {
                 return Ok(());
             }
@@ -342,6 +348,12 @@ impl Stage for DmdParams {
             lpips.as_ref(),
             real_images.as_ref(),
         )?;
+        if let Some(g) = group {
+            g.finish()?;
+        }
+        if !crate::dist::is_main() {
+            return Ok(serde_json::json!({})); // a worker: rank 0 writes the outputs
+        }
         std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
         evaluate(summary.iterations, &generator)?;
         if !fid_curve.is_empty() {

@@ -102,6 +102,8 @@ pub struct StageContext {
     pub progress: indicatif::ProgressBar,
     /// Device requested by the pipeline (`auto`, `cpu`, `cuda`, `cuda:N`).
     pub device: String,
+    /// CUDA devices for data-parallel training (empty or one: a single process).
+    pub devices: Vec<usize>,
 }
 
 impl StageContext {

@@ -173,6 +173,9 @@ impl Stage for TeacherParams {
                         ds.classes.len()
                     );
                 }
+                // With several `devices`: this process is rank 0 of a data-parallel group.
+                let group = crate::dist::stage::StageGroup::start(ctx, "teacher", serde_json::to_value(self)?, device.is_cuda())?;
+                let device = crate::dist::local_device(device);
                 tch::manual_seed(self.train.seed as i64);
                 let net = Denoiser::new(&config, device);
                 let mut ema = Denoiser::new(&config, device);
@@ -210,6 +213,12 @@ impl Stage for TeacherParams {
                     },
                     grids,
                 )?;
+                if let Some(g) = group {
+                    g.finish()?;
+                }
+                if !crate::dist::is_main() {
+                    return Ok(serde_json::json!({})); // a worker: rank 0 writes the outputs
+                }
                 std::fs::write(ctx.out_dir.join("training.csv"), log)?;
                 let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
                 crate::render::line_plot("teacher loss vs images", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
