@@ -44,12 +44,14 @@ fn sync(device: tch::Device) {
     }
 }
 
-pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool) -> Result<Value> {
+pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception: Option<&std::path::Path>) -> Result<Value> {
     let device = torch_shim::device(device_name)?;
     tch::Cuda::cudnn_set_benchmark(true);
     torch_shim::set_tf32(true);
     let mut out = Map::new();
     out.insert("device".into(), format!("{device:?}").into());
+    let peak = matmul_peak_tflops(device, if quick { 256 } else { 8192 })?;
+    out.insert("bf16_matmul_peak_tflops".into(), peak.into());
     let (train_b, sample_b, steps) = if quick { (8, 8, 2) } else { (512, 1024, 20) };
     for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
         tch::manual_seed(0);
@@ -96,6 +98,16 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool) -> Result<
             out.insert(format!("{tag}_onestep_{prec}_img_s"), (sample_b as f64 / per_call).into());
         }
     }
+    if let Some(w) = inception.filter(|w| w.exists()) {
+        let net = crate::eval::inception::Inception::load(w, device)?;
+        let n = if quick { 8 } else { 250 };
+        let imgs = (Tensor::rand([n, 32, 32, 3], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8);
+        let per = timed(device, 2, if quick { 1 } else { 20 }, || {
+            let _ = net.features(&imgs);
+            Ok(())
+        })?;
+        out.insert("inception_tf32_img_s".into(), (n as f64 / per).into());
+    }
     if !quick {
         for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
             for batch in [56usize, 128] {
@@ -111,7 +123,61 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool) -> Result<
             bench_dmd(&ddpmpp(64, 2), device, 4, 2, true)?.into(),
         );
     }
+    add_tflops(&mut out, peak);
     Ok(Value::Object(out))
+}
+
+/// Achieved TFLOP/s beside every throughput figure (forward FLOPs counted layer by layer;
+/// training = 3 forwards; a DMD iteration with regression and one fake update = 11 forwards
+/// per sample), and the fraction of the measured bf16 matmul peak.
+fn add_tflops(out: &mut Map<String, Value>, peak: f64) {
+    let flops: Vec<(&str, f64)> = [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))]
+        .iter()
+        .map(|(t, c)| (*t, crate::nn::flops::forward_flops(c)))
+        .collect();
+    let keys: Vec<String> = out.keys().cloned().collect();
+    for k in keys {
+        let Some(rate) = out[&k].as_f64() else { continue };
+        let Some(&(_, f)) = flops.iter().find(|(t, _)| k.starts_with(t)) else {
+            continue;
+        };
+        let per_unit = if k.contains("_train_") {
+            3.0 * f
+        } else if k.contains("_onestep_") {
+            f
+        } else if let Some(b) = k
+            .split("_dmd_b")
+            .nth(1)
+            .and_then(|r| r.split('_').next())
+            .and_then(|b| b.parse::<f64>().ok())
+        {
+            11.0 * f * b
+        } else {
+            continue;
+        };
+        let tflops = rate * per_unit / 1e12;
+        out.insert(format!("{k}_tflops"), tflops.into());
+        if peak > 0.0 {
+            out.insert(format!("{k}_fraction_of_peak"), (tflops / peak).into());
+        }
+    }
+    for (t, f) in flops {
+        out.insert(format!("{t}_forward_gflops_per_image"), (f / 1e9).into());
+    }
+}
+
+/// Measured bf16 matmul throughput (n x n x n products) in TFLOP/s; 0 on the CPU.
+fn matmul_peak_tflops(device: tch::Device, n: i64) -> Result<f64> {
+    if !device.is_cuda() {
+        return Ok(0.0);
+    }
+    let a = Tensor::randn([n, n], (Kind::BFloat16, device));
+    let b = Tensor::randn([n, n], (Kind::BFloat16, device));
+    let per = timed(device, 3, 20, || {
+        let _ = a.matmul(&b);
+        Ok(())
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / per / 1e12)
 }
 
 /// DMD iterations per second (generator step with the regression loss + fake-score step), bf16,

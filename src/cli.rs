@@ -183,6 +183,9 @@ enum BenchCommand {
         /// Also time bf16 with channels-last (NHWC) weights and activations.
         #[arg(long)]
         channels_last: bool,
+        /// Inception weights for the feature-throughput figure (skipped when absent).
+        #[arg(long, default_value = "models/inception-2015-12-05.safetensors")]
+        inception: PathBuf,
         /// Also write the numbers to this JSON file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -372,11 +375,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     device,
                     quick,
                     channels_last,
+                    inception,
                     out,
                 },
         } => {
             init_logging(cli.verbose, None);
-            let v = crate::bench::bench_gpu(&device, quick, channels_last)?;
+            let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception))?;
             let text = serde_json::to_string_pretty(&v)?;
             println!("{text}");
             if let Some(o) = out {

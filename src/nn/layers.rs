@@ -58,6 +58,10 @@ impl Linear {
         Linear { weight, bias, in_features }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if super::flops::counting() {
+            let rows = (x.numel() as i64 / self.in_features.max(1)) as u64;
+            super::flops::add(rows * self.weight.numel() as u64);
+        }
         x.linear(&self.weight, self.bias.as_ref())
     }
 }
@@ -130,6 +134,18 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let w_pad = self.weight.as_ref().map(|w| w.size()[3] / 2).unwrap_or(0);
         let f_pad = self.filter.as_ref().map(|f| (f.size()[3] - 1) / 2).unwrap_or(0);
+        if let (true, Some(w)) = (super::flops::counting(), &self.weight) {
+            // The main convolution runs at the input resolution when fused with a downsample,
+            // else at the output resolution.
+            let (n, _, h, wd) = x.size4().expect("NCHW");
+            let (h, wd) = match (self.up, self.down && self.fused) {
+                (true, _) => (h * 2, wd * 2),
+                (false, true) => (h, wd),
+                (false, false) if self.down => (h / 2, wd / 2),
+                _ => (h, wd),
+            };
+            super::flops::add((n * h * wd) as u64 * w.numel() as u64);
+        }
         let mut x = x.shallow_clone();
         let f = self.filter.as_ref().map(|f| f.to_kind(x.kind()));
         let w = self.weight.as_ref();

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dhariwal;
+pub mod flops;
 pub mod gmm;
 pub mod import;
 pub mod layers;

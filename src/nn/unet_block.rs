@@ -119,6 +119,7 @@ impl UNetBlock {
             // [B, C, L] -> [B, 1, L, C] for scaled dot-product attention over the L positions.
             let part = |i: i64| qkv.select(2, i).transpose(1, 2).unsqueeze(1);
             let (q, k, v) = (part(0), part(1), part(2));
+            crate::nn::flops::add(2 * (n * c * h * w * h * w) as u64); // q.k and weights.v
             let a = if x.device().is_cuda() {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
             } else {
