@@ -37,12 +37,14 @@ kind = "fid-ref"
 dataset = "data"
 inception = "{inc}"
 batch = 3
+keep_features = true
 
 [stages.self_fid]
 kind = "fid"
 reference = "ref"
 images = "data"
 inception = "{inc}"
+kid_pr = true
 
 [stages.teacher]
 kind = "teacher"
@@ -62,6 +64,7 @@ repeats = 2
 seed = 100
 batch = 4
 inception = "{inc}"
+kid_pr = true
 
 [stages.grid]
 kind = "sample-grid"
@@ -82,6 +85,19 @@ columns = 4
     .unwrap();
     let self_fid = r.stage("self_fid").unwrap().metrics["fid"].as_f64().unwrap();
     assert!(self_fid.abs() < 1e-3, "FID of a set with itself: {self_fid}");
+    // KID and precision/recall from the kept features: a set covers itself exactly.
+    let sm = &r.stage("self_fid").unwrap().metrics;
+    assert_eq!((sm["precision"].as_f64().unwrap(), sm["recall"].as_f64().unwrap()), (1.0, 1.0));
+    assert!(sm["kid"].as_f64().unwrap().is_finite());
+    let gm = &r.stage("gen_fid").unwrap().metrics;
+    for k in ["precision", "recall"] {
+        let v = gm[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} {v}");
+    }
+    assert!(
+        gm["kid"].as_f64().unwrap() > sm["kid"].as_f64().unwrap(),
+        "generated images are further than the set itself"
+    );
     let g = &r.stage("gen_fid").unwrap().metrics;
     let reps: Vec<f64> = g["fid_repeats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert_eq!(reps.len(), 2);

@@ -1,4 +1,5 @@
-//! Evaluation: the TF Inception-v3 feature network and FID statistics.
+//! Evaluation: the TF Inception-v3 feature network, FID statistics, KID and precision/recall.
 
 pub mod fid;
 pub mod inception;
+pub mod kid_pr;

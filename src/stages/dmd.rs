@@ -242,7 +242,7 @@ impl Stage for DmdParams {
                 return Ok(());
             }
             let fid_of = |net_g: &Denoiser| -> anyhow::Result<f64> {
-                let s = super::fid::generator_stats(net, net_g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet)?;
+                let s = super::fid::generator_stats(net, net_g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet, false)?;
                 crate::eval::fid::frechet_distance(&s.stats, reference)
             };
             let fid = fid_of(g)?;

@@ -17,6 +17,20 @@ use crate::eval::inception::Inception;
 use crate::sample::{SamplerConfig, one_hot, sample, seeded_latents, to_uint8_nhwc};
 
 pub const STATS_FILE: &str = "stats.npz";
+pub const FEATURES_FILE: &str = "features.safetensors";
+
+fn save_features(path: &std::path::Path, f: &Tensor) -> anyhow::Result<()> {
+    crate::train::checkpoint::save(path, &[("features".to_string(), f.shallow_clone())], Default::default())
+}
+
+fn load_features(dir: &std::path::Path) -> anyhow::Result<Tensor> {
+    let path = dir.join(FEATURES_FILE);
+    if !path.exists() {
+        anyhow::bail!("kid_pr = true needs the reference's features: set keep_features = true on its fid-ref stage");
+    }
+    let (mut t, _) = crate::nn::weights::read_safetensors(&path)?;
+    t.remove("features").context("features.safetensors has no `features` tensor")
+}
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -33,13 +47,22 @@ fn d_batch() -> usize {
 }
 
 /// Streams uint8 NHWC batches through Inception; returns (statistics, seconds in Inception).
-fn stats_of(net: &Inception, batches: impl Iterator<Item = Tensor>, progress: &indicatif::ProgressBar) -> anyhow::Result<(FidStats, f64)> {
+fn stats_of(
+    net: &Inception,
+    batches: impl Iterator<Item = Tensor>,
+    progress: &indicatif::ProgressBar,
+    kept: Option<&mut Vec<Tensor>>,
+) -> anyhow::Result<(FidStats, f64)> {
     let mut acc = StatsAccumulator::new();
     let mut secs = 0.0;
+    let mut kept = kept;
     for b in batches {
         let t = Instant::now();
         let f = net.features(&b);
         acc.add(&f);
+        if let Some(k) = kept.as_mut() {
+            k.push(f.to_device(Device::Cpu));
+        }
         if let Device::Cuda(i) = net.device {
             tch::Cuda::synchronize(i as i64);
         }
@@ -66,6 +89,8 @@ pub fn setup(device: &str, precision: Precision, inception: &std::path::Path) ->
 
 pub struct GeneratorStats {
     pub stats: FidStats,
+    /// Every feature vector [n, 2048] on the CPU, when asked for (KID, precision/recall).
+    pub features: Option<Tensor>,
     pub sampling_seconds: f64,
     pub inception_seconds: f64,
 }
@@ -82,10 +107,12 @@ pub fn generator_stats(
     batch: usize,
     bf16: bool,
     progress: &indicatif::ProgressBar,
+    keep_features: bool,
 ) -> anyhow::Result<GeneratorStats> {
     let cfg = &generator.config;
     let (res, ch, label_dim) = (cfg.img_resolution(), cfg.img_channels(), cfg.label_dim());
     let mut acc = StatsAccumulator::new();
+    let mut kept = Vec::new();
     let (mut gen_secs, mut inc_secs) = (0.0, 0.0);
     for start in (0..n).step_by(batch.max(1)) {
         let count = batch.min(n - start);
@@ -107,12 +134,17 @@ pub fn generator_stats(
         gen_secs += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let b = Tensor::from_slice(&u8s).reshape([count as i64, res, res, ch]);
-        acc.add(&net.features(&b));
+        let f = net.features(&b);
+        acc.add(&f);
+        if keep_features {
+            kept.push(f.to_device(Device::Cpu));
+        }
         inc_secs += t.elapsed().as_secs_f64();
         progress.inc(count as u64);
     }
     Ok(GeneratorStats {
         stats: acc.finish()?,
+        features: keep_features.then(|| Tensor::cat(&kept, 0)),
         sampling_seconds: gen_secs,
         inception_seconds: inc_secs,
     })
@@ -132,6 +164,10 @@ pub struct FidRefParams {
     pub batch: usize,
     #[serde(default)]
     pub precision: Precision,
+    /// Also keep every feature vector (`features.safetensors`, 8 KB per image) for KID and
+    /// precision/recall in `fid` stages (`kid_pr = true`).
+    #[serde(default)]
+    pub keep_features: bool,
 }
 
 impl Stage for FidRefParams {
@@ -169,6 +205,12 @@ impl Stage for FidRefParams {
         if self.dataset.is_some() == self.stats.is_some() {
             return Err(FieldIssue::new("inception", "give exactly one of `dataset` and `stats`"));
         }
+        if self.keep_features && self.stats.is_some() {
+            return Err(FieldIssue::new(
+                "keep_features",
+                "keep_features needs `dataset` (imported statistics have no features)",
+            ));
+        }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
@@ -180,8 +222,17 @@ impl Stage for FidRefParams {
         let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
         let ds = ImageDataset::read(ctx.upstream_dir("dataset")?)?;
         ctx.progress.set_length(ds.len() as u64);
-        let (stats, secs) = stats_of(&net, dataset_batches(&ds, self.batch), &ctx.progress)?;
+        let mut kept = Vec::new();
+        let (stats, secs) = stats_of(
+            &net,
+            dataset_batches(&ds, self.batch),
+            &ctx.progress,
+            self.keep_features.then_some(&mut kept),
+        )?;
         stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+        if self.keep_features {
+            save_features(&ctx.out_dir.join(FEATURES_FILE), &Tensor::cat(&kept, 0))?;
+        }
         Ok(serde_json::json!({ "count": stats.count, "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs }))
     }
 }
@@ -225,6 +276,25 @@ pub struct FidParams {
     /// bf16 autocast for the generator on CUDA.
     #[serde(default = "d_true")]
     pub bf16: bool,
+    /// Also Kernel Inception Distance (100 subsets of 1,000) and precision/recall (k = 3, on
+    /// at most `pr_samples` of each set); needs `keep_features = true` on the reference.
+    #[serde(default)]
+    pub kid_pr: bool,
+    #[serde(default = "d_pr_samples")]
+    pub pr_samples: usize,
+}
+
+fn d_pr_samples() -> usize {
+    10_000
+}
+
+/// KID and precision/recall of `fake` against `real` features, as metrics.
+fn kid_pr_metrics(real: &Tensor, fake: &Tensor, pr_samples: usize, device: Device) -> anyhow::Result<serde_json::Value> {
+    let (real, fake) = (real.to_device(device), fake.to_device(device));
+    let (kid, kid_std) = crate::eval::kid_pr::kid(&real, &fake, 100, 1000, 0)?;
+    let cap = |t: &Tensor| t.narrow(0, 0, (pr_samples as i64).min(t.size()[0]));
+    let (precision, recall) = crate::eval::kid_pr::precision_recall(&cap(&real), &cap(&fake), 3)?;
+    Ok(serde_json::json!({ "kid": kid, "kid_std": kid_std, "precision": precision, "recall": recall }))
 }
 
 impl Stage for FidParams {
@@ -275,25 +345,54 @@ impl Stage for FidParams {
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
         let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
         let reference = FidStats::load_npz(&ctx.upstream_dir("reference")?.join(STATS_FILE))?;
+        // Checked before any work: the reference must have kept its features.
+        let real_features = self.kid_pr.then(|| load_features(ctx.upstream_dir("reference")?)).transpose()?;
+        let extra = |fake: &Tensor| -> anyhow::Result<serde_json::Value> {
+            match &real_features {
+                Some(real) => kid_pr_metrics(real, fake, self.pr_samples, net.device),
+                None => Ok(serde_json::json!({})),
+            }
+        };
+        let merge = |mut a: serde_json::Value, b: serde_json::Value| {
+            if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object()) {
+                a.extend(b.clone());
+            }
+            a
+        };
         if self.images.is_some() {
             let ds = ImageDataset::read(ctx.upstream_dir("images")?)?;
             ctx.progress.set_length(ds.len() as u64);
-            let (stats, secs) = stats_of(&net, dataset_batches(&ds, self.batch), &ctx.progress)?;
+            let mut kept = Vec::new();
+            let (stats, secs) = stats_of(
+                &net,
+                dataset_batches(&ds, self.batch),
+                &ctx.progress,
+                self.kid_pr.then_some(&mut kept),
+            )?;
             let fid = frechet_distance(&stats, &reference)?;
             stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
-            return Ok(
-                serde_json::json!({ "fid": fid, "num_images": ds.len(), "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs }),
-            );
+            let m = serde_json::json!({ "fid": fid, "num_images": ds.len(), "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs });
+            let e = if self.kid_pr {
+                extra(&Tensor::cat(&kept, 0))?
+            } else {
+                serde_json::json!({})
+            };
+            return Ok(merge(m, e));
         }
         let generator =
             crate::stages::teacher::load_teacher(ctx.upstream_dir("generator")?, net.device).context("loading the generator")?;
         let n = self.num_samples;
         ctx.progress.set_length((n * self.repeats) as u64);
         let mut fids = Vec::new();
+        let mut extra_metrics = serde_json::json!({});
         let (mut gen_secs, mut inc_secs) = (0.0, 0.0);
         for r in 0..self.repeats {
             let base = self.seed + (r * n) as u64;
-            let s = generator_stats(&net, &generator, &self.sampler, n, base, self.batch, self.bf16, &ctx.progress)?;
+            let keep = self.kid_pr && r == 0;
+            let s = generator_stats(&net, &generator, &self.sampler, n, base, self.batch, self.bf16, &ctx.progress, keep)?;
+            if let Some(f) = &s.features {
+                extra_metrics = extra(f)?;
+            }
             gen_secs += s.sampling_seconds;
             inc_secs += s.inception_seconds;
             let fid = frechet_distance(&s.stats, &reference)?;
@@ -305,7 +404,7 @@ impl Stage for FidParams {
         }
         let min = fids.iter().cloned().fold(f64::INFINITY, f64::min);
         let mean = fids.iter().sum::<f64>() / fids.len() as f64;
-        Ok(serde_json::json!({
+        let m = serde_json::json!({
             "fid": min,
             "fid_mean": mean,
             "fid_repeats": fids,
@@ -314,6 +413,7 @@ impl Stage for FidParams {
             "sampler_calls": self.sampler.network_calls(),
             "sampling_seconds": gen_secs,
             "inception_seconds": inc_secs,
-        }))
+        });
+        Ok(merge(m, extra_metrics))
     }
 }
