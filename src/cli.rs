@@ -238,6 +238,16 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) {
     let _ = tracing_subscriber::registry().with(stderr_layer).with(file_layer).try_init();
 }
 
+/// Prints a benchmark's numbers and, when asked, writes them to a file too.
+fn print_json(v: &serde_json::Value, out: Option<&std::path::Path>) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    println!("{text}");
+    if let Some(o) = out {
+        std::fs::write(o, text).with_context(|| format!("writing {}", o.display()))?;
+    }
+    Ok(())
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
@@ -381,11 +391,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception))?;
-            let text = serde_json::to_string_pretty(&v)?;
-            println!("{text}");
-            if let Some(o) = out {
-                std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
-            }
+            print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -400,11 +406,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_inception(&device, &weights, &data, limit)?;
-            let text = serde_json::to_string_pretty(&v)?;
-            println!("{text}");
-            if let Some(o) = out {
-                std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
-            }
+            print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::StageWorker { job } => {
@@ -452,11 +454,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_data_parallel(per_gpu_batch, quick)?;
             if !v.is_null() {
-                let text = serde_json::to_string_pretty(&v)?;
-                println!("{text}");
-                if let Some(o) = out {
-                    std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
-                }
+                print_json(&v, out.as_deref())?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -471,11 +469,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_scaling(gpus, per_gpu_batch, quick)?;
-            let text = serde_json::to_string_pretty(&v)?;
-            println!("{text}");
-            if let Some(o) = out {
-                std::fs::write(&o, text).with_context(|| format!("writing {}", o.display()))?;
-            }
+            print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportWeights { input, out, inception } => {

@@ -72,6 +72,22 @@ fn stats_of(
     Ok((acc.finish()?, secs))
 }
 
+/// Statistics (and, with `keep`, every feature vector) of the image dataset upstream as `role`;
+/// also the seconds spent in Inception.
+fn dataset_stats(
+    net: &Inception,
+    ctx: &StageContext,
+    role: &str,
+    batch: usize,
+    keep: bool,
+) -> anyhow::Result<(FidStats, f64, Option<Tensor>)> {
+    let ds = ImageDataset::read(ctx.upstream_dir(role)?)?;
+    ctx.progress.set_length(ds.len() as u64);
+    let mut kept = Vec::new();
+    let (stats, secs) = stats_of(net, dataset_batches(&ds, batch), &ctx.progress, keep.then_some(&mut kept))?;
+    Ok((stats, secs, keep.then(|| Tensor::cat(&kept, 0))))
+}
+
 fn dataset_batches(ds: &ImageDataset, batch: usize) -> impl Iterator<Item = Tensor> + '_ {
     let (h, w, c) = (ds.height as i64, ds.width as i64, ds.channels as i64);
     (0..ds.len()).step_by(batch).map(move |start| {
@@ -220,20 +236,12 @@ impl Stage for FidRefParams {
             return Ok(serde_json::json!({ "count": stats.count, "imported": true }));
         }
         let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
-        let ds = ImageDataset::read(ctx.upstream_dir("dataset")?)?;
-        ctx.progress.set_length(ds.len() as u64);
-        let mut kept = Vec::new();
-        let (stats, secs) = stats_of(
-            &net,
-            dataset_batches(&ds, self.batch),
-            &ctx.progress,
-            self.keep_features.then_some(&mut kept),
-        )?;
+        let (stats, secs, features) = dataset_stats(&net, ctx, "dataset", self.batch, self.keep_features)?;
         stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
-        if self.keep_features {
-            save_features(&ctx.out_dir.join(FEATURES_FILE), &Tensor::cat(&kept, 0))?;
+        if let Some(f) = &features {
+            save_features(&ctx.out_dir.join(FEATURES_FILE), f)?;
         }
-        Ok(serde_json::json!({ "count": stats.count, "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs }))
+        Ok(serde_json::json!({ "count": stats.count, "inception_seconds": secs, "images_per_second": stats.count as f64 / secs }))
     }
 }
 
@@ -360,22 +368,14 @@ impl Stage for FidParams {
             a
         };
         if self.images.is_some() {
-            let ds = ImageDataset::read(ctx.upstream_dir("images")?)?;
-            ctx.progress.set_length(ds.len() as u64);
-            let mut kept = Vec::new();
-            let (stats, secs) = stats_of(
-                &net,
-                dataset_batches(&ds, self.batch),
-                &ctx.progress,
-                self.kid_pr.then_some(&mut kept),
-            )?;
+            let (stats, secs, features) = dataset_stats(&net, ctx, "images", self.batch, self.kid_pr)?;
             let fid = frechet_distance(&stats, &reference)?;
             stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
-            let m = serde_json::json!({ "fid": fid, "num_images": ds.len(), "inception_seconds": secs, "images_per_second": ds.len() as f64 / secs });
-            let e = if self.kid_pr {
-                extra(&Tensor::cat(&kept, 0))?
-            } else {
-                serde_json::json!({})
+            let n = stats.count;
+            let m = serde_json::json!({ "fid": fid, "num_images": n, "inception_seconds": secs, "images_per_second": n as f64 / secs });
+            let e = match &features {
+                Some(f) => extra(f)?,
+                None => serde_json::json!({}),
             };
             return Ok(merge(m, e));
         }
