@@ -1,7 +1,8 @@
 //! Data parallelism for a pipeline stage: the runner's process is rank 0; it writes a job file
 //! (the stage's kind and params, its upstream and input paths) and starts one `dmdpipe
-//! stage-worker JOB` per further GPU. Every rank runs the same stage code; only rank 0 writes
-//! checkpoints, metrics and outputs into the cache (the workers' outputs go to scratch dirs).
+//! stage-worker JOB` per further GPU. Every rank runs the same stage code (resuming from rank 0's
+//! checkpoint when there is one); only rank 0 writes checkpoints, metrics and outputs into the
+//! cache (the workers' outputs go to scratch dirs).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ pub struct Job {
     pub inputs: BTreeMap<String, PathBuf>,
     pub device: String,
     pub devices: Vec<usize>,
+    /// Rank 0's work directory: workers resume from the same checkpoint (they never write it).
+    pub work_dir: PathBuf,
 }
 
 /// While alive, this process belongs to the stage's data-parallel group; on drop it leaves the
@@ -54,6 +57,7 @@ impl StageGroup {
             inputs: ctx.inputs.clone(),
             device: ctx.device.clone(),
             devices: ctx.devices.clone(),
+            work_dir: ctx.work_dir.clone(),
         };
         let job_path = ctx.work_dir.join("data-parallel-job.json");
         std::fs::write(&job_path, serde_json::to_vec_pretty(&job)?)?;
@@ -137,7 +141,7 @@ pub fn run_worker(job_path: &Path) -> Result<()> {
     let mut ctx = StageContext {
         stage_name: job.stage_name.clone(),
         out_dir: scratch.path().join("out"),
-        work_dir: scratch.path().join("work"),
+        work_dir: job.work_dir.clone(),
         downloads_dir: scratch.path().join("downloads"),
         upstream: job.upstream,
         inputs: job.inputs,
@@ -145,7 +149,7 @@ pub fn run_worker(job_path: &Path) -> Result<()> {
         device: job.device,
         devices: job.devices,
     };
-    for d in [&ctx.out_dir, &ctx.work_dir, &ctx.downloads_dir] {
+    for d in [&ctx.out_dir, &ctx.downloads_dir] {
         std::fs::create_dir_all(d)?;
     }
     spec.stage().run(&mut ctx)?;
@@ -168,6 +172,7 @@ mod tests {
             inputs: BTreeMap::new(),
             device: "cuda".into(),
             devices: vec![0, 1],
+            work_dir: PathBuf::from("/c/work/key"),
         };
         let back: Job = serde_json::from_slice(&serde_json::to_vec(&job).unwrap()).unwrap();
         assert_eq!(back, job);
