@@ -175,3 +175,45 @@ fn launch_fails_when_a_rank_fails_and_names_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("local rank"), "{err}");
 }
+
+/// Two "hosts" on one machine: each runs `launch --nnodes 2 --node-rank K --nproc 1` with the
+/// same master address and port, as on a real cluster; ranks 0 and 1 meet over TCP.
+#[test]
+fn two_node_launch_meets_at_the_master_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let node = |k: &str| {
+        dmdpipe()
+            .args([
+                "launch",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                k,
+                "--nproc",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+            ])
+            .arg(&port)
+            .args(["--", "dist-check"])
+            .arg(dir.path())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (node("1"), node("0"));
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    let r0 = std::fs::read_to_string(dir.path().join("rank0.txt")).unwrap();
+    let r1 = std::fs::read_to_string(dir.path().join("rank1.txt")).unwrap();
+    assert!(
+        r0.starts_with("2 0 ") && r1.starts_with("2 0 "),
+        "world 2, local rank 0 on each node: {r0} / {r1}"
+    );
+    assert_eq!(r0.split(' ').nth(2), r1.split(' ').nth(2), "the same id on both nodes");
+}
