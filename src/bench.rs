@@ -96,6 +96,11 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
                 Ok(())
             })?;
             out.insert(format!("{tag}_onestep_{prec}_img_s"), (sample_b as f64 / per_call).into());
+            if prec == "bf16" && device.is_cuda() && crate::cuda_graph::available() {
+                let (train, sample) = bench_graphed(&net, &opt, device, train_b, &z, &labels, steps)?;
+                out.insert(format!("{tag}_train_bf16_graph_img_s"), train.into());
+                out.insert(format!("{tag}_onestep_bf16_graph_img_s"), sample.into());
+            }
         }
     }
     if let Some(w) = inception.filter(|w| w.exists()) {
@@ -125,6 +130,51 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
     }
     add_tflops(&mut out, peak);
     Ok(Value::Object(out))
+}
+
+/// The bf16 training step (without the EMA) and the one-step sampling call, each captured as a
+/// CUDA graph and replayed: (train img/s, sampling img/s).
+fn bench_graphed(
+    net: &Denoiser,
+    opt: &AdamW,
+    device: tch::Device,
+    train_b: i64,
+    z: &Tensor,
+    labels: &Tensor,
+    steps: usize,
+) -> Result<(f64, f64)> {
+    use crate::cuda_graph::{CudaGraph, SideStream};
+    let _side = SideStream::enter()?;
+    let lr = Tensor::from(1e-4f32).to_device(device);
+    let eye = Tensor::eye(10, (Kind::Float, device));
+    let step = || -> Result<Tensor> {
+        opt.zero_grad();
+        let y = Tensor::rand([train_b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
+        let l = eye.index_select(0, &Tensor::randint(10, [train_b], (Kind::Int64, device)));
+        let (loss, _) = {
+            let _ac = AutocastBf16::new(true)?;
+            edm_loss(net, &y, Some(&l), -1.2, 1.2, true)
+        };
+        loss.backward();
+        opt.step(&lr, 0.0)?;
+        Ok(loss.detach())
+    };
+    for _ in 0..3 {
+        let _ = step()?;
+    }
+    let (g, _) = CudaGraph::capture(&step)?;
+    let per_step = timed(device, 2, steps, || g.replay())?;
+    let sigma = Tensor::from(80.0f32).to_device(device);
+    let sample = || -> Result<Tensor> {
+        let _ac = AutocastBf16::new(true)?;
+        Ok(tch::no_grad(|| net.denoise(z, &sigma, Some(labels), false)))
+    };
+    for _ in 0..2 {
+        let _ = sample()?;
+    }
+    let (g, _) = CudaGraph::capture(&sample)?;
+    let per_call = timed(device, 2, 10.min(steps), || g.replay())?;
+    Ok((train_b as f64 / per_step, z.size()[0] as f64 / per_call))
 }
 
 /// Achieved TFLOP/s beside every throughput figure (forward FLOPs counted layer by layer;

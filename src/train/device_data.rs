@@ -68,7 +68,10 @@ impl TrainData for DeviceImages {
         } else {
             x
         };
-        let labels = (self.num_classes > 0).then(|| self.labels.index_select(0, &idx).one_hot(self.num_classes).to_kind(Kind::Float));
+        // Rows of an identity matrix rather than one_hot, whose range checks may read the device
+        // (this batch is drawn inside captured CUDA graphs).
+        let labels = (self.num_classes > 0)
+            .then(|| Tensor::eye(self.num_classes, (Kind::Float, dev)).index_select(0, &self.labels.index_select(0, &idx)));
         (x, labels)
     }
 }
