@@ -393,7 +393,8 @@ pub fn dmd_train_with_grids(
     };
     let regress = pairs.filter(|_| opts.regression_weight > 0.0);
     // One DMD iteration, device work only (no host reads), so that it can be captured as a
-    // CUDA graph. Returns [loss_dm, loss_reg, loss_fake, grad_norm_g, grad_norm_fake].
+    // CUDA graph. Returns [loss_dm, loss_reg, loss_fake, grad_norm_g, grad_norm_fake,
+    // loss_gan_g, loss_gan_d].
     let iteration = || -> Result<Tensor> {
         for _ in 1..opts.fake_updates_per_g.max(1) {
             let y = labels_for(b);
