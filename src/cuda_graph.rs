@@ -172,8 +172,71 @@ impl Drop for CudaGraph {
     }
 }
 
+/// A training step run eagerly, or (when enabled: CUDA and the shim present) eagerly for its
+/// first calls (cuDNN picks its algorithms, lazy state is created), then captured once and
+/// replayed on every later call. The step returns a tensor, copied out of the graph's pool.
+pub struct CapturedStep {
+    enabled: bool,
+    eager_left: u64,
+    what: &'static str,
+    graph: Option<(CudaGraph, tch::Tensor)>,
+    _side: Option<SideStream>,
+}
+
+impl CapturedStep {
+    /// `want`: the caller's option; capture happens only where it is also available. While
+    /// alive, an enabled runner keeps the thread's CUDA work on a side stream.
+    pub fn new(want: bool, cuda: bool, eager_calls: u64, what: &'static str) -> Result<Self> {
+        let enabled = want && cuda && available();
+        if want && cuda && !enabled {
+            tracing::warn!(
+                reason = unavailable_reason().unwrap_or_default(),
+                "CUDA-graph capture unavailable; running {what} eagerly"
+            );
+        }
+        let side = enabled.then(SideStream::enter).transpose()?;
+        Ok(CapturedStep {
+            enabled,
+            eager_left: eager_calls,
+            what,
+            graph: None,
+            _side: side,
+        })
+    }
+
+    pub fn run(&mut self, step: &dyn Fn() -> Result<tch::Tensor>) -> Result<tch::Tensor> {
+        if !self.enabled || self.eager_left > 0 {
+            self.eager_left = self.eager_left.saturating_sub(1);
+            return step();
+        }
+        if self.graph.is_none() {
+            self.graph = Some(CudaGraph::capture(step)?);
+            tracing::info!("captured the {} as a CUDA graph", self.what);
+        }
+        let (g, out) = self.graph.as_ref().expect("captured above");
+        g.replay()?;
+        Ok(out.copy())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn on_the_cpu_a_captured_step_runs_eagerly_every_time() {
+        let calls = std::cell::Cell::new(0);
+        let mut r = super::CapturedStep::new(true, false, 3, "test step").unwrap();
+        for i in 1..=5 {
+            let out = r
+                .run(&|| {
+                    calls.set(calls.get() + 1);
+                    Ok(tch::Tensor::from(calls.get() as f32))
+                })
+                .unwrap();
+            assert_eq!(out.double_value(&[]), i as f64);
+        }
+        assert_eq!(calls.get(), 5);
+    }
+
     #[test]
     fn without_cuda_capture_is_unavailable_with_a_reason() {
         if !crate::torch_shim::init_cuda() {

@@ -60,6 +60,16 @@ impl Mlp {
     }
 }
 
+/// The tensors of EDM's preconditioning for one call.
+struct Precond {
+    x: Tensor,
+    c_skip: Tensor,
+    c_out: Tensor,
+    c_in: Tensor,
+    c_noise: Tensor,
+    labels: Option<Tensor>,
+}
+
 /// A denoiser with its own parameters (a VarStore whose names are EDM's state-dict names).
 pub struct Denoiser {
     pub vs: VarStore,
@@ -123,6 +133,14 @@ impl Denoiser {
         augment_labels: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
+        let p = self.precondition(x, sigma, class_labels);
+        let f = self.raw(&(&p.c_in * &p.x), &p.c_noise, p.labels.as_ref(), augment_labels, train);
+        p.c_skip * &p.x + p.c_out * f.to_kind(Kind::Float)
+    }
+
+    /// EDM's preconditioning of (x, sigma, labels): the network's input scaling, noise label
+    /// and label tensor, and the output mixing coefficients.
+    fn precondition(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>) -> Precond {
         let x = x.to_kind(Kind::Float);
         let n = x.size()[0];
         let mut shape = vec![-1i64];
@@ -144,26 +162,22 @@ impl Denoiser {
             (d, None) => Some(Tensor::zeros([1, d], (Kind::Float, x.device()))),
             (d, Some(l)) => Some(l.to_kind(Kind::Float).reshape([-1, d])),
         };
-        let f = self.raw(&(&c_in * &x), &c_noise, labels.as_ref(), augment_labels, train);
-        c_skip * &x + c_out * f.to_kind(Kind::Float)
+        Precond {
+            x,
+            c_skip,
+            c_out,
+            c_in,
+            c_noise,
+            labels,
+        }
     }
 
     /// The encoder's bottleneck features for input x at noise level sigma (EDM's input scaling),
     /// for DDPM++ networks; None for the others.
     pub fn bottleneck(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>, train: bool) -> Option<Tensor> {
         let UNet::Song(net) = &self.net else { return None };
-        let x = x.to_kind(Kind::Float);
-        let n = x.size()[0];
-        let sigma = sigma.to_kind(Kind::Float).reshape([-1, 1, 1, 1]);
-        let sd = self.config.sigma_data();
-        let c_in = (sigma.square() + sd * sd).sqrt().reciprocal();
-        let c_noise = (sigma.log() / 4.0).flatten(0, -1).expand([n], false);
-        let labels = match (self.config.label_dim(), class_labels) {
-            (0, _) => None,
-            (d, None) => Some(Tensor::zeros([n, d], (Kind::Float, x.device()))),
-            (d, Some(l)) => Some(l.to_kind(Kind::Float).reshape([-1, d])),
-        };
-        Some(net.bottleneck(&(c_in * &x), &c_noise, labels.as_ref(), None, train))
+        let p = self.precondition(x, sigma, class_labels);
+        Some(net.bottleneck(&(&p.c_in * &p.x), &p.c_noise, p.labels.as_ref(), None, train))
     }
 
     /// Channels of [`Self::bottleneck`], for networks that have one.

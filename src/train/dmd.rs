@@ -459,15 +459,7 @@ pub fn dmd_train_with_grids(
             0,
         ))
     };
-    let use_graph = cuda && opts.cuda_graph && crate::cuda_graph::available();
-    if cuda && opts.cuda_graph && !use_graph {
-        tracing::warn!(
-            reason = crate::cuda_graph::unavailable_reason().unwrap_or_default(),
-            "CUDA-graph capture unavailable; running DMD eagerly"
-        );
-    }
-    let _side_stream = use_graph.then(crate::cuda_graph::SideStream::enter).transpose()?;
-    let mut graph: Option<(crate::cuda_graph::CudaGraph, Tensor)> = None;
+    let mut runner = crate::cuda_graph::CapturedStep::new(opts.cuda_graph, cuda, EAGER_BEFORE_CAPTURE, "DMD iteration")?;
     // Every rank starts from rank 0's weights (they are copies of the same teacher anyway).
     for o in [Some(&opt_g), Some(&opt_f), opt_h.as_ref()].into_iter().flatten() {
         crate::dist::broadcast_from_main(&o.params)?;
@@ -481,19 +473,7 @@ pub fn dmd_train_with_grids(
         let lr_f = opts.fake_lr.unwrap_or(opts.lr) * ramp;
         let _ = lr_g_t.shallow_clone().fill_(lr);
         let _ = lr_f_t.shallow_clone().fill_(lr_f);
-        // A few eager iterations first (cuDNN picks its algorithms, lazy state is created),
-        // then one capture; every later iteration is a replay.
-        let stats = if use_graph && it - resumed_from >= EAGER_BEFORE_CAPTURE {
-            if graph.is_none() {
-                graph = Some(crate::cuda_graph::CudaGraph::capture(&iteration)?);
-                tracing::info!(iteration = it, "captured the DMD iteration as a CUDA graph");
-            }
-            let (g, out) = graph.as_ref().expect("captured above");
-            g.replay()?;
-            out.copy()
-        } else {
-            iteration()?
-        };
+        let stats = runner.run(&iteration)?;
         if let Some(e) = ema {
             let h = opts.ema_halflife_images.unwrap_or(0.0);
             ema_update(e, generator, ema_beta(opts.batch, (it + 1) * opts.batch as u64, h, None))?;

@@ -185,25 +185,13 @@ pub fn train_with_grids(
         opt.step(&lr_t, 0.0)?;
         Ok(mean)
     };
-    let use_graph = cuda && opts.cuda_graph && crate::cuda_graph::available();
-    let _side_stream = use_graph.then(crate::cuda_graph::SideStream::enter).transpose()?;
-    let mut graph: Option<(crate::cuda_graph::CudaGraph, Tensor)> = None;
+    let mut runner = crate::cuda_graph::CapturedStep::new(opts.cuda_graph, cuda, 3, "training step")?;
     while images < opts.images && !stop {
         images += opts.batch as u64;
         step += 1;
         let lr = opts.lr * (images as f64 / opts.lr_warmup_images.max(1) as f64).min(1.0);
         let _ = lr_t.shallow_clone().fill_(lr);
-        let mean = if use_graph && step - resumed_from_step > 3 {
-            if graph.is_none() {
-                graph = Some(crate::cuda_graph::CudaGraph::capture(&train_step)?);
-                tracing::info!(step, "captured the training step as a CUDA graph");
-            }
-            let (g, out) = graph.as_ref().expect("captured above");
-            g.replay()?;
-            out.copy()
-        } else {
-            train_step()?
-        };
+        let mean = runner.run(&train_step)?;
         ema_update(ema, net, ema_beta(opts.batch, images, opts.ema_halflife_images, opts.ema_rampup))?;
         if let Some((every, hook)) = grids.as_mut() {
             if *every > 0 && step % *every == 0 && crate::dist::is_main() {
