@@ -154,8 +154,9 @@ enum BenchCommand {
     /// Data-parallel scaling: `bench data-parallel` on 1 GPU, then on N GPUs through `launch`;
     /// speed-ups, efficiencies and the loss curves of both at the same global batch.
     Scaling {
-        #[arg(long, default_value_t = 2)]
-        gpus: usize,
+        /// GPU counts to compare with one GPU, e.g. `2` or `2,4,8`.
+        #[arg(long, value_delimiter = ',', default_value = "2")]
+        gpus: Vec<usize>,
         /// Teacher-training images per GPU.
         #[arg(long, default_value_t = 256)]
         per_gpu_batch: usize,
@@ -168,6 +169,9 @@ enum BenchCommand {
     DataParallel {
         #[arg(long, default_value_t = 256)]
         per_gpu_batch: usize,
+        /// Also a short DMD run at this global batch (micro-batches of 56 per GPU, accumulated).
+        #[arg(long, default_value_t = 0)]
+        dmd_global_batch: usize,
         #[arg(long)]
         quick: bool,
         #[arg(long)]
@@ -449,10 +453,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            what: BenchCommand::DataParallel { per_gpu_batch, quick, out },
+            what:
+                BenchCommand::DataParallel {
+                    per_gpu_batch,
+                    dmd_global_batch,
+                    quick,
+                    out,
+                },
         } => {
             init_logging(cli.verbose, None);
-            let v = crate::bench::bench_data_parallel(per_gpu_batch, quick)?;
+            let v = crate::bench::bench_data_parallel(per_gpu_batch, dmd_global_batch, quick)?;
             if !v.is_null() {
                 print_json(&v, out.as_deref())?;
             }
@@ -468,7 +478,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 },
         } => {
             init_logging(cli.verbose, None);
-            let v = crate::bench::bench_scaling(gpus, per_gpu_batch, quick)?;
+            let v = crate::bench::bench_scaling(&gpus, per_gpu_batch, quick)?;
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }

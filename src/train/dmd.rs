@@ -76,6 +76,9 @@ pub struct DmdOptions {
     pub regression_loss: RegressionLoss,
     /// Fake-score updates per generator update (DMD2's two time-scale rule: 5).
     pub fake_updates_per_g: usize,
+    /// Micro-batches per update: each GPU computes its share of `batch` in this many pieces and
+    /// sums their gradients (the paper's batch 392 on fewer GPUs, or to save memory).
+    pub grad_accumulation: usize,
     pub levels: usize,
     pub t_min_index: usize,
     pub t_max_index: usize,
@@ -122,6 +125,7 @@ impl Default for DmdOptions {
             regression_weight: 0.25,
             regression_loss: RegressionLoss::L2,
             fake_updates_per_g: 1,
+            grad_accumulation: 1,
             levels: 1000,
             t_min_index: 20,
             t_max_index: 980,
@@ -211,9 +215,9 @@ pub fn regression_loss(pred: &Tensor, target: &Tensor, kind: RegressionLoss, lpi
 }
 
 /// EDM-weighted denoising loss of the fake score on generator samples (detached).
-pub fn fake_score_loss(fake: &Denoiser, x: &Tensor, labels: Option<&Tensor>, sigma: &Tensor) -> Tensor {
+pub fn fake_score_loss(fake: &Denoiser, x: &Tensor, labels: Option<&Tensor>, sigma: &Tensor, eps: &Tensor) -> Tensor {
     let sd = fake.config.sigma_data();
-    let noisy = x + Tensor::randn_like(x) * sigma;
+    let noisy = x + eps * sigma;
     let pred = fake.denoise(&noisy, sigma, labels, true);
     let lambda = (sigma.square() + sd * sd) / (sigma * sd).square();
     (lambda * (pred - x).square()).mean(Kind::Float)
@@ -284,6 +288,9 @@ pub fn dmd_train_with_grids(
     if opts.regression_loss == RegressionLoss::Lpips && lpips.is_none() && opts.regression_weight > 0.0 {
         bail!("regression_loss = \"lpips\" needs LPIPS weights");
     }
+    let (rank, world) = (crate::dist::rank(), crate::dist::world());
+    // Seeded before the GAN head is initialised, so that a run is reproducible from its seed.
+    tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64);
     let gan = opts.gan_generator_weight > 0.0;
     let head = match (gan, fake.bottleneck_channels(), real_images) {
         (false, _, _) => None,
@@ -297,8 +304,6 @@ pub fn dmd_train_with_grids(
     let device = generator.device();
     let cuda = device.is_cuda();
     crate::torch_shim::set_tf32(cuda && opts.tf32);
-    let (rank, world) = (crate::dist::rank(), crate::dist::world());
-    tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64);
     let opt_g = AdamW::new(generator, opts.betas, opts.eps, opts.weight_decay);
     let opt_f = AdamW::new(fake, opts.betas, opts.eps, opts.weight_decay);
     let mut sched = karras_sigmas(opts.levels, opts.sigma_min, opts.sigma_max, opts.rho);
@@ -308,6 +313,11 @@ pub fn dmd_train_with_grids(
     let label_dim = generator.config.label_dim();
     // `batch` is global: each of the `world` ranks generates its share.
     let b = crate::dist::batch_share(opts.batch, world)? as i64;
+    let accum = opts.grad_accumulation.max(1) as i64;
+    if b % accum != 0 {
+        bail!("grad_accumulation = {accum} does not divide the batch per GPU ({b} = {} / {world})", opts.batch);
+    }
+    let mb = b / accum;
     let bshape: Vec<i64> = std::iter::once(b).chain(shape.iter().copied()).collect();
     let mut sshape = vec![b];
     sshape.extend(std::iter::repeat_n(1, shape.len()));
@@ -359,105 +369,136 @@ pub fn dmd_train_with_grids(
     // Learning rates live in device tensors so that a captured iteration follows the warm-up.
     let lr_g_t = Tensor::zeros([], (Kind::Float, device));
     let lr_f_t = Tensor::zeros([], (Kind::Float, device));
-    // Logits of the GAN head for noisy versions of x (noise levels over the whole schedule).
-    let gan_logits = |h: &super::gan::GanHead, x: &Tensor, y: Option<&Tensor>, train: bool| -> Tensor {
-        let sigma = sigma_at(0, opts.levels);
-        let xt = x + Tensor::randn_like(x) * &sigma;
-        h.forward(&fake.bottleneck(&xt, &sigma, y, train).expect("checked: DDPM++"))
+    let randn = || Tensor::randn(bshape.as_slice(), (Kind::Float, device));
+    // Micro-batches of a pass: [i * mb, (i + 1) * mb) of the per-rank batch.
+    let chunk = |t: &Tensor, i: i64| t.narrow(0, i * mb, mb);
+    let chunk_opt = |t: Option<&Tensor>, i: i64| t.map(|t| chunk(t, i));
+    // Logits of the GAN head for x noised at `sigma` with `eps`.
+    let gan_logits = |h: &super::gan::GanHead, x: &Tensor, y: Option<&Tensor>, sigma: &Tensor, eps: &Tensor, train: bool| -> Tensor {
+        let xt = x + eps * sigma;
+        h.forward(&fake.bottleneck(&xt, sigma, y, train).expect("checked: DDPM++"))
     };
-    // Fake-score update (plus the discriminator's, with the GAN head): returns the fake-score
-    // loss, its gradient norm and the discriminator loss.
+    // Fake-score update (plus the discriminator's, with the GAN head) on detached samples of the
+    // whole per-rank batch: returns the fake-score loss, its gradient norm and the
+    // discriminator loss. Its random numbers are drawn for the whole batch first (see Draws).
     let fake_step = |x: &Tensor, y: Option<&Tensor>| -> Result<(Tensor, Tensor, Tensor)> {
-        opt_f.zero_grad();
-        let (loss, loss_d) = {
-            let _ac = AutocastBf16::new(cuda && opts.bf16)?;
-            let loss = fake_score_loss(fake, x, y, &sigma_at(0, opts.levels));
-            match (&head, real_images) {
-                (Some(h), Some(r)) => {
-                    let (xr, yr) = r.batch(b);
-                    let d = super::gan::discriminator_loss(&gan_logits(h, x, y, true), &gan_logits(h, &xr, yr.as_ref(), true));
-                    (&loss + &d * opts.gan_discriminator_weight, d)
-                }
-                _ => (loss, zero.shallow_clone()),
+        let (sigma, eps) = (sigma_at(0, opts.levels), randn());
+        let gan = match (&head, real_images) {
+            (Some(_), Some(r)) => {
+                let (xr, yr) = r.batch(b);
+                Some((xr, yr, [sigma_at(0, opts.levels), randn(), sigma_at(0, opts.levels), randn()]))
             }
+            _ => None,
         };
+        opt_f.zero_grad();
         if let Some(o) = &opt_h {
             o.zero_grad();
         }
-        loss.backward();
+        let (mut loss_sum, mut d_sum) = (zero.shallow_clone(), zero.shallow_clone());
+        for i in 0..accum {
+            let (xi, yi) = (chunk(x, i), chunk_opt(y, i));
+            let (loss, d) = {
+                let _ac = AutocastBf16::new(cuda && opts.bf16)?;
+                let loss = fake_score_loss(fake, &xi, yi.as_ref(), &chunk(&sigma, i), &chunk(&eps, i));
+                match (&head, &gan) {
+                    (Some(h), Some((xr, yr, [sf, ef, sr, er]))) => {
+                        let lf = gan_logits(h, &xi, yi.as_ref(), &chunk(sf, i), &chunk(ef, i), true);
+                        let yri = chunk_opt(yr.as_ref(), i);
+                        let lr = gan_logits(h, &chunk(xr, i), yri.as_ref(), &chunk(sr, i), &chunk(er, i), true);
+                        let d = super::gan::discriminator_loss(&lf, &lr);
+                        (&loss + &d * opts.gan_discriminator_weight, d)
+                    }
+                    _ => (loss, zero.shallow_clone()),
+                }
+            };
+            (&loss / accum as f64).backward();
+            loss_sum = loss_sum + loss.detach();
+            d_sum = d_sum + d.detach();
+        }
         let gn = opt_f.step(&lr_f_t, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
         if let Some(o) = &opt_h {
             o.step(&lr_f_t, opts.grad_clip)?;
         }
-        Ok((loss.detach(), gn, loss_d.detach()))
+        Ok((loss_sum / accum as f64, gn, d_sum / accum as f64))
     };
     let regress = pairs.filter(|_| opts.regression_weight > 0.0);
+    // Generator samples of the whole per-rank batch without gradient, a micro-batch at a time.
+    let generate_detached = |z: &Tensor, y: Option<&Tensor>| -> Result<Tensor> {
+        let parts = (0..accum)
+            .map(|i| tch::no_grad(|| generate(&chunk(z, i), chunk_opt(y, i).as_ref())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0))
+    };
     // One DMD iteration, device work only (no host reads), so that it can be captured as a
     // CUDA graph. Returns [loss_dm, loss_reg, loss_fake, grad_norm_g, grad_norm_fake,
-    // loss_gan_g, loss_gan_d].
+    // loss_gan_g, loss_gan_d]. With gradient accumulation every random number is drawn for the
+    // whole per-rank batch before it is split, so k micro-batches of B/k compute exactly the
+    // update of one batch of B (up to summation order).
     let iteration = || -> Result<Tensor> {
         for _ in 1..opts.fake_updates_per_g.max(1) {
             let y = labels_for(b);
-            let x = tch::no_grad(|| generate(&Tensor::randn(bshape.as_slice(), (Kind::Float, device)), y.as_ref()))?;
+            let x = generate_detached(&randn(), y.as_ref())?;
             let _ = fake_step(&x, y.as_ref())?;
         }
-        opt_g.zero_grad();
         let y = labels_for(b);
-        let z = Tensor::randn(bshape.as_slice(), (Kind::Float, device));
-        // The generator sees its DM batch and its regression batch in one call (fewer launches).
-        let (x, reg) = match regress {
-            Some(p) => {
-                let (zr, yr, xr) = p.batch(b);
-                let yy = y.as_ref().zip(yr.as_ref()).map(|(a, c)| Tensor::cat(&[a, c], 0));
-                let both = generate(&Tensor::cat(&[&z, &zr], 0), yy.as_ref())?;
-                (both.narrow(0, 0, b), Some((both.narrow(0, b, b), xr)))
+        let z = randn();
+        let pair = regress.map(|p| p.batch(b));
+        let (sigma_dm, eps_dm) = (sigma_at(opts.t_min_index, opts.t_max_index), randn());
+        let gan_g = head.as_ref().map(|_| (sigma_at(0, opts.levels), randn()));
+        opt_g.zero_grad();
+        let mut sums = [zero.shallow_clone(), zero.shallow_clone(), zero.shallow_clone()];
+        let mut xds = Vec::with_capacity(accum as usize);
+        for i in 0..accum {
+            let (zi, yi) = (chunk(&z, i), chunk_opt(y.as_ref(), i));
+            // The generator sees its DM batch and its regression batch in one call (fewer launches).
+            let (x, reg) = match &pair {
+                Some((zr, yr, xr)) => {
+                    let yri = chunk_opt(yr.as_ref(), i);
+                    let yy = yi.as_ref().zip(yri.as_ref()).map(|(a, c)| Tensor::cat(&[a, c], 0));
+                    let both = generate(&Tensor::cat(&[&zi, &chunk(zr, i)], 0), yy.as_ref())?;
+                    (both.narrow(0, 0, mb), Some((both.narrow(0, mb, mb), chunk(xr, i))))
+                }
+                None => (generate(&zi, yi.as_ref())?, None),
+            };
+            let xd = x.detach();
+            let g = tch::no_grad(|| -> Result<Tensor> {
+                let sigma = chunk(&sigma_dm, i);
+                let xt = &xd + chunk(&eps_dm, i) * &sigma;
+                let _ac = AutocastBf16::new(cuda && opts.bf16 && !opts.score_fp32)?;
+                let real_d = real.real_denoise(&xt, &sigma, yi.as_ref()).to_kind(Kind::Float);
+                let fake_d = fake.denoise(&xt, &sigma, yi.as_ref(), false).to_kind(Kind::Float);
+                Ok(dm_gradient(&xd, &real_d, &fake_d))
+            })?;
+            let loss_dm = dm_loss(&x, &g);
+            let (mut loss, loss_reg) = match reg {
+                Some((pred, target)) => {
+                    let l = regression_loss(&pred, &target, opts.regression_loss, lpips);
+                    (&loss_dm + &l * opts.regression_weight, l)
+                }
+                None => (loss_dm.shallow_clone(), zero.shallow_clone()),
+            };
+            // The generator's GAN loss flows through the fake score's encoder and the head; their
+            // gradients from this pass are dropped by the fake step's zero_grad.
+            let loss_gan_g = match (&head, &gan_g) {
+                (Some(h), Some((sigma, eps))) => {
+                    let _ac = AutocastBf16::new(cuda && opts.bf16)?;
+                    let l = super::gan::generator_loss(&gan_logits(h, &x, yi.as_ref(), &chunk(sigma, i), &chunk(eps, i), false));
+                    loss = loss + &l * opts.gan_generator_weight;
+                    l
+                }
+                _ => zero.shallow_clone(),
+            };
+            (loss / accum as f64).backward();
+            for (s, l) in sums.iter_mut().zip([loss_dm, loss_reg, loss_gan_g]) {
+                *s = &*s + l.detach();
             }
-            None => (generate(&z, y.as_ref())?, None),
-        };
-        let xd = x.detach();
-        let g = tch::no_grad(|| -> Result<Tensor> {
-            let sigma = sigma_at(opts.t_min_index, opts.t_max_index);
-            let xt = &xd + Tensor::randn_like(&xd) * &sigma;
-            let _ac = AutocastBf16::new(cuda && opts.bf16 && !opts.score_fp32)?;
-            let real_d = real.real_denoise(&xt, &sigma, y.as_ref()).to_kind(Kind::Float);
-            let fake_d = fake.denoise(&xt, &sigma, y.as_ref(), false).to_kind(Kind::Float);
-            Ok(dm_gradient(&xd, &real_d, &fake_d))
-        })?;
-        let loss_dm = dm_loss(&x, &g);
-        let (mut loss, loss_reg) = match reg {
-            Some((pred, target)) => {
-                let l = regression_loss(&pred, &target, opts.regression_loss, lpips);
-                (&loss_dm + &l * opts.regression_weight, l)
-            }
-            None => (loss_dm.shallow_clone(), zero.shallow_clone()),
-        };
-        // The generator's GAN loss flows through the fake score's encoder and the head; their
-        // gradients from this pass are dropped by the fake step's zero_grad.
-        let loss_gan_g = match &head {
-            Some(h) => {
-                let _ac = AutocastBf16::new(cuda && opts.bf16)?;
-                let l = super::gan::generator_loss(&gan_logits(h, &x, y.as_ref(), false));
-                loss = loss + &l * opts.gan_generator_weight;
-                l
-            }
-            None => zero.shallow_clone(),
-        };
-        loss.backward();
+            xds.push(xd);
+        }
         let gn_g = opt_g.step(&lr_g_t, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
         // Fake-score update on the same (detached) samples.
-        let (loss_f, gn_f, loss_gan_d) = fake_step(&xd, y.as_ref())?;
-        Ok(Tensor::stack(
-            &[
-                loss_dm.detach(),
-                loss_reg.detach(),
-                loss_f,
-                gn_g.reshape([]),
-                gn_f.reshape([]),
-                loss_gan_g.detach(),
-                loss_gan_d,
-            ],
-            0,
-        ))
+        let (loss_f, gn_f, loss_gan_d) = fake_step(&Tensor::cat(&xds, 0), y.as_ref())?;
+        let [dm, reg, gan_g] = sums.map(|s| s / accum as f64);
+        Ok(Tensor::stack(&[dm, reg, loss_f, gn_g.reshape([]), gn_f.reshape([]), gan_g, loss_gan_d], 0))
     };
     let mut runner = crate::cuda_graph::CapturedStep::new(opts.cuda_graph, cuda, EAGER_BEFORE_CAPTURE, "DMD iteration")?;
     // Every rank starts from rank 0's weights (they are copies of the same teacher anyway).
