@@ -90,10 +90,24 @@ def fid(a, b):
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--weights'); ap.add_argument('--data'); ap.add_argument('--out')
+    ap.add_argument('--random', type=int, default=0, help='time N random images only (no data set)')
     a = ap.parse_args()
     dev = torch.device('cuda')
     torch.backends.cudnn.benchmark = True
     convs = build(a.weights, dev)
+    if a.random:
+        imgs = np.random.default_rng(0).integers(0, 256, (a.random, 32, 32, 3), dtype=np.uint8)
+        res = {'card': torch.cuda.get_device_name(0), 'torch': torch.__version__, 'images': a.random}
+        for prec in ('tf32', 'fp32'):
+            torch.backends.cudnn.allow_tf32 = prec == 'tf32'
+            torch.backends.cuda.matmul.allow_tf32 = prec == 'tf32'
+            features(convs, imgs[:500], dev)
+            t = time.perf_counter()
+            features(convs, imgs, dev)
+            res[f'inception_{prec}_img_s'] = a.random / (time.perf_counter() - t)
+        print(json.dumps(res, indent=1))
+        json.dump(res, open(a.out, 'w'), indent=1)
+        raise SystemExit
     train = load_cifar(a.data, [f'data_batch_{i}.bin' for i in range(1, 6)])
     test = load_cifar(a.data, ['test_batch.bin'])
     res = {'card': torch.cuda.get_device_name(0), 'torch': torch.__version__}

@@ -104,14 +104,23 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
         }
     }
     if let Some(w) = inception.filter(|w| w.exists()) {
-        let net = crate::eval::inception::Inception::load(w, device)?;
+        use crate::eval::inception::Layout;
+        let mut net = crate::eval::inception::Inception::load(w, device)?;
         let n = if quick { 8 } else { 250 };
         let imgs = (Tensor::rand([n, 32, 32, 3], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8);
-        let per = timed(device, 2, if quick { 1 } else { 20 }, || {
-            let _ = net.features(&imgs);
-            Ok(())
-        })?;
-        out.insert("inception_tf32_img_s".into(), (n as f64 / per).into());
+        for (prec, tf32) in [("tf32", true), ("fp32", false)] {
+            torch_shim::set_tf32(tf32);
+            for (lay, layout) in [("", Layout::AsInput), ("_nchw", Layout::Nchw), ("_nhwc", Layout::Nhwc)] {
+                net.layout = layout;
+                // Features to the host in f64, as the FID stages (and the PyTorch script) take them.
+                let per = timed(device, 2, if quick { 1 } else { 20 }, || {
+                    let _ = net.features(&imgs).to_kind(Kind::Double).to_device(tch::Device::Cpu);
+                    Ok(())
+                })?;
+                out.insert(format!("inception_{prec}{lay}_img_s"), (n as f64 / per).into());
+            }
+        }
+        torch_shim::set_tf32(true);
     }
     if !quick {
         for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {

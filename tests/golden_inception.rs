@@ -49,4 +49,12 @@ fn resize_and_features_match_the_reference() {
         (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[])
     });
     assert!(worst_row.fold(0.0, f64::max) < 1e-4);
+    // Forced memory layouts (a speed choice) give the same features.
+    let mut net = net;
+    for layout in [dmdpipe::eval::inception::Layout::Nchw, dmdpipe::eval::inception::Layout::Nhwc] {
+        net.layout = layout;
+        let f = net.features(&images.narrow(0, 0, 2)).to_kind(Kind::Double);
+        let rel = (&f - feats.narrow(0, 0, 2)).norm().double_value(&[]) / f.norm().double_value(&[]);
+        assert!(rel < 1e-5, "{layout:?}: features differ by {rel:e}");
+    }
 }

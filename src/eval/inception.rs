@@ -23,9 +23,19 @@ impl ConvBn {
     }
 }
 
+/// Memory layout of the activations (the values are the same in every layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Whatever the input's strides give (uint8 NHWC images permuted: channels-last in memory).
+    AsInput,
+    Nchw,
+    Nhwc,
+}
+
 pub struct Inception {
     convs: HashMap<String, ConvBn>,
     pub device: Device,
+    pub layout: Layout,
 }
 
 fn avg_pool(x: &Tensor) -> Tensor {
@@ -71,7 +81,11 @@ impl Inception {
         if convs.len() != 94 {
             bail!("expected 94 conv layers, built {}", convs.len());
         }
-        Ok(Inception { convs, device })
+        Ok(Inception {
+            convs,
+            device,
+            layout: Layout::AsInput,
+        })
     }
 
     fn c(&self, name: &str, x: &Tensor) -> Tensor {
@@ -97,6 +111,11 @@ impl Inception {
     pub fn features(&self, images_nhwc_u8: &Tensor) -> Tensor {
         tch::no_grad(|| {
             let x = ((self.resize(images_nhwc_u8) - 128.0) / 128.0).clamp(-1.0, 0.9921875);
+            let x = match self.layout {
+                Layout::AsInput => x,
+                Layout::Nchw => x.contiguous(),
+                Layout::Nhwc => crate::torch_shim::channels_last(&x).expect("a 4-D float tensor"),
+            };
             self.forward(&x)
         })
     }
