@@ -95,7 +95,8 @@ enum Command {
         what: BenchCommand,
     },
     /// Convert weights to safetensors in Rust: EDM's `.pkl` snapshots (network + config), torch
-    /// zip checkpoints, or (with --inception) pytorch-fid's pt_inception-2015-12-05 `.pth`.
+    /// zip checkpoints, or (with --inception) pytorch-fid's pt_inception-2015-12-05 `.pth` or NVIDIA's
+    /// inception-2015-12-05.pkl detector.
     ImportWeights {
         input: PathBuf,
         /// Output file (default: the input with the extension .safetensors).

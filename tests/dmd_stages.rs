@@ -223,8 +223,20 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
             ..Default::default()
         };
         let work = tempfile::tempdir().unwrap();
-        let s = dmd_train_with_grids(&teacher, &g, &f, None, Some(&pairs), &opts, work.path(), |_| {}, None, None, Some(&real))
-            .unwrap();
+        let s = dmd_train_with_grids(
+            &teacher,
+            &g,
+            &f,
+            None,
+            Some(&pairs),
+            &opts,
+            work.path(),
+            |_| {},
+            None,
+            None,
+            Some(&real),
+        )
+        .unwrap();
         let params = |n: &Denoiser| Tensor::cat(&n.vs.trainable_variables().iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
         (s, params(&g), params(&f))
     };
@@ -234,7 +246,13 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
     for accum in [2, 4] {
         let (s, g, f) = run(accum);
         for (a, b) in one.log.iter().zip(&s.log) {
-            for (x, y) in [(a.loss_dm, b.loss_dm), (a.loss_reg, b.loss_reg), (a.loss_fake, b.loss_fake), (a.grad_norm_g, b.grad_norm_g), (a.loss_gan_d, b.loss_gan_d)] {
+            for (x, y) in [
+                (a.loss_dm, b.loss_dm),
+                (a.loss_reg, b.loss_reg),
+                (a.loss_fake, b.loss_fake),
+                (a.grad_norm_g, b.grad_norm_g),
+                (a.loss_gan_d, b.loss_gan_d),
+            ] {
                 assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "accumulation {accum}: {x} vs {y}");
             }
         }
@@ -243,12 +261,37 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
         assert!(dg < 1e-5 && df < 1e-5, "accumulation {accum}: parameters differ by {dg} / {df}");
     }
     // The training moved the generator (the comparison above is not between untouched copies).
-    let start = Tensor::cat(&teacher.vs.trainable_variables().iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
+    let start = Tensor::cat(
+        &teacher
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.flatten(0, -1))
+            .collect::<Vec<_>>(),
+        0,
+    );
     assert!((&g1 - start).abs().max().double_value(&[]) > 1e-4);
     // A batch the micro-batches do not divide is refused with the numbers.
     let (g, f) = (teacher.duplicate().unwrap(), teacher.duplicate().unwrap());
-    let bad = DmdOptions { batch: 6, grad_accumulation: 4, bf16: false, ..Default::default() };
-    let e = dmd_train_with_grids(&teacher, &g, &f, None, None, &bad, tempfile::tempdir().unwrap().path(), |_| {}, None, None, None)
-        .unwrap_err();
+    let bad = DmdOptions {
+        batch: 6,
+        grad_accumulation: 4,
+        bf16: false,
+        ..Default::default()
+    };
+    let e = dmd_train_with_grids(
+        &teacher,
+        &g,
+        &f,
+        None,
+        None,
+        &bad,
+        tempfile::tempdir().unwrap().path(),
+        |_| {},
+        None,
+        None,
+        None,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("grad_accumulation = 4"), "{e}");
 }

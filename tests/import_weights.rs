@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::pickle_writer::{edm_snapshot, torch_zip};
+use common::pickle_writer::{edm_snapshot, nvidia_detector, torch_zip};
 use dmdpipe::nn::import::load_denoiser;
 use dmdpipe::nn::{Denoiser, NetworkConfig};
 use tch::{Device, Kind, Tensor};
@@ -242,4 +242,40 @@ fn import_weights_cli_and_teacher_import_stage_read_edm_pickles() {
     assert_eq!(t.metrics["parameters"].as_i64().unwrap(), net.num_params());
     let imported = dmdpipe::stages::teacher::load_teacher(t.output_dir.as_ref().unwrap(), Device::Cpu).unwrap();
     assert!(output(&imported).equal(&output(&net)));
+}
+
+#[test]
+fn nvidia_inception_detector_pickle_converts_to_the_tf_names() {
+    let real = format!("{}/../shared/models/inception-2015-12-05.safetensors", env!("CARGO_MANIFEST_DIR"));
+    let (tf, _) = dmdpipe::nn::weights::read_safetensors(std::path::Path::new(&real)).unwrap();
+    // The detector's own module paths: `layers.<module>.<tensor>` under the pickled network.
+    let theirs: BTreeMap<String, Tensor> = tf
+        .iter()
+        .map(|(k, v)| (k.strip_prefix("net.").unwrap().to_string(), v.shallow_clone()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let pkl = dir.path().join("inception-2015-12-05.pkl");
+    std::fs::write(&pkl, nvidia_detector(&theirs)).unwrap();
+    let out = dir.path().join("inception.safetensors");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
+        .args(["import-weights", "--inception"])
+        .arg(&pkl)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let (back, _) = dmdpipe::nn::weights::read_safetensors(&out).unwrap();
+    assert_eq!(back.len(), 376);
+    for (k, v) in &tf {
+        assert!(back[k].equal(v), "{k} differs");
+    }
+    // A detector with a layer missing is refused, naming the tensor.
+    let mut short = theirs;
+    short.remove("layers.mixed_6.conv.var");
+    let bad = dir.path().join("short.pkl");
+    std::fs::write(&bad, nvidia_detector(&short)).unwrap();
+    let e = dmdpipe::nn::import::import_to_safetensors(&bad, &dir.path().join("x.safetensors"), true).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("short.pkl") && msg.contains("net.layers.mixed_6.conv.var"), "{msg}");
 }

@@ -65,6 +65,16 @@ impl Inception {
                     .with_context(|| format!("missing tensor `{key}`"))
             };
             let (w, beta, mean, var) = (get("weight")?, get("beta")?, get("mean")?, get("var")?);
+            let out = w.size().first().copied().unwrap_or(0);
+            if w.dim() != 4 || [&beta, &mean, &var].iter().any(|x| x.size() != [out]) {
+                bail!(
+                    "layer `{name}`: weight {:?} with beta/mean/var {:?}/{:?}/{:?} (expected [out, in, kh, kw] and [out])",
+                    w.size(),
+                    beta.size(),
+                    mean.size(),
+                    var.size()
+                );
+            }
             let scale = (var + 1e-3).rsqrt();
             let weight = (&w * scale.reshape([-1, 1, 1, 1])).to_kind(Kind::Float).to_device(device);
             let bias = (beta - mean * &scale).to_kind(Kind::Float).to_device(device);

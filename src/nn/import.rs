@@ -170,11 +170,52 @@ pub fn convert_pytorch_fid_inception(tensors: &HashMap<String, Tensor>) -> Resul
     Ok(out)
 }
 
+/// NVIDIA's `inception-2015-12-05.pkl` detector (EDM, StyleGAN3): its module tree already has
+/// the TF graph's names under `layers.` (`layers.mixed_6.conv.weight`, batch norm `beta`, `mean`,
+/// `var`); whatever wraps `layers` is dropped and `net.` put in front.
+pub fn convert_nvidia_inception(tensors: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (name, t) in tensors {
+        let rest = match name.find("layers.") {
+            Some(i) if i == 0 || name[..i].ends_with('.') => &name[i..],
+            _ => continue,
+        };
+        let tensor = rest.rsplit('.').next().unwrap_or("");
+        if !matches!(tensor, "weight" | "beta" | "mean" | "var") {
+            continue;
+        }
+        if out.insert(format!("net.{rest}"), t.to_kind(tch::Kind::Float)).is_some() {
+            bail!("two tensors map to net.{rest}");
+        }
+    }
+    // Names and shapes are checked by building the network.
+    crate::eval::inception::Inception::from_tensors(&out, Device::Cpu).context("not NVIDIA's Inception-v3 detector")?;
+    if out.len() != 376 {
+        bail!(
+            "found {} of the 376 Inception tensors: not NVIDIA's inception-2015-12-05.pkl",
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
 /// `dmdpipe import-weights`: converts a checkpoint to safetensors (config in the metadata).
 pub fn import_to_safetensors(input: &Path, output: &Path, inception: bool) -> Result<String> {
     if inception {
-        let tensors = super::pickle::read_torch_zip(input)?;
-        let tf = convert_pytorch_fid_inception(&tensors).with_context(|| format!("{}", input.display()))?;
+        // A zip is pytorch-fid's `.pth`; anything else NVIDIA's pickled detector.
+        let mut magic = [0u8; 4];
+        let is_zip = std::fs::File::open(input)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && magic == *b"PK\x03\x04";
+        let tf = if is_zip {
+            let tensors = super::pickle::read_torch_zip(input)?;
+            convert_pytorch_fid_inception(&tensors)
+        } else {
+            let tensors = super::pickle::read_module_pickle(input)?;
+            convert_nvidia_inception(&tensors)
+        }
+        .with_context(|| format!("{}", input.display()))?;
         let pairs: Vec<(String, Tensor)> = tf.into_iter().collect();
         crate::train::checkpoint::save(
             output,

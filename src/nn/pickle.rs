@@ -631,6 +631,23 @@ pub fn read_edm_pickle(path: &Path) -> Result<Imported> {
     Ok(Imported { tensors, config })
 }
 
+/// Reads a pickled network object (EDM/StyleGAN3 persistence or plain `torch.nn.Module`
+/// pickles, e.g. NVIDIA's `inception-2015-12-05.pkl` feature detector): its state dict by the
+/// module path names PyTorch would give (`layers.mixed_6.conv.weight`).
+pub fn read_module_pickle(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut no_persistent = |pid: &Value| -> Result<Value> { bail!("unexpected persistent id {pid:?} in a module pickle") };
+    let top = Unpickler::new(&bytes, &mut no_persistent)
+        .load()
+        .with_context(|| format!("{}: not a readable pickle", path.display()))?;
+    let mut tensors = HashMap::new();
+    collect_state(&top, "", &mut tensors).with_context(|| format!("{}", path.display()))?;
+    if tensors.is_empty() {
+        bail!("{}: the pickled object holds no tensors (not a network?)", path.display());
+    }
+    Ok(tensors)
+}
+
 /// Reads a torch zip checkpoint (`torch.save` since 1.6): a state dict, or a dict holding one
 /// under `state_dict` / `model` / `ema`; returns tensors by name.
 pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {

@@ -315,7 +315,10 @@ pub fn dmd_train_with_grids(
     let b = crate::dist::batch_share(opts.batch, world)? as i64;
     let accum = opts.grad_accumulation.max(1) as i64;
     if b % accum != 0 {
-        bail!("grad_accumulation = {accum} does not divide the batch per GPU ({b} = {} / {world})", opts.batch);
+        bail!(
+            "grad_accumulation = {accum} does not divide the batch per GPU ({b} = {} / {world})",
+            opts.batch
+        );
     }
     let mb = b / accum;
     let bshape: Vec<i64> = std::iter::once(b).chain(shape.iter().copied()).collect();
@@ -498,7 +501,10 @@ pub fn dmd_train_with_grids(
         // Fake-score update on the same (detached) samples.
         let (loss_f, gn_f, loss_gan_d) = fake_step(&Tensor::cat(&xds, 0), y.as_ref())?;
         let [dm, reg, gan_g] = sums.map(|s| s / accum as f64);
-        Ok(Tensor::stack(&[dm, reg, loss_f, gn_g.reshape([]), gn_f.reshape([]), gan_g, loss_gan_d], 0))
+        Ok(Tensor::stack(
+            &[dm, reg, loss_f, gn_g.reshape([]), gn_f.reshape([]), gan_g, loss_gan_d],
+            0,
+        ))
     };
     let mut runner = crate::cuda_graph::CapturedStep::new(opts.cuda_graph, cuda, EAGER_BEFORE_CAPTURE, "DMD iteration")?;
     // Every rank starts from rank 0's weights (they are copies of the same teacher anyway).

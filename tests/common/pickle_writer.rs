@@ -411,3 +411,87 @@ pub fn torch_zip(tensors: &BTreeMap<String, Tensor>, path: &std::path::Path) {
     zip.write_all(b"3\n").unwrap();
     zip.finish().unwrap();
 }
+
+/// A module tree the way NVIDIA's `inception-2015-12-05.pkl` detector pickles: persistence
+/// objects (`_reconstruct_persistent_obj`) for the network and its blocks, `Sequential`
+/// containers as plain objects (NEWOBJ + BUILD), conv weights as parameters and the batch-norm
+/// `beta`/`mean`/`var` as buffers, plus plain attributes the reader must skip.
+pub fn nvidia_detector(tensors: &BTreeMap<String, Tensor>) -> Vec<u8> {
+    let mut root = Node::default();
+    for (name, t) in tensors {
+        let parts: Vec<&str> = name.split('.').collect();
+        let mut node = &mut root;
+        for part in &parts[..parts.len() - 1] {
+            node = node.children.entry(part.to_string()).or_default();
+        }
+        node.tensors.insert(parts[parts.len() - 1].to_string(), t.shallow_clone());
+    }
+    fn detector_state(p: &mut Pickler, node: &Node) {
+        p.dict(|p| {
+            p.str("training");
+            p.bool(false);
+            p.str("_parameters");
+            p.ordered_dict(|p| {
+                for (k, t) in node.tensors.iter().filter(|(k, _)| *k == "weight") {
+                    p.str(k);
+                    parameter(p, t);
+                }
+            });
+            p.str("_buffers");
+            p.ordered_dict(|p| {
+                for (k, t) in node.tensors.iter().filter(|(k, _)| *k != "weight") {
+                    p.str(k);
+                    tensor_v2(p, t, |p, t| {
+                        p.global("torch.storage", "_load_from_bytes");
+                        p.mark();
+                        p.bytes(&legacy_storage_blob(t));
+                        p.tuple();
+                        p.reduce();
+                    });
+                }
+            });
+            p.str("_modules");
+            p.ordered_dict(|p| {
+                for (k, child) in &node.children {
+                    p.str(k);
+                    detector_module(p, child, k);
+                }
+            });
+            if !node.tensors.is_empty() {
+                p.str("stride");
+                p.int(1);
+                p.str("padding");
+                p.empty_list();
+            }
+        });
+    }
+    fn detector_module(p: &mut Pickler, node: &Node, name: &str) {
+        if name == "layers" || name.starts_with("tower") && !node.children.is_empty() {
+            p.global("torch.nn.modules.container", "Sequential");
+            p.empty_tuple();
+            p.newobj();
+            detector_state(p, node);
+            p.build();
+            return;
+        }
+        p.global("torch_utils.persistence", "_reconstruct_persistent_obj");
+        p.mark();
+        p.dict(|p| {
+            p.str("type");
+            p.str("class");
+            p.str("version");
+            p.int(6);
+            p.str("module_src");
+            p.str("# the detector's source text would be here\n");
+            p.str("class_name");
+            p.str(if node.tensors.is_empty() { "InceptionBlock" } else { "Conv2dLayer" });
+            p.str("state");
+            detector_state(p, node);
+        });
+        p.tuple();
+        p.reduce();
+    }
+    let mut p = Pickler::new(4);
+    detector_module(&mut p, &root, "InceptionV3");
+    p.stop()
+}
