@@ -154,7 +154,16 @@ impl CudaGraph {
         }
         let graph = CudaGraph { api, ptr };
         check(api, unsafe { (api.capture_begin)(ptr) }, "beginning CUDA-graph capture")?;
-        let out = body();
+        // A panic inside (tch panics on a failed kernel launch) must still end the capture, or
+        // the stream stays in capture mode and every later CUDA call on it fails.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(anyhow::anyhow!("{}", msg.lines().next().unwrap_or_default().to_string()))
+        });
         let end = check(api, unsafe { (api.capture_end)(ptr) }, "ending CUDA-graph capture");
         let out = out.map_err(|e| e.context("inside CUDA-graph capture (set cuda_graph = false to run eagerly)"))?;
         end?;
@@ -210,8 +219,18 @@ impl CapturedStep {
             return step();
         }
         if self.graph.is_none() {
-            self.graph = Some(CudaGraph::capture(step)?);
-            tracing::info!("captured the {} as a CUDA graph", self.what);
+            match CudaGraph::capture(step) {
+                Ok(g) => {
+                    self.graph = Some(g);
+                    tracing::info!("captured the {} as a CUDA graph", self.what);
+                }
+                Err(e) => {
+                    // Nothing recorded in a capture has run, so the step can simply run eagerly.
+                    tracing::warn!("capturing the {} as a CUDA graph failed ({e:#}); running it eagerly", self.what);
+                    self.enabled = false;
+                    return step();
+                }
+            }
         }
         let (g, out) = self.graph.as_ref().expect("captured above");
         g.replay()?;
