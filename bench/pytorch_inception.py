@@ -98,12 +98,13 @@ if __name__ == '__main__':
     if a.random:
         imgs = np.random.default_rng(0).integers(0, 256, (a.random, 32, 32, 3), dtype=np.uint8)
         res = {'card': torch.cuda.get_device_name(0), 'torch': torch.__version__, 'images': a.random}
-        for prec in ('tf32', 'fp32'):
-            torch.backends.cudnn.allow_tf32 = prec == 'tf32'
-            torch.backends.cuda.matmul.allow_tf32 = prec == 'tf32'
-            features(convs, imgs[:500], dev)
-            t = time.perf_counter()
-            features(convs, imgs, dev)
+        for prec in ('tf32', 'fp32', 'bf16'):
+            torch.backends.cudnn.allow_tf32 = prec != 'fp32'
+            torch.backends.cuda.matmul.allow_tf32 = prec != 'fp32'
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=prec == 'bf16'):
+                features(convs, imgs[:500], dev)
+                t = time.perf_counter()
+                features(convs, imgs, dev)
             res[f'inception_{prec}_img_s'] = a.random / (time.perf_counter() - t)
         print(json.dumps(res, indent=1))
         json.dump(res, open(a.out, 'w'), indent=1)

@@ -118,12 +118,14 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
         let mut net = crate::eval::inception::Inception::load(w, device)?;
         let n = if quick { 8 } else { 250 };
         let imgs = (Tensor::rand([n, 32, 32, 3], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8);
-        for (prec, tf32) in [("tf32", true), ("fp32", false)] {
+        // bf16 (autocast) is a throughput figure only: FID is defined with fp32 features.
+        for (prec, tf32, bf16) in [("tf32", true, false), ("fp32", false, false), ("bf16", true, true)] {
             torch_shim::set_tf32(tf32);
             for (lay, layout) in [("", Layout::AsInput), ("_nchw", Layout::Nchw), ("_nhwc", Layout::Nhwc)] {
                 net.layout = layout;
                 // Features to the host in f64, as the FID stages (and the PyTorch script) take them.
                 let per = timed(device, 2, if quick { 1 } else { 20 }, || {
+                    let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
                     let _ = net.features(&imgs).to_kind(Kind::Double).to_device(tch::Device::Cpu);
                     Ok(())
                 })?;

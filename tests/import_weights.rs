@@ -170,6 +170,25 @@ fn pytorch_fid_names() -> Vec<String> {
     convs
 }
 
+/// `dmdpipe import-weights --inception FILE` writes exactly the TF-named tensors `tf`.
+fn import_inception_matches(file: &std::path::Path, tf: &std::collections::HashMap<String, Tensor>) {
+    let out = file.with_extension("converted.safetensors");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
+        .args(["import-weights", "--inception"])
+        .arg(file)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let (back, _) = dmdpipe::nn::weights::read_safetensors(&out).unwrap();
+    assert_eq!(back.len(), 376);
+    for (k, v) in tf {
+        assert!(back[k].equal(v), "{k} differs");
+    }
+    dmdpipe::eval::inception::Inception::load(&out, Device::Cpu).unwrap();
+}
+
 #[test]
 fn pytorch_fid_inception_checkpoint_converts_to_the_tf_names() {
     let real = format!("{}/../shared/models/inception-2015-12-05.safetensors", env!("CARGO_MANIFEST_DIR"));
@@ -198,21 +217,7 @@ fn pytorch_fid_inception_checkpoint_converts_to_the_tf_names() {
     let dir = tempfile::tempdir().unwrap();
     let pth = dir.path().join("pt_inception-2015-12-05-6726825d.pth");
     torch_zip(&fid_style, &pth);
-    let out = dir.path().join("inception.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
-        .args(["import-weights", "--inception"])
-        .arg(&pth)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let (back, _) = dmdpipe::nn::weights::read_safetensors(&out).unwrap();
-    assert_eq!(back.len(), 376);
-    for (k, v) in &tf {
-        assert!(back[k].equal(v), "{k} differs");
-    }
-    dmdpipe::eval::inception::Inception::load(&out, Device::Cpu).unwrap();
+    import_inception_matches(&pth, &tf);
 }
 
 #[test]
@@ -256,20 +261,7 @@ fn nvidia_inception_detector_pickle_converts_to_the_tf_names() {
     let dir = tempfile::tempdir().unwrap();
     let pkl = dir.path().join("inception-2015-12-05.pkl");
     std::fs::write(&pkl, nvidia_detector(&theirs)).unwrap();
-    let out = dir.path().join("inception.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
-        .args(["import-weights", "--inception"])
-        .arg(&pkl)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let (back, _) = dmdpipe::nn::weights::read_safetensors(&out).unwrap();
-    assert_eq!(back.len(), 376);
-    for (k, v) in &tf {
-        assert!(back[k].equal(v), "{k} differs");
-    }
+    import_inception_matches(&pkl, &tf);
     // A detector with a layer missing is refused, naming the tensor.
     let mut short = theirs;
     short.remove("layers.mixed_6.conv.var");

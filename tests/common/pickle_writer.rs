@@ -186,13 +186,7 @@ pub fn legacy_storage_blob(t: &Tensor) -> Vec<u8> {
 fn parameter(p: &mut Pickler, t: &Tensor) {
     p.global("torch._utils", "_rebuild_parameter");
     p.mark();
-    tensor_v2(p, t, |p, t| {
-        p.global("torch.storage", "_load_from_bytes");
-        p.mark();
-        p.bytes(&legacy_storage_blob(t));
-        p.tuple();
-        p.reduce();
-    });
+    buffer(p, t);
     p.bool(true);
     p.ordered_dict(|_| {});
     p.tuple();
@@ -223,6 +217,31 @@ fn tensor_v2(p: &mut Pickler, t: &Tensor, storage: impl FnOnce(&mut Pickler, &Te
     p.ordered_dict(|_| {});
     p.tuple();
     p.reduce();
+}
+
+/// A tensor as EDM's pickles store it (a buffer as is; a parameter wraps it).
+fn buffer(p: &mut Pickler, t: &Tensor) {
+    tensor_v2(p, t, |p, t| {
+        p.global("torch.storage", "_load_from_bytes");
+        p.mark();
+        p.bytes(&legacy_storage_blob(t));
+        p.tuple();
+        p.reduce();
+    });
+}
+
+/// Dotted state-dict names as a module tree.
+fn module_tree(tensors: &BTreeMap<String, Tensor>) -> Node {
+    let mut root = Node::default();
+    for (name, t) in tensors {
+        let parts: Vec<&str> = name.split('.').collect();
+        let mut node = &mut root;
+        for part in &parts[..parts.len() - 1] {
+            node = node.children.entry(part.to_string()).or_default();
+        }
+        node.tensors.insert(parts[parts.len() - 1].to_string(), t.shallow_clone());
+    }
+    root
 }
 
 #[derive(Default)]
@@ -309,13 +328,7 @@ fn state(p: &mut Pickler, node: &Node, init_kwargs: Option<&serde_json::Value>) 
         p.ordered_dict(|p| {
             for (k, t) in node.tensors.iter().filter(|(k, _)| k.ends_with("resample_filter")) {
                 p.str(k);
-                tensor_v2(p, t, |p, t| {
-                    p.global("torch.storage", "_load_from_bytes");
-                    p.mark();
-                    p.bytes(&legacy_storage_blob(t));
-                    p.tuple();
-                    p.reduce();
-                });
+                buffer(p, t);
             }
         });
         p.str("_modules");
@@ -352,15 +365,7 @@ fn state(p: &mut Pickler, node: &Node, init_kwargs: Option<&serde_json::Value>) 
 /// An EDM-style snapshot `{ema: EDMPrecond(...), loss_fn: None, augment_pipe: None, ...}` holding
 /// `tensors` (EDM state-dict names) with `init_kwargs` as the network config.
 pub fn edm_snapshot(tensors: &BTreeMap<String, Tensor>, init_kwargs: &serde_json::Value) -> Vec<u8> {
-    let mut root = Node::default();
-    for (name, t) in tensors {
-        let parts: Vec<&str> = name.split('.').collect();
-        let mut node = &mut root;
-        for part in &parts[..parts.len() - 1] {
-            node = node.children.entry(part.to_string()).or_default();
-        }
-        node.tensors.insert(parts[parts.len() - 1].to_string(), t.shallow_clone());
-    }
+    let root = module_tree(tensors);
     let mut p = Pickler::new(4);
     p.dict(|p| {
         p.str("ema");
@@ -417,15 +422,7 @@ pub fn torch_zip(tensors: &BTreeMap<String, Tensor>, path: &std::path::Path) {
 /// containers as plain objects (NEWOBJ + BUILD), conv weights as parameters and the batch-norm
 /// `beta`/`mean`/`var` as buffers, plus plain attributes the reader must skip.
 pub fn nvidia_detector(tensors: &BTreeMap<String, Tensor>) -> Vec<u8> {
-    let mut root = Node::default();
-    for (name, t) in tensors {
-        let parts: Vec<&str> = name.split('.').collect();
-        let mut node = &mut root;
-        for part in &parts[..parts.len() - 1] {
-            node = node.children.entry(part.to_string()).or_default();
-        }
-        node.tensors.insert(parts[parts.len() - 1].to_string(), t.shallow_clone());
-    }
+    let root = module_tree(tensors);
     fn detector_state(p: &mut Pickler, node: &Node) {
         p.dict(|p| {
             p.str("training");
@@ -441,13 +438,7 @@ pub fn nvidia_detector(tensors: &BTreeMap<String, Tensor>) -> Vec<u8> {
             p.ordered_dict(|p| {
                 for (k, t) in node.tensors.iter().filter(|(k, _)| *k != "weight") {
                     p.str(k);
-                    tensor_v2(p, t, |p, t| {
-                        p.global("torch.storage", "_load_from_bytes");
-                        p.mark();
-                        p.bytes(&legacy_storage_blob(t));
-                        p.tuple();
-                        p.reduce();
-                    });
+                    buffer(p, t);
                 }
             });
             p.str("_modules");

@@ -1,0 +1,115 @@
+//! Gradient accumulation in DMD against one large batch. Alone in its test binary: the check is
+//! exact only if no other test draws from libtorch's global generator at the same time.
+
+#[test]
+fn gradient_accumulation_computes_the_update_of_one_large_batch() {
+    use dmdpipe::nn::{Denoiser, NetworkConfig};
+    use dmdpipe::train::dmd::{DmdOptions, Pairs, RealImages, dmd_train_with_grids};
+    use tch::{Device, Kind, Tensor};
+    let mut config: NetworkConfig = serde_json::from_value(serde_json::json!({
+        "arch": "ddpmpp", "img_resolution": 8, "label_dim": 2, "augment_dim": 0, "model_channels": 8,
+        "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []
+    }))
+    .unwrap();
+    config.set_dropout(0.0);
+    tch::manual_seed(3);
+    let teacher = Denoiser::new(&config, Device::Cpu);
+    let eye = Tensor::eye(2, (Kind::Float, Device::Cpu));
+    let pairs = Pairs {
+        z: Tensor::randn([16, 3, 8, 8], (Kind::Float, Device::Cpu)),
+        labels: Some(eye.index_select(0, &Tensor::randint(2, [16], (Kind::Int64, Device::Cpu)))),
+        x: Tensor::randn([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 0.5,
+    };
+    let real = RealImages {
+        images: (Tensor::rand([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 255.0).to_kind(Kind::Uint8),
+        labels: Some(eye.index_select(0, &Tensor::randint(2, [16], (Kind::Int64, Device::Cpu)))),
+    };
+    // Every loss term on: distribution matching, regression, two fake updates, the GAN head.
+    let run = |accum: usize| {
+        let (g, f) = (teacher.duplicate().unwrap(), teacher.duplicate().unwrap());
+        let opts = DmdOptions {
+            batch: 8,
+            iterations: 3,
+            log_every: 1,
+            bf16: false,
+            lr: 1e-3,
+            warmup_steps: 1,
+            regression_weight: 0.5,
+            fake_updates_per_g: 2,
+            gan_generator_weight: 3e-3,
+            grad_accumulation: accum,
+            ..Default::default()
+        };
+        let work = tempfile::tempdir().unwrap();
+        let s = dmd_train_with_grids(
+            &teacher,
+            &g,
+            &f,
+            None,
+            Some(&pairs),
+            &opts,
+            work.path(),
+            |_| {},
+            None,
+            None,
+            Some(&real),
+        )
+        .unwrap();
+        let params = |n: &Denoiser| Tensor::cat(&n.vs.trainable_variables().iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
+        (s, params(&g), params(&f))
+    };
+    let (one, g1, f1) = run(1);
+    let moved = (&g1 - run(1).1).abs().max().double_value(&[]);
+    assert_eq!(moved, 0.0, "the same seed gives the same run");
+    for accum in [2, 4] {
+        let (s, g, f) = run(accum);
+        for (a, b) in one.log.iter().zip(&s.log) {
+            for (x, y) in [
+                (a.loss_dm, b.loss_dm),
+                (a.loss_reg, b.loss_reg),
+                (a.loss_fake, b.loss_fake),
+                (a.grad_norm_g, b.grad_norm_g),
+                (a.loss_gan_d, b.loss_gan_d),
+            ] {
+                assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "accumulation {accum}: {x} vs {y}");
+            }
+        }
+        let dg = (&g - &g1).abs().max().double_value(&[]);
+        let df = (&f - &f1).abs().max().double_value(&[]);
+        assert!(dg < 1e-5 && df < 1e-5, "accumulation {accum}: parameters differ by {dg} / {df}");
+    }
+    // The training moved the generator (the comparison above is not between untouched copies).
+    let start = Tensor::cat(
+        &teacher
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.flatten(0, -1))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    assert!((&g1 - start).abs().max().double_value(&[]) > 1e-4);
+    // A batch the micro-batches do not divide is refused with the numbers.
+    let (g, f) = (teacher.duplicate().unwrap(), teacher.duplicate().unwrap());
+    let bad = DmdOptions {
+        batch: 6,
+        grad_accumulation: 4,
+        bf16: false,
+        ..Default::default()
+    };
+    let e = dmd_train_with_grids(
+        &teacher,
+        &g,
+        &f,
+        None,
+        None,
+        &bad,
+        tempfile::tempdir().unwrap().path(),
+        |_| {},
+        None,
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("grad_accumulation = 4"), "{e}");
+}
