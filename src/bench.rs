@@ -62,8 +62,15 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
         let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
         // Channels-last (`--channels-last`) comes last: it re-lays out the weights for good.
         // Measured slower on an H200 (0.75x training, 0.77x sampling), so off by default.
-        let variants = [("bf16", true, false), ("tf32", false, false), ("bf16_channels_last", true, true)];
-        for &(prec, bf16, cl) in variants.iter().filter(|v| channels_last || !v.2) {
+        // `bf16_edm_attention`: attention as EDM writes it instead of the fused kernel.
+        let variants = [
+            ("bf16", true, false, true),
+            ("tf32", false, false, true),
+            ("bf16_edm_attention", true, false, false),
+            ("bf16_channels_last", true, true, true),
+        ];
+        for &(prec, bf16, cl, fused_attention) in variants.iter().filter(|v| channels_last || !v.2) {
+            crate::nn::unet_block::set_fused_attention(fused_attention);
             if cl {
                 let all = |d: &Denoiser| d.vs.variables().into_values().collect::<Vec<_>>();
                 torch_shim::to_channels_last(&all(&net))?;
@@ -113,6 +120,7 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
             }
         }
     }
+    crate::nn::unet_block::set_fused_attention(true);
     if let Some(w) = inception.filter(|w| w.exists()) {
         use crate::eval::inception::Layout;
         let mut net = crate::eval::inception::Inception::load(w, device)?;

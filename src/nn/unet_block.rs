@@ -1,6 +1,8 @@
 //! EDM's UNetBlock: GroupNorm-SiLU-Conv residual block with an embedding-conditioned scale or
 //! shift, optional up/down-sampling and optional self-attention.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -120,19 +122,51 @@ impl UNetBlock {
             let part = |i: i64| qkv.select(2, i).transpose(1, 2).unsqueeze(1);
             let (q, k, v) = (part(0), part(1), part(2));
             crate::nn::flops::add(2 * (n * c * h * w * h * w) as u64); // q.k and weights.v
-            let a = if x.device().is_cuda() {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
-            } else {
-                let scale = 1.0 / ((c / heads) as f64).sqrt();
-                let w = q
-                    .to_kind(Kind::Float)
-                    .matmul(&(k.to_kind(Kind::Float) * scale).transpose(-1, -2))
-                    .softmax(-1, Kind::Float);
-                w.matmul(&v.to_kind(Kind::Float)).to_kind(v.kind())
-            };
+            let fused = x.device().is_cuda() && FUSED_ATTENTION.load(Ordering::Relaxed);
+            let a = attention(&q, &k, &v, fused);
             let a = a.squeeze_dim(1).transpose(1, 2).reshape([n, c, h, w]);
             x = (proj.forward(&a) + x) * self.skip_scale;
         }
         x
+    }
+}
+
+/// Whether CUDA runs attention as one fused scaled-dot-product kernel (the default) or as EDM
+/// writes it (two matrix products around an fp32 softmax); `bench gpu` times both.
+static FUSED_ATTENTION: AtomicBool = AtomicBool::new(true);
+
+pub fn set_fused_attention(on: bool) {
+    FUSED_ATTENTION.store(on, Ordering::Relaxed);
+}
+
+/// Attention over the L positions of q, k, v [B, 1, L, C]: softmax(q k^T / sqrt(C)) v.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, fused: bool) -> Tensor {
+    if fused {
+        return Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None, false);
+    }
+    let scale = 1.0 / (q.size()[3] as f64).sqrt();
+    let w = q
+        .to_kind(Kind::Float)
+        .matmul(&(k.to_kind(Kind::Float) * scale).transpose(-1, -2))
+        .softmax(-1, Kind::Float);
+    w.matmul(&v.to_kind(Kind::Float)).to_kind(v.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_and_explicit_attention_agree() {
+        tch::manual_seed(0);
+        let r = || Tensor::randn([3, 1, 16, 8], (Kind::Float, tch::Device::Cpu));
+        let (q, k, v) = (r(), r(), r());
+        let d = (attention(&q, &k, &v, true) - attention(&q, &k, &v, false))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d < 1e-5, "{d}");
+        // Not a trivial agreement: attention mixes positions.
+        assert!((attention(&q, &k, &v, false) - &v).abs().max().double_value(&[]) > 0.1);
     }
 }
