@@ -4,6 +4,7 @@
 // dlopen time from the already loaded libtorch_cuda.
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/autocast_mode.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <optional>
@@ -58,8 +59,15 @@ void dmdc_graph_free(void* g) { delete static_cast<at::cuda::CUDAGraph*>(g); }
 
 // Autocast's weight-cast cache is switched off while capturing: a cast cached outside the graph
 // would be read by the graph but never refreshed when the weights change.
+// Cached, unused blocks of the ordinary pool are released first: a capture allocates every
+// tensor again from the graph's private pool. Capturing a large step (the 55.7M network's
+// training at batch 512, after eager runs had filled the cache) failed with cuDNN's "FIND was
+// unable to find an engine", which is what a convolution reports when its cached plan and every
+// searched plan fail to get workspace memory.
 int dmdc_capture_begin(void* g) {
   DMDC_TRY({
+    c10::cuda::device_synchronize();
+    c10::cuda::CUDACachingAllocator::emptyCache();
     at::autocast::set_autocast_cache_enabled(false);
     static_cast<at::cuda::CUDAGraph*>(g)->capture_begin();
   })
