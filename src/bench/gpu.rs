@@ -1,0 +1,176 @@
+//! `bench gpu`: the full EDM CIFAR-10 network (55.7M parameters) and the small speedrun network
+//! (8.8M): teacher training img/s (batch 512) and one-step sampling img/s (batch 1024) in bf16
+//! and TF32 (eagerly and as CUDA-graph replays), DMD it/s, Inception features img/s.
+
+use anyhow::Result;
+use serde_json::{Map, Value};
+use tch::{Kind, Tensor};
+
+use super::{add_tflops, bench_dmd, ddpmpp, matmul_peak_tflops, timed};
+use crate::nn::Denoiser;
+use crate::sample::one_hot;
+use crate::torch_shim::{self, AutocastBf16};
+use crate::train::optim::{AdamW, ema_update};
+use crate::train::teacher::edm_loss;
+
+pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception: Option<&std::path::Path>) -> Result<Value> {
+    let device = torch_shim::device(device_name)?;
+    tch::Cuda::cudnn_set_benchmark(true);
+    torch_shim::set_tf32(true);
+    let mut out = Map::new();
+    out.insert("device".into(), format!("{device:?}").into());
+    let peak = matmul_peak_tflops(device, if quick { 256 } else { 8192 })?;
+    out.insert("bf16_matmul_peak_tflops".into(), peak.into());
+    let (train_b, sample_b, steps) = if quick { (8, 8, 2) } else { (512, 1024, 20) };
+    for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
+        tch::manual_seed(0);
+        let net = Denoiser::new(&cfg, device);
+        let mut ema = Denoiser::new(&cfg, device);
+        ema.copy_from(&net)?;
+        out.insert(format!("{tag}_parameters"), net.num_params().into());
+        let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
+        // Channels-last (`--channels-last`) comes last: it re-lays out the weights for good.
+        // Measured slower on an H200 (0.75x training, 0.77x sampling), so off by default.
+        // `bf16_edm_attention`: attention as EDM writes it instead of the fused kernel.
+        let variants = [
+            ("bf16", true, false, true),
+            ("tf32", false, false, true),
+            ("bf16_edm_attention", true, false, false),
+            ("bf16_channels_last", true, true, true),
+        ];
+        for &(prec, bf16, cl, fused_attention) in variants.iter().filter(|v| channels_last || !v.2) {
+            crate::nn::unet_block::set_fused_attention(fused_attention);
+            if cl {
+                let all = |d: &Denoiser| d.vs.variables().into_values().collect::<Vec<_>>();
+                torch_shim::to_channels_last(&all(&net))?;
+                torch_shim::to_channels_last(&all(&ema))?;
+                torch_shim::to_channels_last(&opt.exp_avg)?;
+                torch_shim::to_channels_last(&opt.exp_avg_sq)?;
+            }
+            let layout = |t: Tensor| if cl { torch_shim::channels_last(&t) } else { Ok(t) };
+            let per_step = timed(device, 5.min(steps), steps, || {
+                opt.zero_grad();
+                let y = layout(Tensor::rand([train_b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0)?;
+                let labels = Tensor::randint(10, [train_b], (Kind::Int64, device))
+                    .one_hot(10)
+                    .to_kind(Kind::Float);
+                let (loss, _) = {
+                    let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
+                    edm_loss(&net, &y, Some(&labels), -1.2, 1.2, true)
+                };
+                loss.backward();
+                opt.step(1e-4, 0.0)?;
+                ema_update(&ema, &net, 0.999)
+            })?;
+            out.insert(format!("{tag}_train_{prec}_img_s"), (train_b as f64 / per_step).into());
+            let z = layout(Tensor::randn([sample_b, 3, 32, 32], (Kind::Float, device)) * 80.0)?;
+            let labels = one_hot(&(0..sample_b).map(|i| i % 10).collect::<Vec<_>>(), 10, device);
+            let sigma = Tensor::from(80.0f32).to_device(device);
+            let per_call = timed(device, 3.min(steps), 10.min(steps), || {
+                let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
+                let _ = tch::no_grad(|| ema.denoise(&z, &sigma, Some(&labels), false));
+                Ok(())
+            })?;
+            out.insert(format!("{tag}_onestep_{prec}_img_s"), (sample_b as f64 / per_call).into());
+            // DMDPIPE_BENCH_NO_GRAPH=1 skips the graph variants (their capture failed once on an
+            // H200 in cuDNN's engine search, then reported as `*_graph_error`; docs/RESULTS.md).
+            let graphs = std::env::var("DMDPIPE_BENCH_NO_GRAPH").map_or(true, |v| v != "1");
+            if prec == "bf16" && graphs && device.is_cuda() && crate::cuda_graph::available() {
+                match bench_graphed(&net, &opt, device, train_b, &z, &labels, steps) {
+                    Ok((train, sample)) => {
+                        out.insert(format!("{tag}_train_bf16_graph_img_s"), train.into());
+                        out.insert(format!("{tag}_onestep_bf16_graph_img_s"), sample.into());
+                    }
+                    // Reported, not fatal: the eager figures and the DMD benches still run.
+                    Err(e) => {
+                        out.insert(format!("{tag}_graph_error"), format!("{e:#}").into());
+                    }
+                }
+            }
+        }
+    }
+    crate::nn::unet_block::set_fused_attention(true);
+    if let Some(w) = inception.filter(|w| w.exists()) {
+        use crate::eval::inception::Layout;
+        let mut net = crate::eval::inception::Inception::load(w, device)?;
+        let n = if quick { 8 } else { 250 };
+        let imgs = (Tensor::rand([n, 32, 32, 3], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8);
+        // bf16 (autocast) is a throughput figure only: FID is defined with fp32 features.
+        for (prec, tf32, bf16) in [("tf32", true, false), ("fp32", false, false), ("bf16", true, true)] {
+            torch_shim::set_tf32(tf32);
+            for (lay, layout) in [("", Layout::AsInput), ("_nchw", Layout::Nchw), ("_nhwc", Layout::Nhwc)] {
+                net.layout = layout;
+                // Features to the host in f64, as the FID stages (and the PyTorch script) take them.
+                let per = timed(device, 2, if quick { 1 } else { 20 }, || {
+                    let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
+                    let _ = net.features(&imgs).to_kind(Kind::Double).to_device(tch::Device::Cpu);
+                    Ok(())
+                })?;
+                out.insert(format!("inception_{prec}{lay}_img_s"), (n as f64 / per).into());
+            }
+        }
+        torch_shim::set_tf32(true);
+    }
+    if !quick {
+        for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
+            for batch in [56usize, 128] {
+                let ips = bench_dmd(&cfg, device, batch, 40, true)?;
+                out.insert(format!("{tag}_dmd_b{batch}_it_s"), ips.into());
+                let eager = bench_dmd(&cfg, device, batch, 20, false)?;
+                out.insert(format!("{tag}_dmd_b{batch}_eager_it_s"), eager.into());
+            }
+        }
+    } else {
+        out.insert(
+            "speedrun9m_dmd_b4_it_s".into(),
+            bench_dmd(&ddpmpp(64, 2), device, 4, 2, true)?.into(),
+        );
+    }
+    add_tflops(&mut out, peak);
+    Ok(Value::Object(out))
+}
+
+/// The bf16 training step (without the EMA) and the one-step sampling call, each captured as a
+/// CUDA graph and replayed: (train img/s, sampling img/s).
+fn bench_graphed(
+    net: &Denoiser,
+    opt: &AdamW,
+    device: tch::Device,
+    train_b: i64,
+    z: &Tensor,
+    labels: &Tensor,
+    steps: usize,
+) -> Result<(f64, f64)> {
+    use crate::cuda_graph::{CudaGraph, SideStream};
+    let _side = SideStream::enter()?;
+    let lr = Tensor::from(1e-4f32).to_device(device);
+    let eye = Tensor::eye(10, (Kind::Float, device));
+    let step = || -> Result<Tensor> {
+        opt.zero_grad();
+        let y = Tensor::rand([train_b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
+        let l = eye.index_select(0, &Tensor::randint(10, [train_b], (Kind::Int64, device)));
+        let (loss, _) = {
+            let _ac = AutocastBf16::new(true)?;
+            edm_loss(net, &y, Some(&l), -1.2, 1.2, true)
+        };
+        loss.backward();
+        opt.step(&lr, 0.0)?;
+        Ok(loss.detach())
+    };
+    for _ in 0..3 {
+        let _ = step()?;
+    }
+    let (g, _) = CudaGraph::capture(step)?;
+    let per_step = timed(device, 2, steps, || g.replay())?;
+    let sigma = Tensor::from(80.0f32).to_device(device);
+    let sample = || -> Result<Tensor> {
+        let _ac = AutocastBf16::new(true)?;
+        Ok(tch::no_grad(|| net.denoise(z, &sigma, Some(labels), false)))
+    };
+    for _ in 0..2 {
+        let _ = sample()?;
+    }
+    let (g, _) = CudaGraph::capture(sample)?;
+    let per_call = timed(device, 2, 10.min(steps), || g.replay())?;
+    Ok((train_b as f64 / per_step, z.size()[0] as f64 / per_call))
+}
