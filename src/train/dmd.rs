@@ -430,7 +430,7 @@ pub fn dmd_train_with_grids(
         let parts = (0..accum)
             .map(|i| tch::no_grad(|| generate(&chunk(z, i), chunk_opt(y, i).as_ref())))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0))
+        Ok(join_batches(parts))
     };
     // One DMD iteration, device work only (no host reads), so that it can be captured as a
     // CUDA graph. Returns [loss_dm, loss_reg, loss_fake, grad_norm_g, grad_norm_fake,
@@ -499,7 +499,7 @@ pub fn dmd_train_with_grids(
         }
         let gn_g = opt_g.step(&lr_g_t, opts.grad_clip)?.unwrap_or_else(|| zero.shallow_clone());
         // Fake-score update on the same (detached) samples.
-        let (loss_f, gn_f, loss_gan_d) = fake_step(&Tensor::cat(&xds, 0), y.as_ref())?;
+        let (loss_f, gn_f, loss_gan_d) = fake_step(&join_batches(xds), y.as_ref())?;
         let [dm, reg, gan_g] = sums.map(|s| s / accum as f64);
         Ok(Tensor::stack(
             &[dm, reg, loss_f, gn_g.reshape([]), gn_f.reshape([]), gan_g, loss_gan_d],
@@ -588,6 +588,15 @@ pub fn dmd_train_with_grids(
         resumed_from,
         log,
     })
+}
+
+/// Micro-batches back into one batch (no copy when there is only one).
+fn join_batches(mut parts: Vec<Tensor>) -> Tensor {
+    if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(&parts, 0)
+    }
 }
 
 fn save(path: &Path, g: &AdamW, f: &AdamW, h: Option<&AdamW>, ema: Option<&Denoiser>, it: u64) -> Result<()> {
