@@ -44,6 +44,7 @@ unsafe extern "C" {
         eps: f64,
     ) -> libc::c_int;
     fn dmd_foreach_lerp(ema: *const CTensor, params: *const CTensor, n: libc::c_int, weight: f64) -> libc::c_int;
+    fn dmd_foreach_copy(dst: *const CTensor, src: *const CTensor, n: libc::c_int) -> libc::c_int;
     fn dmd_sanitize_and_clip(grads: *const CTensor, n: libc::c_int, max_norm: f64, norm_out: CTensor) -> libc::c_int;
     fn dmd_clear_grads(params: *const CTensor, n: libc::c_int);
     fn dmd_to_channels_last(ts: *const CTensor, n: libc::c_int) -> libc::c_int;
@@ -70,6 +71,18 @@ pub fn channels_last(t: &Tensor) -> Result<Tensor> {
 
 fn ptrs(ts: &[Tensor]) -> Vec<CTensor> {
     ts.iter().map(|t| t.as_ptr() as CTensor).collect()
+}
+
+/// dst[i] <- src[i] for all pairs at once (without autograd: dst may be parameters).
+pub fn foreach_copy(dst: &[Tensor], src: &[Tensor]) -> Result<()> {
+    if dst.len() != src.len() {
+        bail!("foreach_copy: lists of different lengths");
+    }
+    let (d, s) = (ptrs(dst), ptrs(src));
+    if unsafe { dmd_foreach_copy(d.as_ptr(), s.as_ptr(), d.len() as libc::c_int) } != 0 {
+        bail!("foreach_copy: {}", last_error());
+    }
+    Ok(())
 }
 
 /// ema <- ema + weight * (param - ema), for all pairs at once.

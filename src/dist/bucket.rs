@@ -38,12 +38,14 @@ pub fn reduce_in_buckets(grads: &[Tensor], cap_bytes: usize, mut reduce: impl Fn
         let flat = Tensor::cat(&views, 0);
         reduce(&flat)?;
         let sizes: Vec<i64> = numels[r.clone()].iter().map(|&n| n as i64).collect();
-        // no_grad: the tensors may be parameters (leaves that require grad), as in a broadcast.
-        tch::no_grad(|| {
-            for (g, part) in grads[r].iter().zip(flat.split_with_sizes(sizes.as_slice(), 0)) {
-                let _ = g.shallow_clone().copy_(&part.view_as(g));
-            }
-        });
+        let parts: Vec<Tensor> = grads[r.clone()]
+            .iter()
+            .zip(flat.split_with_sizes(sizes.as_slice(), 0))
+            .map(|(g, part)| part.view_as(g))
+            .collect();
+        // One foreach launch, not a copy kernel per tensor (hundreds per optimiser step, each a
+        // node of the captured DMD graph); the tensors may be parameters, as in a broadcast.
+        crate::torch_shim::foreach_copy(&grads[r], &parts)?;
     }
     Ok(())
 }

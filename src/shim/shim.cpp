@@ -84,6 +84,19 @@ int dmd_fused_adamw_tensor_lr(at::Tensor** params, at::Tensor** grads, at::Tenso
   }
 }
 
+// dst[i] <- src[i] for every pair, in one foreach launch per chunk (not one copy kernel each).
+int dmd_foreach_copy(at::Tensor** dst, at::Tensor** src, int n) {
+  try {
+    auto d = gather(dst, n), s = gather(src, n);
+    at::NoGradGuard no_grad;
+    at::_foreach_copy_(d, s);
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
 // ema = lerp(ema, param, weight) for every pair, in one foreach launch per chunk.
 int dmd_foreach_lerp(at::Tensor** ema, at::Tensor** params, int n, double weight) {
   try {
