@@ -383,7 +383,7 @@ pub fn dmd_train_with_grids(
     };
     // Fake-score update (plus the discriminator's, with the GAN head) on detached samples of the
     // whole per-rank batch: returns the fake-score loss, its gradient norm and the
-    // discriminator loss. Its random numbers are drawn for the whole batch first (see Draws).
+    // discriminator loss. Its random numbers are drawn for the whole batch before the split.
     let fake_step = |x: &Tensor, y: Option<&Tensor>| -> Result<(Tensor, Tensor, Tensor)> {
         let (sigma, eps) = (sigma_at(0, opts.levels), randn());
         let gan = match (&head, real_images) {
