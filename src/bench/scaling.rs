@@ -268,8 +268,14 @@ pub fn bench_scaling(gpus: &[usize], per_gpu_batch: usize, quick: bool) -> Resul
             master_addr: "127.0.0.1".into(),
             master_port: None,
         };
-        crate::dist::launch::launch(&spec, &args(&many_file))?;
-        let many = read(&many_file)?;
+        // A failed count is reported and the others still run (the 1-GPU figures are kept).
+        let many = match crate::dist::launch::launch(&spec, &args(&many_file)).and_then(|_| read(&many_file)) {
+            Ok(m) => m,
+            Err(e) => {
+                out.insert(format!("error_{n}gpu"), format!("{e:#}").into());
+                continue;
+            }
+        };
         for (k, v1) in &one {
             let (Some(a), Some(b)) = (v1.as_f64(), many.get(k).and_then(|v| v.as_f64())) else {
                 continue;
