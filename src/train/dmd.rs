@@ -160,8 +160,9 @@ impl Pairs {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn batch(&self, size: i64) -> (Tensor, Option<Tensor>, Tensor) {
-        let idx = Tensor::randint(self.len(), [size], (Kind::Int64, self.z.device()));
+    /// Rows [start, start + len) of a random batch of `global` pairs.
+    fn batch(&self, global: i64, (start, len): (i64, i64)) -> (Tensor, Option<Tensor>, Tensor) {
+        let idx = Tensor::randint(self.len(), [global], (Kind::Int64, self.z.device())).narrow(0, start, len);
         (
             self.z.index_select(0, &idx),
             self.labels.as_ref().map(|l| l.index_select(0, &idx)),
@@ -177,9 +178,10 @@ pub struct RealImages {
 }
 
 impl RealImages {
-    /// A random batch in [-1, 1] (device ops only, so it can be captured).
-    fn batch(&self, size: i64) -> (Tensor, Option<Tensor>) {
-        let idx = Tensor::randint(self.images.size()[0], [size], (Kind::Int64, self.images.device()));
+    /// Rows [start, start + len) of a random batch of `global` images in [-1, 1] (device ops
+    /// only, so it can be captured).
+    fn batch(&self, global: i64, (start, len): (i64, i64)) -> (Tensor, Option<Tensor>) {
+        let idx = Tensor::randint(self.images.size()[0], [global], (Kind::Int64, self.images.device())).narrow(0, start, len);
         let x = self.images.index_select(0, &idx).to_kind(Kind::Float) / 127.5 - 1.0;
         (x, self.labels.as_ref().map(|l| l.index_select(0, &idx)))
     }
@@ -289,8 +291,11 @@ pub fn dmd_train_with_grids(
         bail!("regression_loss = \"lpips\" needs LPIPS weights");
     }
     let (rank, world) = (crate::dist::rank(), crate::dist::world());
-    // Seeded before the GAN head is initialised, so that a run is reproducible from its seed.
-    tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64);
+    // Every rank draws the random numbers of the whole global batch from the same stream and
+    // keeps its own slice, so that a run does not depend on how its batch is split over GPUs
+    // and micro-batches (up to summation order). Seeded before the GAN head is initialised,
+    // so that a run is reproducible from its seed.
+    tch::manual_seed(opts.seed as i64);
     let gan = opts.gan_generator_weight > 0.0;
     let head = match (gan, fake.bottleneck_channels(), real_images) {
         (false, _, _) => None,
@@ -321,7 +326,9 @@ pub fn dmd_train_with_grids(
         );
     }
     let mb = b / accum;
-    let bshape: Vec<i64> = std::iter::once(b).chain(shape.iter().copied()).collect();
+    let global = b * world as i64;
+    let slice = (rank as i64 * b, b);
+    let gshape: Vec<i64> = std::iter::once(global).chain(shape.iter().copied()).collect();
     let mut sshape = vec![b];
     sshape.extend(std::iter::repeat_n(1, shape.len()));
     let smax = Tensor::from(opts.sigma_max as f32).to_device(device);
@@ -346,7 +353,7 @@ pub fn dmd_train_with_grids(
             .and_then(|s| serde_json::from_str::<Vec<serde_json::Value>>(s).ok())
             .map(|_| Vec::new())
             .unwrap_or_default();
-        tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64 + it as i64);
+        tch::manual_seed(opts.seed as i64 + it as i64);
         tracing::info!(iteration = it, "resumed DMD from checkpoint");
     }
     let resumed_from = it;
@@ -355,9 +362,10 @@ pub fn dmd_train_with_grids(
     let mut window_start = (Instant::now(), it);
     // Rows of an identity matrix rather than one_hot, whose range checks may read the device.
     let eye = (label_dim > 0).then(|| Tensor::eye(label_dim, (Kind::Float, device)));
-    let labels_for = |n: i64| {
+    let mine = |t: Tensor| t.narrow(0, slice.0, slice.1);
+    let labels = || {
         eye.as_ref()
-            .map(|e| e.index_select(0, &Tensor::randint(label_dim, [n], (Kind::Int64, device))))
+            .map(|e| e.index_select(0, &mine(Tensor::randint(label_dim, [global], (Kind::Int64, device)))))
     };
     let generate = |z: &Tensor, y: Option<&Tensor>| -> Result<Tensor> {
         let _ac = AutocastBf16::new(cuda && opts.bf16)?;
@@ -365,14 +373,14 @@ pub fn dmd_train_with_grids(
     };
     let sigma_at = |lo: usize, hi: usize| {
         sched
-            .index_select(0, &Tensor::randint_low(lo as i64, hi as i64, [b], (Kind::Int64, device)))
+            .index_select(0, &mine(Tensor::randint_low(lo as i64, hi as i64, [global], (Kind::Int64, device))))
             .reshape(sshape.as_slice())
     };
     let zero = Tensor::zeros([], (Kind::Float, device));
     // Learning rates live in device tensors so that a captured iteration follows the warm-up.
     let lr_g_t = Tensor::zeros([], (Kind::Float, device));
     let lr_f_t = Tensor::zeros([], (Kind::Float, device));
-    let randn = || Tensor::randn(bshape.as_slice(), (Kind::Float, device));
+    let randn = || mine(Tensor::randn(gshape.as_slice(), (Kind::Float, device)));
     // Micro-batches of a pass: [i * mb, (i + 1) * mb) of the per-rank batch.
     let chunk = |t: &Tensor, i: i64| t.narrow(0, i * mb, mb);
     let chunk_opt = |t: Option<&Tensor>, i: i64| t.map(|t| chunk(t, i));
@@ -388,7 +396,7 @@ pub fn dmd_train_with_grids(
         let (sigma, eps) = (sigma_at(0, opts.levels), randn());
         let gan = match (&head, real_images) {
             (Some(_), Some(r)) => {
-                let (xr, yr) = r.batch(b);
+                let (xr, yr) = r.batch(global, slice);
                 Some((xr, yr, [sigma_at(0, opts.levels), randn(), sigma_at(0, opts.levels), randn()]))
             }
             _ => None,
@@ -439,13 +447,13 @@ pub fn dmd_train_with_grids(
     // update of one batch of B (up to summation order).
     let iteration = || -> Result<Tensor> {
         for _ in 1..opts.fake_updates_per_g.max(1) {
-            let y = labels_for(b);
+            let y = labels();
             let x = generate_detached(&randn(), y.as_ref())?;
             let _ = fake_step(&x, y.as_ref())?;
         }
-        let y = labels_for(b);
+        let y = labels();
         let z = randn();
-        let pair = regress.map(|p| p.batch(b));
+        let pair = regress.map(|p| p.batch(global, slice));
         let (sigma_dm, eps_dm) = (sigma_at(opts.t_min_index, opts.t_max_index), randn());
         let gan_g = head.as_ref().map(|_| (sigma_at(0, opts.levels), randn()));
         opt_g.zero_grad();
@@ -642,6 +650,27 @@ mod tests {
         for (a, b) in grad.iter().zip(expect) {
             assert!((a - b / 4.0).abs() < 1e-6, "{grad:?}");
         }
+    }
+
+    #[test]
+    fn ranks_slices_of_a_global_pair_batch_make_up_the_one_gpu_batch() {
+        let pairs = Pairs {
+            z: Tensor::arange(100, (Kind::Float, tch::Device::Cpu)).reshape([100, 1]),
+            labels: None,
+            x: Tensor::arange(100, (Kind::Float, tch::Device::Cpu)).reshape([100, 1]) * 2.0,
+        };
+        tch::manual_seed(7);
+        let (whole, _, xw) = pairs.batch(8, (0, 8));
+        // Two ranks, each from the same seed, each keeping its half.
+        let halves: Vec<Tensor> = (0..2)
+            .map(|r| {
+                tch::manual_seed(7);
+                pairs.batch(8, (r * 4, 4)).0
+            })
+            .collect();
+        assert!(Tensor::cat(&halves, 0).equal(&whole));
+        assert!(xw.equal(&(&whole * 2.0)), "z and x rows stay paired");
+        assert!(whole.unique_dim(0, false, false, false).0.size()[0] > 1, "a real random batch");
     }
 
     #[test]
