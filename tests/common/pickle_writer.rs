@@ -262,15 +262,17 @@ fn class_of(name: &str, is_dict: bool) -> &'static str {
     }
 }
 
-fn module(p: &mut Pickler, node: &Node, class: &str, init_kwargs: Option<&serde_json::Value>) {
-    if class == "ModuleDict" {
-        p.global("torch.nn.modules.container", "ModuleDict");
-        p.empty_tuple();
-        p.newobj();
-        state(p, node, None);
-        p.build();
-        return;
-    }
+/// A plain torch container (`ModuleDict`, `Sequential`): NEWOBJ, then BUILD with its state.
+fn container(p: &mut Pickler, class: &str, state: impl FnOnce(&mut Pickler)) {
+    p.global("torch.nn.modules.container", class);
+    p.empty_tuple();
+    p.newobj();
+    state(p);
+    p.build();
+}
+
+/// An object of EDM's persistence helper: REDUCE(_reconstruct_persistent_obj, (meta,)).
+fn persistent(p: &mut Pickler, class: &str, module_src: &str, state: impl FnOnce(&mut Pickler)) {
     p.global("torch_utils.persistence", "_reconstruct_persistent_obj");
     p.mark();
     p.dict(|p| {
@@ -279,14 +281,22 @@ fn module(p: &mut Pickler, node: &Node, class: &str, init_kwargs: Option<&serde_
         p.str("version");
         p.int(6);
         p.str("module_src");
-        p.str(&"# the whole defining module's source text would be here\n".repeat(8));
+        p.str(module_src);
         p.str("class_name");
         p.str(class);
         p.str("state");
-        state(p, node, init_kwargs);
+        state(p);
     });
     p.tuple();
     p.reduce();
+}
+
+fn module(p: &mut Pickler, node: &Node, class: &str, init_kwargs: Option<&serde_json::Value>) {
+    if class == "ModuleDict" {
+        return container(p, class, |p| state(p, node, None));
+    }
+    let src = "# the whole defining module's source text would be here\n".repeat(8);
+    persistent(p, class, &src, |p| state(p, node, init_kwargs));
 }
 
 fn json_value(p: &mut Pickler, v: &serde_json::Value) {
@@ -458,29 +468,12 @@ pub fn nvidia_detector(tensors: &BTreeMap<String, Tensor>) -> Vec<u8> {
     }
     fn detector_module(p: &mut Pickler, node: &Node, name: &str) {
         if name == "layers" || name.starts_with("tower") && !node.children.is_empty() {
-            p.global("torch.nn.modules.container", "Sequential");
-            p.empty_tuple();
-            p.newobj();
-            detector_state(p, node);
-            p.build();
-            return;
+            return container(p, "Sequential", |p| detector_state(p, node));
         }
-        p.global("torch_utils.persistence", "_reconstruct_persistent_obj");
-        p.mark();
-        p.dict(|p| {
-            p.str("type");
-            p.str("class");
-            p.str("version");
-            p.int(6);
-            p.str("module_src");
-            p.str("# the detector's source text would be here\n");
-            p.str("class_name");
-            p.str(if node.tensors.is_empty() { "InceptionBlock" } else { "Conv2dLayer" });
-            p.str("state");
-            detector_state(p, node);
+        let class = if node.tensors.is_empty() { "InceptionBlock" } else { "Conv2dLayer" };
+        persistent(p, class, "# the detector's source text would be here\n", |p| {
+            detector_state(p, node)
         });
-        p.tuple();
-        p.reduce();
     }
     let mut p = Pickler::new(4);
     detector_module(&mut p, &root, "InceptionV3");
