@@ -98,7 +98,12 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
         // bf16 (autocast) is a throughput figure only: FID is defined with fp32 features.
         for (prec, tf32, bf16) in [("tf32", true, false), ("fp32", false, false), ("bf16", true, true)] {
             torch_shim::set_tf32(tf32);
-            for (lay, layout) in [("", Layout::AsInput), ("_nchw", Layout::Nchw), ("_nhwc", Layout::Nhwc)] {
+            // The unsuffixed figure is the layout the FID stages use for this precision.
+            for (lay, layout) in [
+                ("", Layout::fastest_for(prec == "fp32")),
+                ("_nchw", Layout::Nchw),
+                ("_nhwc", Layout::Nhwc),
+            ] {
                 net.layout = layout;
                 // Features to the host in f64, as the FID stages (and the PyTorch script) take them.
                 let per = timed(device, 2, if quick { 1 } else { 20 }, || {

@@ -100,7 +100,9 @@ pub fn setup(device: &str, precision: Precision, inception: &std::path::Path) ->
     let device = crate::torch_shim::device(device)?;
     crate::torch_shim::set_tf32(device.is_cuda() && precision == Precision::Tf32);
     tch::Cuda::cudnn_set_benchmark(device.is_cuda());
-    Inception::load(inception, device)
+    let mut net = Inception::load(inception, device)?;
+    net.layout = crate::eval::inception::Layout::fastest_for(precision == Precision::Fp32);
+    Ok(net)
 }
 
 pub struct GeneratorStats {
