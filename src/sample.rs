@@ -115,17 +115,33 @@ pub fn sample(net: &Denoiser, latents: &Tensor, class_labels: Option<&Tensor>, c
 
 /// Standard-normal latents for image `i` from `seed + i`: any single image can be regenerated.
 pub fn seeded_latents(seeds: &[u64], shape: [i64; 3], device: tch::Device) -> Tensor {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
     let per = (shape[0] * shape[1] * shape[2]) as usize;
-    let mut data = Vec::with_capacity(per * seeds.len());
-    for &s in seeds {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
-        data.extend((0..per).map(|_| -> f32 { rand_distr::StandardNormal.sample(&mut rng) }));
-    }
+    let mut data = vec![0f32; per * seeds.len()];
+    // Each image's stream depends on its seed alone, so the images are filled in parallel
+    // (a 50k-sample FID draws 154M normals: ~12 s on one core).
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len().max(1));
+    let per_thread = seeds.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (out, seeds) in data.chunks_mut(per * per_thread).zip(seeds.chunks(per_thread)) {
+            scope.spawn(move || {
+                for (img, &s) in out.chunks_mut(per).zip(seeds) {
+                    fill_seeded_normal(img, s);
+                }
+            });
+        }
+    });
     Tensor::from_slice(&data)
         .reshape([seeds.len() as i64, shape[0], shape[1], shape[2]])
         .to_device(device)
+}
+
+fn fill_seeded_normal(out: &mut [f32], seed: u64) {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for v in out {
+        *v = rand_distr::StandardNormal.sample(&mut rng);
+    }
 }
 
 /// One-hot labels [N, dim] on `device`.
@@ -151,6 +167,19 @@ mod tests {
         let b = seeded_latents(&[6], [3, 4, 4], tch::Device::Cpu);
         assert!(a.get(1).equal(&b.get(0)));
         assert!(!a.get(0).equal(&b.get(0)));
+    }
+
+    #[test]
+    fn parallel_latents_equal_one_seed_at_a_time() {
+        // 41 seeds: more than the threads of most machines and not a multiple of them.
+        let seeds: Vec<u64> = (100..141).collect();
+        let all = seeded_latents(&seeds, [2, 3, 3], tch::Device::Cpu);
+        for (i, &s) in seeds.iter().enumerate() {
+            let mut expect = vec![0f32; 18];
+            fill_seeded_normal(&mut expect, s);
+            let got = Vec::<f32>::try_from(all.get(i as i64).flatten(0, -1)).unwrap();
+            assert_eq!(got, expect, "seed {s}");
+        }
     }
 }
 

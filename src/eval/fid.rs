@@ -132,9 +132,10 @@ pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64> {
         .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
     let u = eig.U();
     let s = eig.S().column_vector();
-    let root = faer::Mat::from_fn(n, n, |i, j| if i == j { s[i].max(0.0).sqrt() } else { 0.0 });
-    let sqrt_s1 = u * &root * u.transpose();
-    let m = &sqrt_s1 * &s2 * &sqrt_s1;
+    // With s1 = U D U^T and A = U D^(1/2), sqrt(s1) s2 sqrt(s1) = U (A^T s2 A) U^T: the same
+    // eigenvalues as A^T s2 A, which takes two products instead of four.
+    let a_mat = faer::Mat::from_fn(n, n, |i, j| u[(i, j)] * s[j].max(0.0).sqrt());
+    let m = a_mat.transpose() * (&s2 * &a_mat);
     let m = faer::Mat::from_fn(n, n, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
     let ev = m
         .self_adjoint_eigenvalues(faer::Side::Lower)
@@ -175,6 +176,20 @@ mod tests {
         let tr_sqrt = (tr / 2.0 + disc).sqrt() + (tr / 2.0 - disc).sqrt();
         let expect = 4.0 + 4.0 - 2.0 * tr_sqrt;
         assert!((frechet_distance(&a, &b).unwrap() - expect).abs() < 1e-9);
+    }
+
+    #[test]
+    fn distance_of_correlated_2d_gaussians_in_closed_form() {
+        // For 2x2 PSD A, B: tr sqrt(A^(1/2) B A^(1/2)) = sqrt(tr(AB) + 2 sqrt(det A det B)).
+        let (a_s, b_s) = ([2.0, 0.7, 0.7, 1.0], [1.5, -0.4, -0.4, 0.8]);
+        let a = stats(vec![0.3, -1.0], a_s.to_vec());
+        let b = stats(vec![-0.2, 0.5], b_s.to_vec());
+        let tr_ab = a_s[0] * b_s[0] + a_s[1] * b_s[2] + a_s[2] * b_s[1] + a_s[3] * b_s[3];
+        let det = |m: [f64; 4]| m[0] * m[3] - m[1] * m[2];
+        let tr_sqrt = (tr_ab + 2.0 * (det(a_s) * det(b_s)).sqrt()).sqrt();
+        let expect = 0.5f64.powi(2) + 1.5f64.powi(2) + (a_s[0] + a_s[3]) + (b_s[0] + b_s[3]) - 2.0 * tr_sqrt;
+        let got = frechet_distance(&a, &b).unwrap();
+        assert!((got - expect).abs() < 1e-12, "{got} vs {expect}");
     }
 
     #[test]
