@@ -127,7 +127,9 @@ pub fn all_reduce_mean(ts: &[Tensor]) -> Result<()> {
     let Some(g) = group() else { return Ok(()) };
     let s = stream()?;
     bucket::reduce_in_buckets(ts, bucket::DEFAULT_CAP_BYTES, |flat| {
-        g.comm.all_reduce_f32(flat.data_ptr(), flat.numel(), nccl::AVG, s)
+        // SAFETY: `flat` is a live contiguous f32 CUDA tensor of `numel` values; the caller's
+        // stream orders the reduction before any later use of it.
+        unsafe { g.comm.all_reduce_f32(flat.data_ptr(), flat.numel(), nccl::AVG, s) }
     })
 }
 
@@ -136,7 +138,8 @@ pub fn broadcast_from_main(ts: &[Tensor]) -> Result<()> {
     let Some(g) = group() else { return Ok(()) };
     let s = stream()?;
     bucket::reduce_in_buckets(ts, bucket::DEFAULT_CAP_BYTES, |flat| {
-        g.comm.broadcast_f32(flat.data_ptr(), flat.numel(), 0, s)
+        // SAFETY: as above.
+        unsafe { g.comm.broadcast_f32(flat.data_ptr(), flat.numel(), 0, s) }
     })
 }
 
@@ -155,8 +158,11 @@ pub fn check_identical(ts: &[Tensor], what: &str) -> Result<()> {
         .to_kind(Kind::Float);
     let (lo, hi) = (sum.copy(), sum.copy());
     let s = stream()?;
-    g.comm.all_reduce_f32(lo.data_ptr(), 2, nccl::MIN, s)?;
-    g.comm.all_reduce_f32(hi.data_ptr(), 2, nccl::MAX, s)?;
+    // SAFETY: `lo` and `hi` are live 2-value f32 CUDA tensors, read back below on the same stream.
+    unsafe {
+        g.comm.all_reduce_f32(lo.data_ptr(), 2, nccl::MIN, s)?;
+        g.comm.all_reduce_f32(hi.data_ptr(), 2, nccl::MAX, s)?;
+    }
     let (lo, hi) = (Vec::<f32>::try_from(&lo)?, Vec::<f32>::try_from(&hi)?);
     if lo != hi {
         bail!("{what} differ across ranks (checksums {lo:?} vs {hi:?})");
@@ -170,7 +176,8 @@ pub fn agree(answer: bool) -> Result<bool> {
     let Some(g) = group() else { return Ok(answer) };
     let dev = tch::Device::Cuda(g.local_rank);
     let t = Tensor::from(answer as i32 as f32).to_device(dev);
-    g.comm.broadcast_f32(t.data_ptr(), 1, 0, stream()?)?;
+    // SAFETY: `t` is a live 1-value f32 CUDA tensor, read back below on the same stream.
+    unsafe { g.comm.broadcast_f32(t.data_ptr(), 1, 0, stream()?)? };
     Ok(t.double_value(&[]) != 0.0)
 }
 

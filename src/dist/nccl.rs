@@ -113,7 +113,11 @@ impl Communicator {
     }
 
     /// In-place all-reduce of `count` f32 values at `ptr` (device memory) on `stream`.
-    pub fn all_reduce_f32(&self, ptr: *mut libc::c_void, count: usize, op: libc::c_int, stream: Stream) -> Result<()> {
+    ///
+    /// # Safety
+    /// `ptr` must point to at least `count` f32 values of device memory that stay alive until
+    /// the operation on `stream` has completed.
+    pub unsafe fn all_reduce_f32(&self, ptr: *mut libc::c_void, count: usize, op: libc::c_int, stream: Stream) -> Result<()> {
         check(
             unsafe { (api()?.all_reduce)(ptr, ptr, count, FLOAT32, op, self.comm, stream) },
             "all-reduce",
@@ -121,7 +125,10 @@ impl Communicator {
     }
 
     /// In-place broadcast from `root` of `count` f32 values at `ptr` on `stream`.
-    pub fn broadcast_f32(&self, ptr: *mut libc::c_void, count: usize, root: usize, stream: Stream) -> Result<()> {
+    ///
+    /// # Safety
+    /// As for [`Communicator::all_reduce_f32`].
+    pub unsafe fn broadcast_f32(&self, ptr: *mut libc::c_void, count: usize, root: usize, stream: Stream) -> Result<()> {
         check(
             unsafe { (api()?.broadcast)(ptr, ptr, count, FLOAT32, root as libc::c_int, self.comm, stream) },
             "broadcast",
