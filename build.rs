@@ -6,10 +6,10 @@ use std::path::PathBuf;
 /// DEP_TCH_LIBTORCH_LIB, whether it came from LIBTORCH, LIBTORCH_USE_PYTORCH or a download);
 /// LIBTORCH as a fallback.
 fn libtorch_dir() -> Option<PathBuf> {
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        if let Some(parent) = PathBuf::from(lib).parent() {
-            return Some(parent.to_path_buf());
-        }
+    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        && let Some(parent) = PathBuf::from(lib).parent()
+    {
+        return Some(parent.to_path_buf());
     }
     std::env::var("LIBTORCH").ok().map(PathBuf::from)
 }

@@ -162,7 +162,7 @@ impl CudaGraph {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "a panic".into());
-            Err(anyhow::anyhow!("{}", msg.lines().next().unwrap_or_default().to_string()))
+            Err(anyhow::anyhow!("{}", msg.lines().next().unwrap_or_default()))
         });
         let end = check(api, unsafe { (api.capture_end)(ptr) }, "ending CUDA-graph capture");
         let out = out.map_err(|e| e.context("inside CUDA-graph capture (set cuda_graph = false to run eagerly)"))?;

@@ -1,4 +1,7 @@
 //! dmdpipe: a pipeline runner for Distribution Matching Distillation of diffusion models.
+// `a += b` on tch tensors is an in-place `add_` (it would write into shared tensors and
+// into autograd's saved values), so `a = a + b` is kept on purpose.
+#![allow(clippy::assign_op_pattern)]
 
 pub mod bench;
 pub mod cli;

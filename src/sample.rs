@@ -149,40 +149,6 @@ pub fn one_hot(labels: &[i64], dim: i64, device: tch::Device) -> Tensor {
     Tensor::from_slice(labels).one_hot(dim).to_kind(Kind::Float).to_device(device)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn karras_schedule_endpoints_and_monotone() {
-        let s = karras_sigmas(18, 0.002, 80.0, 7.0);
-        assert_eq!(s.len(), 19);
-        assert!((s[0] - 80.0).abs() < 1e-9 && (s[17] - 0.002).abs() < 1e-12 && s[18] == 0.0);
-        assert!(s.windows(2).all(|w| w[0] > w[1]));
-    }
-
-    #[test]
-    fn seeded_latents_depend_only_on_the_seed() {
-        let a = seeded_latents(&[5, 6], [3, 4, 4], tch::Device::Cpu);
-        let b = seeded_latents(&[6], [3, 4, 4], tch::Device::Cpu);
-        assert!(a.get(1).equal(&b.get(0)));
-        assert!(!a.get(0).equal(&b.get(0)));
-    }
-
-    #[test]
-    fn parallel_latents_equal_one_seed_at_a_time() {
-        // 41 seeds: more than the threads of most machines and not a multiple of them.
-        let seeds: Vec<u64> = (100..141).collect();
-        let all = seeded_latents(&seeds, [2, 3, 3], tch::Device::Cpu);
-        for (i, &s) in seeds.iter().enumerate() {
-            let mut expect = vec![0f32; 18];
-            fill_seeded_normal(&mut expect, s);
-            let got = Vec::<f32>::try_from(all.get(i as i64).flatten(0, -1)).unwrap();
-            assert_eq!(got, expect, "seed {s}");
-        }
-    }
-}
-
 /// f32 images in [-1, 1] (NCHW) to uint8 NHWC bytes: clamp, then round((x + 1) * 127.5).
 pub fn to_uint8_nhwc(x: &Tensor) -> Vec<u8> {
     let u = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5)
@@ -224,4 +190,38 @@ pub fn class_grid(
     }
     let labels = (!class_names.is_empty()).then_some(class_names);
     crate::render::image_grid(&bytes, res as usize, res as usize, rows, columns, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn karras_schedule_endpoints_and_monotone() {
+        let s = karras_sigmas(18, 0.002, 80.0, 7.0);
+        assert_eq!(s.len(), 19);
+        assert!((s[0] - 80.0).abs() < 1e-9 && (s[17] - 0.002).abs() < 1e-12 && s[18] == 0.0);
+        assert!(s.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn seeded_latents_depend_only_on_the_seed() {
+        let a = seeded_latents(&[5, 6], [3, 4, 4], tch::Device::Cpu);
+        let b = seeded_latents(&[6], [3, 4, 4], tch::Device::Cpu);
+        assert!(a.get(1).equal(&b.get(0)));
+        assert!(!a.get(0).equal(&b.get(0)));
+    }
+
+    #[test]
+    fn parallel_latents_equal_one_seed_at_a_time() {
+        // 41 seeds: more than the threads of most machines and not a multiple of them.
+        let seeds: Vec<u64> = (100..141).collect();
+        let all = seeded_latents(&seeds, [2, 3, 3], tch::Device::Cpu);
+        for (i, &s) in seeds.iter().enumerate() {
+            let mut expect = vec![0f32; 18];
+            fill_seeded_normal(&mut expect, s);
+            let got = Vec::<f32>::try_from(all.get(i as i64).flatten(0, -1)).unwrap();
+            assert_eq!(got, expect, "seed {s}");
+        }
+    }
 }

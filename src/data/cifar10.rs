@@ -52,7 +52,7 @@ pub fn md5_hex(bytes: &[u8]) -> String {
 
 /// Decodes one batch file's bytes into (NHWC images, labels).
 pub fn decode_batch(path: &Path, bytes: &[u8]) -> Result<(Vec<u8>, Vec<i64>)> {
-    if bytes.is_empty() || bytes.len() % RECORD_BYTES != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD_BYTES) {
         bail!(
             "{}: {} bytes is not a whole number of {RECORD_BYTES}-byte CIFAR-10 records (truncated or not a CIFAR-10 batch file)",
             path.display(),

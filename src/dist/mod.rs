@@ -112,7 +112,7 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
 /// This rank's share of a global batch (the configured batch is global, so results and cache
 /// keys do not depend on the GPU count).
 pub fn batch_share(global: usize, world: usize) -> Result<usize> {
-    if global % world != 0 {
+    if !global.is_multiple_of(world) {
         bail!("batch {global} does not split evenly over {world} GPUs");
     }
     Ok(global / world)

@@ -450,10 +450,10 @@ impl<'a, 'p> Unpickler<'a, 'p> {
                 if let Some(items) = args.first() {
                     for pair in items.seq() {
                         let p = pair.seq();
-                        if p.len() == 2 {
-                            if let Value::Dict(dd) = &d {
-                                dd.borrow_mut().push((p[0].clone(), p[1].clone()));
-                            }
+                        if p.len() == 2
+                            && let Value::Dict(dd) = &d
+                        {
+                            dd.borrow_mut().push((p[0].clone(), p[1].clone()));
                         }
                     }
                 }

@@ -342,19 +342,19 @@ fn locate_key(table: &DeTable, span: &Range<usize>) -> Option<Vec<String>> {
         let whole = k.span().start..v.span().end;
         if whole.start <= span.start && span.start < whole.end.max(whole.start + 1) {
             let mut path = vec![k.get_ref().to_string()];
-            if let DeValue::Table(inner) = v.get_ref() {
-                if let Some(sub) = locate_key(inner, span) {
-                    path.extend(sub);
-                }
+            if let DeValue::Table(inner) = v.get_ref()
+                && let Some(sub) = locate_key(inner, span)
+            {
+                path.extend(sub);
             }
             if let DeValue::Array(items) = v.get_ref() {
                 for (i, item) in items.iter().enumerate() {
                     if item.span().start <= span.start && span.start < item.span().end {
                         path.push(i.to_string());
-                        if let DeValue::Table(inner) = item.get_ref() {
-                            if let Some(sub) = locate_key(inner, span) {
-                                path.extend(sub);
-                            }
+                        if let DeValue::Table(inner) = item.get_ref()
+                            && let Some(sub) = locate_key(inner, span)
+                        {
+                            path.extend(sub);
                         }
                     }
                 }

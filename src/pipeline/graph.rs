@@ -33,10 +33,10 @@ pub fn find_cycle(p: &Pipeline) -> Option<Vec<String>> {
                 let start = stack.iter().position(|&k| k == j).expect("on stack");
                 return Some(stack[start..].to_vec());
             }
-            if state[j] == 0 {
-                if let Some(c) = visit(j, d, state, stack) {
-                    return Some(c);
-                }
+            if state[j] == 0
+                && let Some(c) = visit(j, d, state, stack)
+            {
+                return Some(c);
             }
         }
         stack.pop();
@@ -44,10 +44,10 @@ pub fn find_cycle(p: &Pipeline) -> Option<Vec<String>> {
         None
     }
     for i in 0..d.len() {
-        if state[i] == 0 {
-            if let Some(c) = visit(i, &d, &mut state, &mut stack) {
-                return Some(c.into_iter().map(|k| p.stages[k].name.clone()).collect());
-            }
+        if state[i] == 0
+            && let Some(c) = visit(i, &d, &mut state, &mut stack)
+        {
+            return Some(c.into_iter().map(|k| p.stages[k].name.clone()).collect());
         }
     }
     None

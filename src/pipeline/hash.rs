@@ -122,10 +122,10 @@ impl StatCache {
         let stat = Stat::of(&meta);
         // Keyed by inode, so a file moved within the filesystem (outputs into the store) stays known.
         let key = format!("{}:{}", stat.dev, stat.ino);
-        if let Some(e) = self.entries.get(&key) {
-            if e.stat == stat {
-                return Ok(e.digest.clone());
-            }
+        if let Some(e) = self.entries.get(&key)
+            && e.stat == stat
+        {
+            return Ok(e.digest.clone());
         }
         let digest = sha256_file(&abs)?;
         self.bytes_hashed += stat.size;

@@ -306,26 +306,26 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
         };
         let forced = opts.force.contains(&stage.name);
         let mut corrupted = None;
-        if let (Some(key), false) = (&key, forced) {
-            if let Some(entry) = cache.read_entry(key) {
-                match cache.verify(&entry, &mut stat) {
-                    Ok(()) => {
-                        tracing::info!(stage = %stage.name, key = %key, "cached");
-                        report.outcome = Outcome::Cached;
-                        report.metrics = entry.metrics.clone();
-                        report.output_dir = Some(cache.object_dir(&entry.tree));
-                        trees.insert(stage.name.clone(), entry.tree);
-                        if !matches!(mode, Mode::DryRun) {
-                            record.stages.insert(stage.name.clone(), key.clone());
-                        }
-                        reports.push(report);
-                        overall.inc(1);
-                        continue;
+        if let (Some(key), false) = (&key, forced)
+            && let Some(entry) = cache.read_entry(key)
+        {
+            match cache.verify(&entry, &mut stat) {
+                Ok(()) => {
+                    tracing::info!(stage = %stage.name, key = %key, "cached");
+                    report.outcome = Outcome::Cached;
+                    report.metrics = entry.metrics.clone();
+                    report.output_dir = Some(cache.object_dir(&entry.tree));
+                    trees.insert(stage.name.clone(), entry.tree);
+                    if !matches!(mode, Mode::DryRun) {
+                        record.stages.insert(stage.name.clone(), key.clone());
                     }
-                    Err(problem) => {
-                        tracing::warn!(stage = %stage.name, "cached artifact is corrupted: {problem}; re-running");
-                        corrupted = Some(problem);
-                    }
+                    reports.push(report);
+                    overall.inc(1);
+                    continue;
+                }
+                Err(problem) => {
+                    tracing::warn!(stage = %stage.name, "cached artifact is corrupted: {problem}; re-running");
+                    corrupted = Some(problem);
                 }
             }
         }

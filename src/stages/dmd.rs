@@ -149,13 +149,13 @@ impl Stage for DmdParams {
         if self.export_ema && t.ema_halflife_images.is_none() {
             return Err(FieldIssue::new("export_ema", "export_ema needs train.ema_halflife_images"));
         }
-        if let Some(e) = &self.eval {
-            if e.every == 0 || e.num_samples < 2 {
-                return Err(FieldIssue::new(
-                    "eval",
-                    "eval.every must be at least 1 and eval.num_samples at least 2",
-                ));
-            }
+        if let Some(e) = &self.eval
+            && (e.every == 0 || e.num_samples < 2)
+        {
+            return Err(FieldIssue::new(
+                "eval",
+                "eval.every must be at least 1 and eval.num_samples at least 2",
+            ));
         }
         if t.regression_weight > 0.0 && self.pairs.is_none() {
             return Err(
@@ -188,14 +188,14 @@ impl Stage for DmdParams {
             Some(_) => Some(super::ode_pairs::load_pairs(ctx.upstream_dir("pairs")?, device)?),
             None => None,
         };
-        if let Some(p) = &pairs {
-            if p.z.size()[1..] != config.sample_shape()[..] {
-                bail!(
-                    "the pairs have samples of shape {:?}, the teacher {:?}",
-                    &p.z.size()[1..],
-                    config.sample_shape()
-                );
-            }
+        if let Some(p) = &pairs
+            && p.z.size()[1..] != config.sample_shape()[..]
+        {
+            bail!(
+                "the pairs have samples of shape {:?}, the teacher {:?}",
+                &p.z.size()[1..],
+                config.sample_shape()
+            );
         }
         ctx.progress.set_length(self.train.iterations);
         let bar = ctx.progress.clone();
@@ -298,10 +298,10 @@ impl Stage for DmdParams {
             if is_mlp {
                 return Ok(());
             }
-            if grid_every > 0 && it % grid_every == 0 {
+            if grid_every > 0 && it.is_multiple_of(grid_every) {
                 grid_at(it, g)?;
             }
-            if eval_every > 0 && it % eval_every == 0 {
+            if eval_every > 0 && it.is_multiple_of(eval_every) {
                 evaluate(it, g)?;
             }
             Ok(())

@@ -193,10 +193,12 @@ pub fn train_with_grids(
         let _ = lr_t.shallow_clone().fill_(lr);
         let mean = runner.run(&train_step)?;
         ema_update(ema, net, ema_beta(opts.batch, images, opts.ema_halflife_images, opts.ema_rampup))?;
-        if let Some((every, hook)) = grids.as_mut() {
-            if *every > 0 && step % *every == 0 && crate::dist::is_main() {
-                hook(step, ema)?;
-            }
+        if let Some((every, hook)) = grids.as_mut()
+            && *every > 0
+            && step.is_multiple_of(*every)
+            && crate::dist::is_main()
+        {
+            hook(step, ema)?;
         }
         window.push(mean);
         // Ranks must agree on when to stop: in a group the time limit is read at log steps only.
@@ -204,7 +206,7 @@ pub fn train_with_grids(
         if world == 1 {
             stop = timed_out();
         }
-        if step % opts.log_every == 0 || images >= opts.images || stop {
+        if step.is_multiple_of(opts.log_every) || images >= opts.images || stop {
             if world > 1 {
                 stop = crate::dist::agree(timed_out())?;
                 if check_every > 0 && step % check_every < opts.log_every {
