@@ -188,6 +188,10 @@ enum BenchCommand {
         /// Also time bf16 with channels-last (NHWC) weights and activations.
         #[arg(long)]
         channels_last: bool,
+        /// Only the two networks' bf16 training and sampling figures, with and without the
+        /// default GroupNorm mode (no TF32, no Inception, no DMD): a short call.
+        #[arg(long)]
+        networks_only: bool,
         /// Inception weights for the feature-throughput figure (skipped when absent).
         #[arg(long, default_value = "models/inception-2015-12-05.safetensors")]
         inception: PathBuf,
@@ -390,12 +394,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     device,
                     quick,
                     channels_last,
+                    networks_only,
                     inception,
                     out,
                 },
         } => {
             init_logging(cli.verbose, None);
-            let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception))?;
+            let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception), networks_only)?;
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }

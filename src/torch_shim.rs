@@ -49,6 +49,7 @@ unsafe extern "C" {
     fn dmd_clear_grads(params: *const CTensor, n: libc::c_int);
     fn dmd_to_channels_last(ts: *const CTensor, n: libc::c_int) -> libc::c_int;
     fn dmd_channels_last_copy(t: CTensor, out: CTensor) -> libc::c_int;
+    fn dmd_group_norm_native(x: CTensor, weight: CTensor, bias: CTensor, groups: i64, eps: f64, out: CTensor) -> libc::c_int;
 }
 
 /// Re-lays out the 4-D tensors among `ts` (conv weights) as channels-last, in place.
@@ -65,6 +66,26 @@ pub fn channels_last(t: &Tensor) -> Result<Tensor> {
     let out = Tensor::zeros([0], (tch::Kind::Float, Device::Cpu));
     if unsafe { dmd_channels_last_copy(t.as_ptr() as CTensor, out.as_ptr() as CTensor) } != 0 {
         bail!("channels_last: {}", last_error());
+    }
+    Ok(out)
+}
+
+/// `group_norm` in `x`'s dtype, bypassing CUDA autocast's fp32 rule for this call (weight and
+/// bias are cast to `x`'s dtype, with gradients flowing back to them).
+pub fn group_norm_native(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: i64, eps: f64) -> Result<Tensor> {
+    let out = Tensor::zeros([0], (tch::Kind::Float, Device::Cpu));
+    let ok = unsafe {
+        dmd_group_norm_native(
+            x.as_ptr() as CTensor,
+            weight.as_ptr() as CTensor,
+            bias.as_ptr() as CTensor,
+            groups,
+            eps,
+            out.as_ptr() as CTensor,
+        )
+    };
+    if ok != 0 {
+        bail!("group_norm: {}", last_error());
     }
     Ok(out)
 }

@@ -13,12 +13,20 @@ use crate::torch_shim::{self, AutocastBf16};
 use crate::train::optim::{AdamW, ema_update};
 use crate::train::teacher::edm_loss;
 
-pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception: Option<&std::path::Path>) -> Result<Value> {
+pub fn bench_gpu(
+    device_name: &str,
+    quick: bool,
+    channels_last: bool,
+    inception: Option<&std::path::Path>,
+    networks_only: bool,
+) -> Result<Value> {
     let device = torch_shim::device(device_name)?;
     tch::Cuda::cudnn_set_benchmark(true);
     torch_shim::set_tf32(true);
     let mut out = Map::new();
     out.insert("device".into(), format!("{device:?}").into());
+    let default_norm_setting = crate::nn::layers::bf16_group_norm();
+    out.insert("bf16_group_norm_native_by_default".into(), default_norm_setting.into());
     let peak = matmul_peak_tflops(device, if quick { 256 } else { 8192 })?;
     out.insert("bf16_matmul_peak_tflops".into(), peak.into());
     let (train_b, sample_b, steps) = if quick { (8, 8, 2) } else { (512, 1024, 20) };
@@ -32,14 +40,22 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
         // Channels-last (`--channels-last`) comes last: it re-lays out the weights for good.
         // Measured slower on an H200 (0.75x training, 0.77x sampling), so off by default.
         // `bf16_edm_attention`: attention as EDM writes it instead of the fused kernel.
+        // `bf16_native_norm` / `bf16_autocast_norm` (whichever is not the default): GroupNorm and
+        // the SiLU after it on bf16 activations kept in bf16, or run in fp32 as autocast does.
+        let default_norm = default_norm_setting;
+        let other_norm = if default_norm { "bf16_autocast_norm" } else { "bf16_native_norm" };
         let variants = [
-            ("bf16", true, false, true),
-            ("tf32", false, false, true),
-            ("bf16_edm_attention", true, false, false),
-            ("bf16_channels_last", true, true, true),
+            ("bf16", true, false, true, default_norm),
+            ("tf32", false, false, true, default_norm),
+            ("bf16_edm_attention", true, false, false, default_norm),
+            (other_norm, true, false, true, !default_norm),
+            ("bf16_channels_last", true, true, true, default_norm),
         ];
-        for &(prec, bf16, cl, fused_attention) in variants.iter().filter(|v| channels_last || !v.2) {
+        // With `networks_only`: the bf16 default and the other GroupNorm mode (and their graphs).
+        let wanted = |prec: &str, cl: bool| (channels_last || !cl) && (!networks_only || prec == "bf16" || prec == other_norm);
+        for &(prec, bf16, cl, fused_attention, native_norm) in variants.iter().filter(|v| wanted(v.0, v.2)) {
             crate::nn::unet_block::set_fused_attention(fused_attention);
+            crate::nn::layers::set_bf16_group_norm(native_norm);
             if cl {
                 let all = |d: &Denoiser| d.vs.variables().into_values().collect::<Vec<_>>();
                 torch_shim::to_channels_last(&all(&net))?;
@@ -75,11 +91,12 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
             // DMDPIPE_BENCH_NO_GRAPH=1 skips the graph variants (their capture failed once on an
             // H200 in cuDNN's engine search, then reported as `*_graph_error`; docs/RESULTS.md).
             let graphs = std::env::var("DMDPIPE_BENCH_NO_GRAPH").map_or(true, |v| v != "1");
-            if prec == "bf16" && graphs && device.is_cuda() && crate::cuda_graph::available() {
+            let graph_tag = (prec == "bf16" || prec == other_norm).then(|| format!("{prec}_graph"));
+            if let (Some(gt), true, true, true) = (graph_tag, graphs, device.is_cuda(), crate::cuda_graph::available()) {
                 match bench_graphed(&net, &opt, device, train_b, &z, &labels, steps) {
                     Ok((train, sample)) => {
-                        out.insert(format!("{tag}_train_bf16_graph_img_s"), train.into());
-                        out.insert(format!("{tag}_onestep_bf16_graph_img_s"), sample.into());
+                        out.insert(format!("{tag}_train_{gt}_img_s"), train.into());
+                        out.insert(format!("{tag}_onestep_{gt}_img_s"), sample.into());
                     }
                     // Reported, not fatal: the eager figures and the DMD benches still run.
                     Err(e) => {
@@ -90,6 +107,11 @@ pub fn bench_gpu(device_name: &str, quick: bool, channels_last: bool, inception:
         }
     }
     crate::nn::unet_block::set_fused_attention(true);
+    crate::nn::layers::set_bf16_group_norm(default_norm_setting);
+    if networks_only {
+        add_tflops(&mut out, peak);
+        return Ok(Value::Object(out));
+    }
     if let Some(w) = inception.filter(|w| w.exists()) {
         use crate::eval::inception::Layout;
         let mut net = crate::eval::inception::Inception::load(w, device)?;

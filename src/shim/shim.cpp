@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -156,6 +157,23 @@ int dmd_to_channels_last(at::Tensor** ts, int n) {
 int dmd_channels_last_copy(at::Tensor* t, at::Tensor* out) {
   try {
     *out = t->contiguous(at::MemoryFormat::ChannelsLast);
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
+// GroupNorm in the input's dtype with CUDA autocast bypassed for this one call. Under bf16
+// autocast group_norm runs in fp32: the bf16 activations are cast up, normalised, passed through
+// SiLU in fp32 and cast down again by the next convolution. The native kernel takes bf16 input
+// directly (its statistics are accumulated in fp32), so the whole chain stays in bf16.
+int dmd_group_norm_native(at::Tensor* x, at::Tensor* weight, at::Tensor* bias, int64_t groups, double eps,
+                          at::Tensor* out) {
+  try {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet(c10::DispatchKey::AutocastCUDA));
+    auto kind = x->scalar_type();
+    *out = at::group_norm(*x, groups, weight->to(kind), bias->to(kind), eps, true);
     return 0;
   } catch (const std::exception& ex) {
     last_error = ex.what();
