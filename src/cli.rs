@@ -203,6 +203,9 @@ enum BenchCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Experimental until measured on a GPU (docs/RESULTS.md, session 4): GroupNorm + SiLU in
+    // bf16 under bf16 autocast. Read here so that stage workers inherit it with the environment.
+    crate::nn::layers::set_bf16_group_norm(std::env::var("DMDPIPE_BF16_GROUP_NORM").is_ok_and(|v| v == "1"));
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
