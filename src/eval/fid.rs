@@ -119,29 +119,51 @@ fn mat(v: &[f64], n: usize) -> faer::Mat<f64> {
 
 /// ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2).
 pub fn frechet_distance(a: &FidStats, b: &FidStats) -> Result<f64> {
-    if a.dim != b.dim {
-        bail!("feature dimensions differ: {} vs {}", a.dim, b.dim);
+    FidReference::new(b)?.distance(a)
+}
+
+/// Reference statistics prepared for many distances (an FID curve against one reference): the
+/// eigendecomposition of its covariance is done once.
+pub struct FidReference {
+    mu: Vec<f64>,
+    trace: f64,
+    /// A = U D^(1/2) for the reference covariance S = U D U^T.
+    half: faer::Mat<f64>,
+}
+
+impl FidReference {
+    pub fn new(reference: &FidStats) -> Result<Self> {
+        let n = reference.dim;
+        let s = mat(&reference.sigma, n);
+        let eig = s
+            .self_adjoint_eigen(faer::Side::Lower)
+            .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
+        let (u, d) = (eig.U(), eig.S().column_vector());
+        Ok(FidReference {
+            mu: reference.mu.clone(),
+            trace: (0..n).map(|i| s[(i, i)]).sum(),
+            half: faer::Mat::from_fn(n, n, |i, j| u[(i, j)] * d[j].max(0.0).sqrt()),
+        })
     }
-    let n = a.dim;
-    let d2: f64 = a.mu.iter().zip(&b.mu).map(|(x, y)| (x - y) * (x - y)).sum();
-    let s1 = mat(&a.sigma, n);
-    let s2 = mat(&b.sigma, n);
-    let trace = |m: &faer::Mat<f64>| (0..n).map(|i| m[(i, i)]).sum::<f64>();
-    let eig = s1
-        .self_adjoint_eigen(faer::Side::Lower)
-        .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
-    let u = eig.U();
-    let s = eig.S().column_vector();
-    // With s1 = U D U^T and A = U D^(1/2), sqrt(s1) s2 sqrt(s1) = U (A^T s2 A) U^T: the same
-    // eigenvalues as A^T s2 A, which takes two products instead of four.
-    let a_mat = faer::Mat::from_fn(n, n, |i, j| u[(i, j)] * s[j].max(0.0).sqrt());
-    let m = a_mat.transpose() * (&s2 * &a_mat);
-    let m = faer::Mat::from_fn(n, n, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
-    let ev = m
-        .self_adjoint_eigenvalues(faer::Side::Lower)
-        .map_err(|e| anyhow::anyhow!("eigenvalues failed: {e:?}"))?;
-    let tr_sqrt: f64 = ev.iter().map(|l| l.max(0.0).sqrt()).sum();
-    Ok(d2 + trace(&s1) + trace(&s2) - 2.0 * tr_sqrt)
+
+    /// FID of `other` against the reference. With S_ref = A A^T, S_ref^1/2 S S_ref^1/2 has the
+    /// eigenvalues of A^T S A (they are similar), which needs two products and no eigenvectors.
+    pub fn distance(&self, other: &FidStats) -> Result<f64> {
+        let n = self.mu.len();
+        if other.dim != n {
+            bail!("feature dimensions differ: {} vs {n}", other.dim);
+        }
+        let d2: f64 = self.mu.iter().zip(&other.mu).map(|(x, y)| (x - y) * (x - y)).sum();
+        let s = mat(&other.sigma, n);
+        let m = self.half.transpose() * (&s * &self.half);
+        let m = faer::Mat::from_fn(n, n, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
+        let ev = m
+            .self_adjoint_eigenvalues(faer::Side::Lower)
+            .map_err(|e| anyhow::anyhow!("eigenvalues failed: {e:?}"))?;
+        let tr_sqrt: f64 = ev.iter().map(|l| l.max(0.0).sqrt()).sum();
+        let trace: f64 = (0..n).map(|i| s[(i, i)]).sum();
+        Ok(d2 + trace + self.trace - 2.0 * tr_sqrt)
+    }
 }
 
 #[cfg(test)]
@@ -176,6 +198,19 @@ mod tests {
         let tr_sqrt = (tr / 2.0 + disc).sqrt() + (tr / 2.0 - disc).sqrt();
         let expect = 4.0 + 4.0 - 2.0 * tr_sqrt;
         assert!((frechet_distance(&a, &b).unwrap() - expect).abs() < 1e-9);
+    }
+
+    #[test]
+    fn distance_is_symmetric_and_a_prepared_reference_gives_the_same_value() {
+        let a = stats(vec![0.1, 0.2, -0.3], vec![2.0, 0.5, 0.1, 0.5, 1.0, -0.2, 0.1, -0.2, 0.7]);
+        let b = stats(vec![-0.4, 0.0, 0.3], vec![1.0, -0.3, 0.4, -0.3, 1.5, 0.2, 0.4, 0.2, 0.9]);
+        let ab = frechet_distance(&a, &b).unwrap();
+        let ba = frechet_distance(&b, &a).unwrap();
+        assert!((ab - ba).abs() < 1e-12, "{ab} vs {ba}");
+        let r = FidReference::new(&b).unwrap();
+        assert!((r.distance(&a).unwrap() - ab).abs() < 1e-12);
+        assert!(r.distance(&b).unwrap().abs() < 1e-9, "a distribution is at distance 0 from itself");
+        assert!(ab > 0.1);
     }
 
     #[test]

@@ -225,7 +225,9 @@ impl Stage for DmdParams {
             Some(e) if !is_mlp => Some((
                 e,
                 crate::eval::inception::Inception::load(ctx.input("inception")?, device)?,
-                crate::eval::fid::FidStats::load_npz(&ctx.upstream_dir("fid_reference")?.join(super::fid::STATS_FILE))?,
+                crate::eval::fid::FidReference::new(&crate::eval::fid::FidStats::load_npz(
+                    &ctx.upstream_dir("fid_reference")?.join(super::fid::STATS_FILE),
+                )?)?,
             )),
             _ => None,
         };
@@ -243,7 +245,7 @@ impl Stage for DmdParams {
             }
             let fid_of = |net_g: &Denoiser| -> anyhow::Result<f64> {
                 let s = super::fid::generator_stats(net, net_g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet, false)?;
-                crate::eval::fid::frechet_distance(&s.stats, reference)
+                reference.distance(&s.stats)
             };
             let fid = fid_of(g)?;
             fid_curve.push((it, fid));

@@ -386,6 +386,7 @@ impl Stage for FidParams {
         let n = self.num_samples;
         ctx.progress.set_length((n * self.repeats) as u64);
         let mut fids = Vec::new();
+        let prepared = crate::eval::fid::FidReference::new(&reference)?;
         let mut extra_metrics = serde_json::json!({});
         let (mut gen_secs, mut inc_secs) = (0.0, 0.0);
         for r in 0..self.repeats {
@@ -397,7 +398,7 @@ impl Stage for FidParams {
             }
             gen_secs += s.sampling_seconds;
             inc_secs += s.inception_seconds;
-            let fid = frechet_distance(&s.stats, &reference)?;
+            let fid = prepared.distance(&s.stats)?;
             tracing::info!(repeat = r, fid, "fid");
             if r == 0 {
                 s.stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
