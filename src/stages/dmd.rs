@@ -243,19 +243,44 @@ impl Stage for DmdParams {
             if fid_curve.last().is_some_and(|l| l.0 == it) {
                 return Ok(());
             }
-            let fid_of = |net_g: &Denoiser| -> anyhow::Result<f64> {
+            // The parts of an evaluation's cost, logged so that the curve's price is visible.
+            let mut secs = [0.0f64; 3]; // sampling, Inception, distance
+            let mut fid_of = |net_g: &Denoiser| -> anyhow::Result<f64> {
                 let s = super::fid::generator_stats(net, net_g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet, false)?;
-                reference.distance(&s.stats)
+                let t = std::time::Instant::now();
+                let d = reference.distance(&s.stats)?;
+                secs[0] += s.sampling_seconds;
+                secs[1] += s.inception_seconds;
+                secs[2] += t.elapsed().as_secs_f64();
+                Ok(d)
             };
             let fid = fid_of(g)?;
             fid_curve.push((it, fid));
-            match ema_ref {
-                Some(em) => {
-                    let fe = fid_of(em)?;
-                    tracing::info!(iteration = it, fid, fid_ema = fe, samples = e.num_samples, "dmd fid");
+            let fid_ema = ema_ref.map(&mut fid_of).transpose()?;
+            let [sampling_s, inception_s, distance_s] = secs;
+            match fid_ema {
+                Some(fe) => {
+                    tracing::info!(
+                        iteration = it,
+                        fid,
+                        fid_ema = fe,
+                        samples = e.num_samples,
+                        sampling_s,
+                        inception_s,
+                        distance_s,
+                        "dmd fid"
+                    );
                     fid_curve_ema.push((it, fe));
                 }
-                None => tracing::info!(iteration = it, fid, samples = e.num_samples, "dmd fid"),
+                None => tracing::info!(
+                    iteration = it,
+                    fid,
+                    samples = e.num_samples,
+                    sampling_s,
+                    inception_s,
+                    distance_s,
+                    "dmd fid"
+                ),
             }
             Ok(())
         };
