@@ -25,8 +25,8 @@ pub fn bench_gpu(
     torch_shim::set_tf32(true);
     let mut out = Map::new();
     out.insert("device".into(), format!("{device:?}").into());
-    let default_norm_setting = crate::nn::layers::bf16_group_norm();
-    out.insert("bf16_group_norm_native_by_default".into(), default_norm_setting.into());
+    let default_norm = crate::nn::layers::bf16_group_norm();
+    out.insert("bf16_group_norm_native_by_default".into(), default_norm.into());
     let peak = matmul_peak_tflops(device, if quick { 256 } else { 8192 })?;
     out.insert("bf16_matmul_peak_tflops".into(), peak.into());
     let (train_b, sample_b, steps) = if quick { (8, 8, 2) } else { (512, 1024, 20) };
@@ -42,7 +42,6 @@ pub fn bench_gpu(
         // `bf16_edm_attention`: attention as EDM writes it instead of the fused kernel.
         // `bf16_native_norm` / `bf16_autocast_norm` (whichever is not the default): GroupNorm and
         // the SiLU after it on bf16 activations kept in bf16, or run in fp32 as autocast does.
-        let default_norm = default_norm_setting;
         let other_norm = if default_norm { "bf16_autocast_norm" } else { "bf16_native_norm" };
         let variants = [
             ("bf16", true, false, true, default_norm),
@@ -100,14 +99,14 @@ pub fn bench_gpu(
                     }
                     // Reported, not fatal: the eager figures and the DMD benches still run.
                     Err(e) => {
-                        out.insert(format!("{tag}_graph_error"), format!("{e:#}").into());
+                        out.insert(format!("{tag}_{gt}_error"), format!("{e:#}").into());
                     }
                 }
             }
         }
     }
     crate::nn::unet_block::set_fused_attention(true);
-    crate::nn::layers::set_bf16_group_norm(default_norm_setting);
+    crate::nn::layers::set_bf16_group_norm(default_norm);
     if networks_only {
         add_tflops(&mut out, peak);
         return Ok(Value::Object(out));
