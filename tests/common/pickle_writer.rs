@@ -323,33 +323,47 @@ fn json_value(p: &mut Pickler, v: &serde_json::Value) {
     }
 }
 
+/// The entries every torch module's state dict starts with: `training`, `_parameters` (the
+/// tensors `is_parameter` picks), `_buffers` (the others) and `_modules` (each child written by
+/// `child`).
+fn module_entries(p: &mut Pickler, node: &Node, is_parameter: impl Fn(&str) -> bool, mut child: impl FnMut(&mut Pickler, &str, &Node)) {
+    p.str("training");
+    p.bool(false);
+    p.str("_parameters");
+    p.ordered_dict(|p| {
+        for (k, t) in node.tensors.iter().filter(|(k, _)| is_parameter(k)) {
+            p.str(k);
+            parameter(p, t);
+        }
+    });
+    p.str("_buffers");
+    p.ordered_dict(|p| {
+        for (k, t) in node.tensors.iter().filter(|(k, _)| !is_parameter(k)) {
+            p.str(k);
+            buffer(p, t);
+        }
+    });
+    p.str("_modules");
+    p.ordered_dict(|p| {
+        for (k, c) in &node.children {
+            p.str(k);
+            child(p, k, c);
+        }
+    });
+}
+
 fn state(p: &mut Pickler, node: &Node, init_kwargs: Option<&serde_json::Value>) {
     p.dict(|p| {
-        p.str("training");
-        p.bool(false);
-        p.str("_parameters");
-        p.ordered_dict(|p| {
-            for (k, t) in node.tensors.iter().filter(|(k, _)| !k.ends_with("resample_filter")) {
-                p.str(k);
-                parameter(p, t);
-            }
-        });
-        p.str("_buffers");
-        p.ordered_dict(|p| {
-            for (k, t) in node.tensors.iter().filter(|(k, _)| k.ends_with("resample_filter")) {
-                p.str(k);
-                buffer(p, t);
-            }
-        });
-        p.str("_modules");
-        p.ordered_dict(|p| {
-            for (k, child) in &node.children {
-                p.str(k);
+        module_entries(
+            p,
+            node,
+            |k| !k.ends_with("resample_filter"),
+            |p, k, child| {
                 let is_dict = k == "enc" || k == "dec";
                 let class = if k == "model" { "SongUNet" } else { class_of(k, is_dict) };
                 module(p, child, class, None);
-            }
-        });
+            },
+        );
         if let Some(kw) = init_kwargs {
             p.str("_init_args");
             p.empty_tuple();
@@ -435,29 +449,7 @@ pub fn nvidia_detector(tensors: &BTreeMap<String, Tensor>) -> Vec<u8> {
     let root = module_tree(tensors);
     fn detector_state(p: &mut Pickler, node: &Node) {
         p.dict(|p| {
-            p.str("training");
-            p.bool(false);
-            p.str("_parameters");
-            p.ordered_dict(|p| {
-                for (k, t) in node.tensors.iter().filter(|(k, _)| *k == "weight") {
-                    p.str(k);
-                    parameter(p, t);
-                }
-            });
-            p.str("_buffers");
-            p.ordered_dict(|p| {
-                for (k, t) in node.tensors.iter().filter(|(k, _)| *k != "weight") {
-                    p.str(k);
-                    buffer(p, t);
-                }
-            });
-            p.str("_modules");
-            p.ordered_dict(|p| {
-                for (k, child) in &node.children {
-                    p.str(k);
-                    detector_module(p, child, k);
-                }
-            });
+            module_entries(p, node, |k| k == "weight", |p, k, child| detector_module(p, child, k));
             if !node.tensors.is_empty() {
                 p.str("stride");
                 p.int(1);
