@@ -3,7 +3,11 @@ re-implemented from the EDM paper's description (same layers, names and paramete
 EDM's networks), timed the way EDM's training loop runs it (bf16 autocast, torch.optim.Adam,
 EMA per parameter). `--check DIR` first verifies the network against the golden outputs.
 
-usage: python3 pytorch_ddpmpp.py [--check GOLDEN_DIR] [--out FILE.json]
+usage: python3 pytorch_ddpmpp.py [--check GOLDEN_DIR] [--out FILE.json] [--profile DIR]
+
+`--profile DIR` writes torch.profiler Chrome traces of the full network's bf16 one-step sampling
+call and training step (3 calls each) as DIR/pytorch_{onestep,train}.json, for
+`dmdpipe bench trace-summary --per 3` beside `dmdpipe bench profile`.
 """
 import argparse, json, math, time
 import numpy as np
@@ -241,13 +245,63 @@ def bench(out, bf16_only=False):
         json.dump(results, open(out, 'w'), indent=1)
 
 
+def profile(out_dir, calls=3):
+    import os
+    from torch.profiler import ProfilerActivity
+    os.makedirs(out_dir, exist_ok=True)
+    dev = torch.device('cuda')
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    net = EDMPrecond(mc=128, mult=(2, 2, 2), nb=4).to(dev).train()
+    ema = EDMPrecond(mc=128, mult=(2, 2, 2), nb=4).to(dev).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    b = 1024
+    z = torch.randn(b, 3, 32, 32, device=dev) * 80
+    labels = F.one_hot(torch.arange(b, device=dev) % 10, 10).float()
+    sig = torch.full((b,), 80.0, device=dev)
+
+    def onestep():
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+            ema(z, sig, labels)
+
+    def train(b=512):
+        opt.zero_grad(set_to_none=True)
+        y = torch.rand(b, 3, 32, 32, device=dev) * 2 - 1
+        lab = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
+        sigma = (torch.randn(b, 1, 1, 1, device=dev) * 1.2 - 1.2).exp()
+        weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            d = net(y + torch.randn_like(y) * sigma, sigma, lab)
+        ((weight * (d - y) ** 2).sum() / b).backward()
+        opt.step()
+
+    for name, f in [('onestep', onestep), ('train', train)]:
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / calls
+        prof.export_chrome_trace(f'{out_dir}/pytorch_{name}.json')
+        print(f'pytorch {name}: {wall * 1000:.1f} ms per call while profiled')
+
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--check')
     ap.add_argument('--out')
     ap.add_argument('--no-bench', action='store_true')
     ap.add_argument('--bf16-only', action='store_true', help='skip the TF32 figures')
+    ap.add_argument('--profile', metavar='DIR', help='write profiler traces (no timing run)')
     a = ap.parse_args()
+    if a.profile:
+        profile(a.profile)
+        raise SystemExit(0)
     if a.check:
         check(a.check)
     if torch.cuda.is_available() and not a.no_bench:

@@ -178,6 +178,39 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Kernel-level profile (libtorch's Kineto, as torch.profiler) of the bf16 one-step sampling
+    /// call and training step, in both GroupNorm modes: Chrome traces and where the time goes.
+    Profile {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// `edm55m` (the full EDM CIFAR-10 network) or `speedrun9m`.
+        #[arg(long, default_value = "edm55m")]
+        network: String,
+        /// Profiled calls per workload.
+        #[arg(long, default_value_t = 3)]
+        calls: usize,
+        #[arg(long, default_value_t = 512)]
+        train_batch: i64,
+        #[arg(long, default_value_t = 1024)]
+        sample_batch: i64,
+        /// Folder for the traces.
+        #[arg(long, default_value = "profile")]
+        out_dir: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Where the GPU time of Chrome traces goes (e.g. one from torch.profiler, to compare with
+    /// `bench profile`): by kernel and by kind of work, per call.
+    TraceSummary {
+        traces: Vec<PathBuf>,
+        /// Calls the trace covers (times are divided by it).
+        #[arg(long, default_value_t = 1)]
+        per: usize,
+        #[arg(long, default_value_t = 25)]
+        top: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Network throughput (teacher training, one-step sampling) on a device.
     Gpu {
         #[arg(long, default_value = "cuda")]
@@ -203,9 +236,14 @@ enum BenchCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Experimental until measured on a GPU (docs/RESULTS.md, session 4): GroupNorm + SiLU in
-    // bf16 under bf16 autocast. Read here so that stage workers inherit it with the environment.
-    crate::nn::layers::set_bf16_group_norm(std::env::var("DMDPIPE_BF16_GROUP_NORM").is_ok_and(|v| v == "1"));
+    // DMDPIPE_BF16_GROUP_NORM=0/1 overrides every network's `bf16_group_norm` (GroupNorm + SiLU
+    // on bf16 activations in bf16, or in fp32 as autocast has it). Read here so that stage
+    // workers inherit it with the environment.
+    crate::nn::layers::set_group_norm_override(match std::env::var("DMDPIPE_BF16_GROUP_NORM").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    });
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -405,6 +443,42 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             init_logging(cli.verbose, None);
             let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception), networks_only)?;
             print_json(&v, out.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Profile {
+                    device,
+                    network,
+                    calls,
+                    train_batch,
+                    sample_batch,
+                    out_dir,
+                    out,
+                },
+        } => {
+            init_logging(cli.verbose, None);
+            let spec = crate::bench::ProfileSpec {
+                device,
+                network,
+                calls,
+                train_batch,
+                sample_batch,
+                out_dir,
+            };
+            let v = crate::bench::bench_profile(&spec)?;
+            print_json(&v, out.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what: BenchCommand::TraceSummary { traces, per, top, out },
+        } => {
+            let mut all = serde_json::Map::new();
+            for t in &traces {
+                let s = crate::bench::summarize_trace(t)?;
+                all.insert(t.display().to_string(), crate::bench::summary_json(&s, per, top));
+            }
+            print_json(&serde_json::Value::Object(all), out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

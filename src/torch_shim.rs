@@ -50,6 +50,44 @@ unsafe extern "C" {
     fn dmd_to_channels_last(ts: *const CTensor, n: libc::c_int) -> libc::c_int;
     fn dmd_channels_last_copy(t: CTensor, out: CTensor) -> libc::c_int;
     fn dmd_group_norm_native(x: CTensor, weight: CTensor, bias: CTensor, groups: i64, eps: f64, out: CTensor) -> libc::c_int;
+    fn dmd_add_alpha(a: CTensor, b: CTensor, alpha: f64, out: CTensor) -> libc::c_int;
+    fn dmd_profiler_start(cuda: libc::c_int) -> libc::c_int;
+    fn dmd_profiler_stop(path: *const libc::c_char) -> libc::c_int;
+}
+
+/// libtorch's Kineto profiler (what torch.profiler drives): records operators and, on CUDA,
+/// every kernel. `finish` writes a Chrome trace; dropping an unfinished one discards it.
+pub struct Profiler {
+    running: bool,
+}
+
+impl Profiler {
+    pub fn start(cuda: bool) -> Result<Self> {
+        if unsafe { dmd_profiler_start(cuda as libc::c_int) } != 0 {
+            bail!("starting the profiler: {}", last_error());
+        }
+        Ok(Profiler { running: true })
+    }
+
+    pub fn finish(mut self, trace: &std::path::Path) -> Result<()> {
+        self.running = false;
+        let path = std::ffi::CString::new(trace.to_string_lossy().as_bytes())?;
+        if unsafe { dmd_profiler_stop(path.as_ptr()) } != 0 {
+            bail!("writing the profile {}: {}", trace.display(), last_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        if self.running {
+            let dir = std::env::temp_dir().join(format!("dmdpipe-discarded-profile-{}.json", std::process::id()));
+            let path = std::ffi::CString::new(dir.to_string_lossy().as_bytes()).expect("no NUL in a temp path");
+            unsafe { dmd_profiler_stop(path.as_ptr()) };
+            let _ = std::fs::remove_file(dir);
+        }
+    }
 }
 
 /// Re-lays out the 4-D tensors among `ts` (conv weights) as channels-last, in place.
@@ -66,6 +104,15 @@ pub fn channels_last(t: &Tensor) -> Result<Tensor> {
     let out = Tensor::zeros([0], (tch::Kind::Float, Device::Cpu));
     if unsafe { dmd_channels_last_copy(t.as_ptr() as CTensor, out.as_ptr() as CTensor) } != 0 {
         bail!("channels_last: {}", last_error());
+    }
+    Ok(out)
+}
+
+/// a + alpha * b in one element-wise pass (`a` may broadcast against `b`).
+pub fn add_alpha(a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    let out = Tensor::zeros([0], (tch::Kind::Float, Device::Cpu));
+    if unsafe { dmd_add_alpha(a.as_ptr() as CTensor, b.as_ptr() as CTensor, alpha, out.as_ptr() as CTensor) } != 0 {
+        bail!("add_alpha: {}", last_error());
     }
     Ok(out)
 }

@@ -64,14 +64,21 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
     for accum in [2, 4] {
         let (s, g, f) = run(accum);
         for (a, b) in one.log.iter().zip(&s.log) {
-            for (x, y) in [
+            for (i, (x, y)) in [
                 (a.loss_dm, b.loss_dm),
                 (a.loss_reg, b.loss_reg),
                 (a.loss_fake, b.loss_fake),
                 (a.grad_norm_g, b.grad_norm_g),
                 (a.loss_gan_d, b.loss_gan_d),
-            ] {
-                assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "accumulation {accum}: {x} vs {y}");
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                    "accumulation {accum}: {x} vs {y} (term {i}, iteration {})",
+                    a.iteration
+                );
             }
         }
         let dg = (&g - &g1).abs().max().double_value(&[]);

@@ -5,10 +5,12 @@
 
 mod gpu;
 mod inception;
+mod profile;
 mod scaling;
 
 pub use gpu::bench_gpu;
 pub use inception::bench_inception;
+pub use profile::{ProfileSpec, bench_profile, summarize_trace, summary_json};
 pub use scaling::{bench_data_parallel, bench_scaling};
 
 use std::time::Instant;

@@ -38,6 +38,7 @@ impl DhariwalUNet {
             dropout: c.dropout,
             skip_scale: 1.0,
             eps: 1e-5,
+            bf16_norm: c.bf16_group_norm,
             resample_filter: &[1.0, 1.0],
             resample_proj: false,
             adaptive_scale: true,
@@ -151,7 +152,7 @@ impl DhariwalUNet {
                 ));
             }
         }
-        let out_norm = GroupNorm::new(&(p / "out_norm"), cout, 1e-5);
+        let out_norm = GroupNorm::new(&(p / "out_norm"), cout, 1e-5, c.bf16_group_norm);
         let out_conv = Conv2d::new(&(p / "out_conv"), cout, c.img_channels, ConvSpec::default(), init_zero);
         DhariwalUNet {
             model_channels: c.model_channels,

@@ -1,7 +1,7 @@
 //! EDM's building blocks: Linear, Conv2d with a resampling filter, GroupNorm, noise embeddings,
 //! and EDM's weight initialisations. Parameter names follow EDM's state dict.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -133,6 +133,22 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.forward_without_bias(x);
+        match self.bias_for(&y) {
+            Some(b) => y + b,
+            None => y,
+        }
+    }
+
+    /// The bias as [1, C, 1, 1] in `y`'s dtype, for callers that fold it into a later
+    /// element-wise pass (a full-tensor bias add is as costly as the GroupNorm that follows).
+    pub fn bias_for(&self, y: &Tensor) -> Option<Tensor> {
+        // In the activation dtype, so bf16 activations stay bf16 under autocast.
+        self.bias.as_ref().map(|b| b.to_kind(y.kind()).reshape([1, -1, 1, 1]))
+    }
+
+    /// The resampling and the convolution, without adding the bias.
+    pub fn forward_without_bias(&self, x: &Tensor) -> Tensor {
         let w_pad = self.weight.as_ref().map(|w| w.size()[3] / 2).unwrap_or(0);
         let f_pad = self.filter.as_ref().map(|f| (f.size()[3] - 1) / 2).unwrap_or(0);
         if let (true, Some(w)) = (super::flops::counting(), &self.weight) {
@@ -184,14 +200,7 @@ impl Conv2d {
                 }
             }
         }
-        match &self.bias {
-            // In the activation dtype, so bf16 activations stay bf16 under autocast.
-            Some(b) => {
-                let kind = x.kind();
-                x + b.to_kind(kind).reshape([1, -1, 1, 1])
-            }
-            None => x,
-        }
+        x
     }
 }
 
@@ -200,18 +209,28 @@ pub struct GroupNorm {
     pub bias: Tensor,
     groups: i64,
     eps: f64,
+    /// On bf16 activations: the native kernel in bf16 instead of autocast's fp32 (the network
+    /// config's `bf16_group_norm`).
+    bf16_native: bool,
 }
 
 impl GroupNorm {
     /// EDM's rule: min(32, channels / 4) groups.
-    pub fn new(p: &Path, channels: i64, eps: f64) -> Self {
+    pub fn new(p: &Path, channels: i64, eps: f64, bf16_native: bool) -> Self {
         let groups = 32.min(channels / 4).max(1);
         let weight = p.var_copy("weight", &Tensor::ones([channels], (Kind::Float, p.device())));
         let bias = p.var_copy("bias", &Tensor::zeros([channels], (Kind::Float, p.device())));
-        GroupNorm { weight, bias, groups, eps }
+        GroupNorm {
+            weight,
+            bias,
+            groups,
+            eps,
+            bf16_native,
+        }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        if x.kind() == Kind::BFloat16 && BF16_GROUP_NORM.load(Ordering::Relaxed) {
+        let native = group_norm_override().unwrap_or(self.bf16_native);
+        if x.kind() == Kind::BFloat16 && native {
             return crate::torch_shim::group_norm_native(x, &self.weight, &self.bias, self.groups, self.eps)
                 .expect("group_norm on bf16 activations");
         }
@@ -219,17 +238,26 @@ impl GroupNorm {
     }
 }
 
-/// Whether GroupNorm keeps bf16 activations in bf16 (the native kernel, statistics in fp32)
-/// instead of following autocast, which runs it and the SiLU after it in fp32. `bench gpu`
-/// times both (`*_bf16_native_norm_img_s`).
-static BF16_GROUP_NORM: AtomicBool = AtomicBool::new(false);
+/// A process-wide override of every GroupNorm's mode on bf16 activations (0: each network's
+/// own setting, 1: native bf16, 2: fp32 as autocast runs it): `bench gpu` times both modes,
+/// DMDPIPE_BF16_GROUP_NORM=0/1 forces one.
+static GROUP_NORM_OVERRIDE: AtomicU8 = AtomicU8::new(0);
 
-pub fn set_bf16_group_norm(on: bool) {
-    BF16_GROUP_NORM.store(on, Ordering::Relaxed);
+pub fn set_group_norm_override(mode: Option<bool>) {
+    let v = match mode {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    GROUP_NORM_OVERRIDE.store(v, Ordering::Relaxed);
 }
 
-pub fn bf16_group_norm() -> bool {
-    BF16_GROUP_NORM.load(Ordering::Relaxed)
+pub fn group_norm_override() -> Option<bool> {
+    match GROUP_NORM_OVERRIDE.load(Ordering::Relaxed) {
+        1 => Some(true),
+        2 => Some(false),
+        _ => None,
+    }
 }
 
 /// Sinusoidal embedding of a noise level (EDM's PositionalEmbedding).
@@ -255,7 +283,7 @@ mod tests {
     fn bf16_group_norm_matches_fp32_and_passes_gradients_to_fp32_weights() {
         tch::manual_seed(0);
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let norm = GroupNorm::new(&vs.root(), 16, 1e-6);
+        let norm = GroupNorm::new(&vs.root(), 16, 1e-6, true);
         tch::no_grad(|| {
             let _ = norm
                 .weight
@@ -280,10 +308,18 @@ mod tests {
             (y * &x32).sum(Kind::Float).backward();
             w.grad()
         };
-        set_bf16_group_norm(true);
         let y = norm.forward(&x16);
-        set_bf16_group_norm(false);
         assert_eq!(y.kind(), Kind::BFloat16, "stays in bf16");
+        // The process-wide override wins over the layer's own setting (and is the only test
+        // here that sets it, so parallel tests do not see it).
+        // On the CPU the plain path also takes bf16 input but keeps the weights in fp32, so the
+        // two paths differ by the weights' rounding.
+        set_group_norm_override(Some(false));
+        let forced = tch::no_grad(|| norm.forward(&x16));
+        set_group_norm_override(None);
+        let plain = tch::no_grad(|| x16.group_norm(norm.groups, Some(&norm.weight), Some(&norm.bias), norm.eps, true));
+        assert!(forced.equal(&plain), "override off: the plain path");
+        assert!(!forced.equal(&y.detach()), "override off: not the native path");
         let err = (y.to_kind(Kind::Float) - &reference).abs().max().double_value(&[]);
         // bf16 keeps 8 bits of mantissa: |y| up to ~4 gives steps of ~0.016.
         assert!(err < 0.05, "max error {err}");

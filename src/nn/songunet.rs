@@ -49,6 +49,7 @@ impl SongUNet {
             dropout: c.dropout,
             skip_scale: 0.5f64.sqrt(),
             eps: 1e-6,
+            bf16_norm: c.bf16_group_norm,
             resample_filter: &c.resample_filter,
             resample_proj: true,
             adaptive_scale: false,
@@ -227,7 +228,12 @@ impl SongUNet {
                         init,
                     )));
                 }
-                dec.push(Dec::AuxNorm(GroupNorm::new(&(&pd / format!("{res}x{res}_aux_norm")), cout, 1e-6)));
+                dec.push(Dec::AuxNorm(GroupNorm::new(
+                    &(&pd / format!("{res}x{res}_aux_norm")),
+                    cout,
+                    1e-6,
+                    c.bf16_group_norm,
+                )));
                 dec.push(Dec::AuxConv(Conv2d::new(
                     &(&pd / format!("{res}x{res}_aux_conv")),
                     cout,

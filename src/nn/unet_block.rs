@@ -16,6 +16,8 @@ pub struct BlockConfig<'a> {
     pub dropout: f64,
     pub skip_scale: f64,
     pub eps: f64,
+    /// GroupNorm on bf16 activations in bf16 (the network config's `bf16_group_norm`).
+    pub bf16_norm: bool,
     pub resample_filter: &'a [f64],
     pub resample_proj: bool,
     pub adaptive_scale: bool,
@@ -54,7 +56,7 @@ impl UNetBlock {
             resample_filter: c.resample_filter,
             ..Default::default()
         };
-        let norm0 = GroupNorm::new(&(p / "norm0"), in_channels, c.eps);
+        let norm0 = GroupNorm::new(&(p / "norm0"), in_channels, c.eps, c.bf16_norm);
         let conv0 = Conv2d::new(&(p / "conv0"), in_channels, out_channels, resample(3), c.init);
         let affine = Linear::new(
             &(p / "affine"),
@@ -63,7 +65,7 @@ impl UNetBlock {
             true,
             c.init,
         );
-        let norm1 = GroupNorm::new(&(p / "norm1"), out_channels, c.eps);
+        let norm1 = GroupNorm::new(&(p / "norm1"), out_channels, c.eps, c.bf16_norm);
         let conv1 = Conv2d::new(&(p / "conv1"), out_channels, out_channels, ConvSpec::default(), c.init_zero);
         let skip = (out_channels != in_channels || up || down).then(|| {
             let kernel = if c.resample_proj || out_channels != in_channels { 1 } else { 0 };
@@ -75,7 +77,7 @@ impl UNetBlock {
                 ..Default::default()
             };
             (
-                GroupNorm::new(&(p / "norm2"), out_channels, c.eps),
+                GroupNorm::new(&(p / "norm2"), out_channels, c.eps, c.bf16_norm),
                 Conv2d::new(&(p / "qkv"), out_channels, out_channels * 3, one(()), c.init_attn),
                 Conv2d::new(&(p / "proj"), out_channels, out_channels, one(()), c.init_zero),
             )
@@ -97,37 +99,81 @@ impl UNetBlock {
         }
     }
 
+    // Every element-wise pass over a full activation costs as much memory traffic as a
+    // GroupNorm, so the convolution biases ride along with passes that happen anyway: conv0's
+    // with the embedding add, conv1's and proj's with the skip scaling, conv1's with the skip
+    // convolution's bias when there is one.
     pub fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Tensor {
         let orig = x;
-        let mut x = self.conv0.forward(&self.norm0.forward(x).silu());
+        let mut x = self.conv0.forward_without_bias(&self.norm0.forward(x).silu());
         let params = self.affine.forward(emb).unsqueeze(2).unsqueeze(3).to_kind(x.kind());
+        let bias0 = self.conv0.bias_for(&x);
         x = if self.adaptive_scale {
+            if let Some(b) = bias0 {
+                x = x + b;
+            }
             let chunks = params.chunk(2, 1);
             let (scale, shift) = (&chunks[0], &chunks[1]);
             (shift + self.norm1.forward(&x) * (scale + 1.0)).silu()
         } else {
-            self.norm1.forward(&(x + params)).silu()
+            let shift = match bias0 {
+                Some(b) => params + b,
+                None => params,
+            };
+            self.norm1.forward(&(x + shift)).silu()
         };
-        x = self.conv1.forward(&x.dropout(self.dropout, train));
+        x = self.conv1.forward_without_bias(&x.dropout(self.dropout, train));
+        let mut bias1 = self.conv1.bias_for(&x);
         let skip = match &self.skip {
-            Some(s) => s.forward(orig),
+            Some(s) => {
+                let y = s.forward_without_bias(orig);
+                let bias = match (s.bias_for(&y), bias1.take()) {
+                    (Some(a), Some(b)) => Some(sum_of_biases(&a, &b)),
+                    (a, b) => a.or(b),
+                };
+                bias1 = bias;
+                y
+            }
             None => orig.shallow_clone(),
         };
-        x = (x + skip) * self.skip_scale;
+        x = scaled_sum(&(x + skip), bias1.as_ref(), self.skip_scale);
         if let Some((norm2, qkv, proj)) = &self.attn {
             let (n, c, h, w) = x.size4().expect("NCHW");
             let heads = self.num_heads;
+            let fused = x.device().is_cuda() && FUSED_ATTENTION.load(Ordering::Relaxed);
             let qkv = qkv.forward(&norm2.forward(&x)).reshape([n * heads, c / heads, 3, h * w]);
-            // [B, C, L] -> [B, 1, L, C] for scaled dot-product attention over the L positions.
-            let part = |i: i64| qkv.select(2, i).transpose(1, 2).unsqueeze(1);
+            // [B, C, 3, L] -> q, k, v as [B, 1, L, C]. The fused kernels need the channel stride
+            // to be 1 (otherwise CUDA falls back to the math path, in fp32): one copy of qkv.
+            let qkv = if fused {
+                qkv.permute([0, 2, 3, 1]).contiguous()
+            } else {
+                qkv.permute([0, 2, 3, 1])
+            };
+            let part = |i: i64| qkv.select(1, i).unsqueeze(1);
             let (q, k, v) = (part(0), part(1), part(2));
             crate::nn::flops::add(2 * (n * c * h * w * h * w) as u64); // q.k and weights.v
-            let fused = x.device().is_cuda() && FUSED_ATTENTION.load(Ordering::Relaxed);
             let a = attention(&q, &k, &v, fused);
             let a = a.squeeze_dim(1).transpose(1, 2).reshape([n, c, h, w]);
-            x = (proj.forward(&a) + x) * self.skip_scale;
+            let y = proj.forward_without_bias(&a);
+            x = scaled_sum(&(y + x), proj.bias_for(&a).as_ref(), self.skip_scale);
         }
         x
+    }
+}
+
+/// a + b for two [1, C, 1, 1] biases of different parameters. Added with equal shapes, autograd
+/// would hand both parameters the same gradient tensor (their `.grad`s would alias), and any
+/// in-place update of one gradient (accumulation over micro-batches, clipping) would hit the
+/// other too. With one side as [C, 1, 1] the backward reduces into a fresh tensor for it.
+fn sum_of_biases(a: &Tensor, b: &Tensor) -> Tensor {
+    a + b.reshape([-1, 1, 1])
+}
+
+/// (t + bias) * scale in one pass: bias * scale + scale * t.
+fn scaled_sum(t: &Tensor, bias: Option<&Tensor>, scale: f64) -> Tensor {
+    match bias {
+        Some(b) => crate::torch_shim::add_alpha(&(b * scale), t, scale).expect("add_alpha"),
+        None => t * scale,
     }
 }
 
@@ -155,6 +201,89 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, fused: bool) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::layers::{Init, InitMode};
+    use tch::Device;
+
+    fn block(vs: &tch::nn::VarStore, cin: i64, cout: i64, attention: bool) -> UNetBlock {
+        let init = Init::new(InitMode::XavierUniform, 1.0, 0.0);
+        let c = BlockConfig {
+            emb_channels: 16,
+            num_heads: Some(1),
+            channels_per_head: 64,
+            dropout: 0.0,
+            skip_scale: 0.5f64.sqrt(),
+            eps: 1e-6,
+            bf16_norm: true,
+            resample_filter: &[1.0, 1.0],
+            resample_proj: true,
+            adaptive_scale: false,
+            init,
+            init_zero: init,
+            init_attn: init,
+        };
+        let b = UNetBlock::new(&vs.root(), cin, cout, false, false, attention, &c);
+        // EDM initialises biases to zero, which would hide a bias folded in the wrong place.
+        tch::no_grad(|| {
+            for (_, v) in vs.variables() {
+                let _ = v
+                    .shallow_clone()
+                    .copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3));
+            }
+        });
+        b
+    }
+
+    /// The block as EDM writes it: every convolution adds its own bias.
+    fn reference(b: &UNetBlock, x: &Tensor, emb: &Tensor) -> Tensor {
+        let mut h = b.conv0.forward(&b.norm0.forward(x).silu());
+        h = b.norm1.forward(&(h + b.affine.forward(emb).unsqueeze(2).unsqueeze(3))).silu();
+        h = b.conv1.forward(&h);
+        let skip = b.skip.as_ref().map_or_else(|| x.shallow_clone(), |s| s.forward(x));
+        let mut out = (h + skip) * b.skip_scale;
+        if let Some((norm2, qkv, proj)) = &b.attn {
+            let (n, c, hh, w) = out.size4().unwrap();
+            let qkv = qkv.forward(&norm2.forward(&out)).reshape([n, c, 3, hh * w]);
+            let (q, k, v) = (qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2));
+            let wts = q.transpose(1, 2).matmul(&(k / (c as f64).sqrt())).softmax(-1, Kind::Float);
+            let a = v.matmul(&wts.transpose(1, 2)).reshape([n, c, hh, w]);
+            out = (proj.forward(&a) + out) * b.skip_scale;
+        }
+        out
+    }
+
+    #[test]
+    fn folded_biases_give_edms_block_and_separate_gradients() {
+        tch::manual_seed(1);
+        for (cin, cout, attention) in [(8, 16, true), (16, 16, false)] {
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let b = block(&vs, cin, cout, attention);
+            let x = Tensor::randn([2, cin, 8, 8], (Kind::Float, Device::Cpu));
+            let emb = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
+            let y = b.forward(&x, &emb, false);
+            let r = reference(&b, &x, &emb);
+            let err = (&y - &r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]);
+            assert!(err < 1e-5, "{cin}->{cout}: relative error {err}");
+            // Every parameter gets a gradient of its own: none shares memory with another's,
+            // so in-place accumulation or clipping of one cannot change another.
+            (y * Tensor::randn([2, cout, 8, 8], (Kind::Float, Device::Cpu)))
+                .sum(Kind::Float)
+                .backward();
+            let mut spans: Vec<(usize, usize, String)> = vs
+                .variables()
+                .into_iter()
+                .map(|(n, v)| {
+                    let g = v.grad();
+                    assert!(g.defined(), "{n} has no gradient");
+                    let start = g.data_ptr() as usize;
+                    (start, start + g.numel() * 4, n)
+                })
+                .collect();
+            spans.sort();
+            for w in spans.windows(2) {
+                assert!(w[0].1 <= w[1].0, "gradients of {} and {} overlap", w[0].2, w[1].2);
+            }
+        }
+    }
 
     #[test]
     fn fused_and_explicit_attention_agree() {

@@ -4,6 +4,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -174,6 +175,47 @@ int dmd_group_norm_native(at::Tensor* x, at::Tensor* weight, at::Tensor* bias, i
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet(c10::DispatchKey::AutocastCUDA));
     auto kind = x->scalar_type();
     *out = at::group_norm(*x, groups, weight->to(kind), bias->to(kind), eps, true);
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
+// out = a + alpha * b in one element-wise pass (tch's add has no alpha); a may broadcast.
+int dmd_add_alpha(at::Tensor* a, at::Tensor* b, double alpha, at::Tensor* out) {
+  try {
+    *out = at::add(*a, *b, alpha);
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
+// Starts libtorch's Kineto profiler (the one behind torch.profiler): operators on the CPU and,
+// with cuda=1, every CUDA kernel and copy through CUPTI.
+int dmd_profiler_start(int cuda) {
+  try {
+    using namespace torch::profiler::impl;
+    ProfilerConfig config(ProfilerState::KINETO);
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda) activities.insert(ActivityType::CUDA);
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return 0;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
+// Stops the profiler and writes its events as a Chrome trace (JSON) to path.
+int dmd_profiler_stop(const char* path) {
+  try {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (!result) throw std::runtime_error("the profiler was not running");
+    result->save(path);
     return 0;
   } catch (const std::exception& ex) {
     last_error = ex.what();

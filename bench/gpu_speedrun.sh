@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Device-machine: the whole pipelines/cifar10-speedrun.toml (teacher training, FIDs, pairs, DMD,
+# student FID and grids) in one lease, from parts staged in /tmp/stage by earlier calls
+# (devcarry/bin, i1, i2, p1..p3: the binary, the Inception weights in two parts, CIFAR-10 as xz).
+# Start it in the background on its own line (the lease keeps running between calls):
+#   setsid nohup bash bench/gpu_speedrun.sh /tmp/speedrun > /tmp/speedrun.log 2>&1 < /dev/null &
+# It works in a copy of the project (/tmp/sr), so later calls may re-sync the checkout, and writes
+# the stage metrics, grids, curves, the run report and the log to RES, then RES/DONE.
+set -uo pipefail
+RES="${1:-/tmp/speedrun}"
+S=/tmp/stage
+W=/tmp/sr
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
+mkdir -p "$RES" $W/models $W/data/cifar-10-batches-bin
+cp -r pipelines $W/
+cp $S/dmdpipe $W/dmdpipe-bin
+cat $S/inception.part* > $W/models/inception-2015-12-05.safetensors
+for f in $S/*.bin.xz; do
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$W/data/cifar-10-batches-bin/$(basename "$f" .xz)" &
+done
+wait
+cd $W
+P=pipelines/cifar10-speedrun.toml
+start=$(date +%s)
+./dmdpipe-bin run $P -v > "$RES/pipeline.log" 2>&1
+echo "exit $? after $(( $(date +%s) - start )) s" > "$RES/exit.txt"
+for s in teacher teacher_fid teacher_onestep_fid fid_test pairs dmd student_fid teacher_grid student_grid; do
+  d=$(./dmdpipe-bin path $P $s 2>/dev/null) || continue
+  for f in "$d"/*.json "$d"/*.csv "$d"/*.png; do [ -f "$f" ] && cp "$f" "$RES/${s}_$(basename "$f")"; done
+done
+cp -r cache/reports "$RES/report" 2>/dev/null
+./dmdpipe-bin status $P > "$RES/status.txt" 2>&1
+touch "$RES/DONE"
