@@ -32,6 +32,22 @@ pub(crate) fn ddpmpp(model_channels: i64, num_blocks: i64) -> NetworkConfig {
     NetworkConfig::Ddpmpp(c)
 }
 
+/// One teacher training step (EDM loss, Adam) on a batch of random images and class labels, in
+/// bf16 autocast when `bf16` (and on CUDA): the step the benches time and profile.
+pub(crate) fn random_train_step(net: &Denoiser, opt: &crate::train::optim::AdamW, batch: i64, bf16: bool) -> Result<()> {
+    let device = net.device();
+    opt.zero_grad();
+    let y = Tensor::rand([batch, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
+    let labels = Tensor::randint(10, [batch], (Kind::Int64, device)).one_hot(10).to_kind(Kind::Float);
+    let (loss, _) = {
+        let _ac = crate::torch_shim::AutocastBf16::new(bf16 && device.is_cuda())?;
+        crate::train::teacher::edm_loss(net, &y, Some(&labels), -1.2, 1.2, true)
+    };
+    loss.backward();
+    opt.step(1e-4, 0.0)?;
+    Ok(())
+}
+
 pub(crate) fn timed(device: tch::Device, warmup: usize, n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;

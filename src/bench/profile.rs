@@ -11,12 +11,11 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tch::{Kind, Tensor};
 
-use super::{ddpmpp, sync};
+use super::{ddpmpp, random_train_step, sync};
 use crate::nn::Denoiser;
 use crate::sample::one_hot;
 use crate::torch_shim::{self, AutocastBf16, Profiler};
 use crate::train::optim::AdamW;
-use crate::train::teacher::edm_loss;
 
 /// One kernel (or copy / memset) of a trace, summed over its launches.
 #[derive(Debug, Clone, Serialize)]
@@ -198,19 +197,7 @@ pub fn bench_profile(spec: &ProfileSpec) -> Result<Value> {
         let _ = tch::no_grad(|| net.denoise(&z, &sigma, Some(&labels), false));
         Ok(())
     };
-    let b = spec.train_batch;
-    let train = || -> Result<()> {
-        opt.zero_grad();
-        let y = Tensor::rand([b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
-        let l = Tensor::randint(10, [b], (Kind::Int64, device)).one_hot(10).to_kind(Kind::Float);
-        let (loss, _) = {
-            let _ac = AutocastBf16::new(bf16)?;
-            edm_loss(&net, &y, Some(&l), -1.2, 1.2, true)
-        };
-        loss.backward();
-        opt.step(1e-4, 0.0)?;
-        Ok(())
-    };
+    let train = || random_train_step(&net, &opt, spec.train_batch, bf16);
     let mut out = Map::new();
     out.insert("device".into(), format!("{device:?}").into());
     out.insert("network".into(), spec.network.clone().into());

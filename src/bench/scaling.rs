@@ -4,11 +4,10 @@ use anyhow::Result;
 use serde_json::{Map, Value, json};
 use tch::{Kind, Tensor};
 
-use super::{bench_dmd, bench_dmd_gan, ddpmpp, timed};
+use super::{bench_dmd, bench_dmd_gan, ddpmpp, random_train_step, timed};
 use crate::nn::{Denoiser, NetworkConfig};
-use crate::torch_shim::{self, AutocastBf16};
+use crate::torch_shim;
 use crate::train::optim::AdamW;
-use crate::train::teacher::edm_loss;
 
 /// One rank of `bench scaling` (run under `dmdpipe launch`, or alone for 1 GPU): teacher
 /// training img/s at `per_gpu_batch` images per GPU (and at 56 for the 55.7M network), DMD it/s
@@ -36,18 +35,7 @@ pub fn bench_data_parallel(per_gpu_batch: usize, dmd_global_batch: usize, quick:
         let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
         crate::dist::broadcast_from_main(&opt.params)?;
         let b = if quick { 2 } else { per_gpu as i64 };
-        let per_step = timed(device, 3, steps, || {
-            opt.zero_grad();
-            let y = Tensor::rand([b, 3, 32, 32], (Kind::Float, device)) * 2.0 - 1.0;
-            let labels = Tensor::randint(10, [b], (Kind::Int64, device)).one_hot(10).to_kind(Kind::Float);
-            let (loss, _) = {
-                let _ac = AutocastBf16::new(true)?;
-                edm_loss(&net, &y, Some(&labels), -1.2, 1.2, true)
-            };
-            loss.backward();
-            opt.step(1e-4, 0.0)?;
-            Ok(())
-        })?;
+        let per_step = timed(device, 3, steps, || random_train_step(&net, &opt, b, true))?;
         out.insert(key.into(), ((b as usize * world) as f64 / per_step).into());
         crate::dist::check_identical(&opt.params, "parameters after the timed steps")?;
     }

@@ -225,8 +225,7 @@ mod tests {
         // EDM initialises biases to zero, which would hide a bias folded in the wrong place.
         tch::no_grad(|| {
             for (_, v) in vs.variables() {
-                let _ = v
-                    .shallow_clone()
+                v.shallow_clone()
                     .copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3));
             }
         });
