@@ -163,6 +163,9 @@ enum BenchCommand {
         per_gpu_batch: usize,
         #[arg(long)]
         quick: bool,
+        /// Only the teacher-training figures, eager and as CUDA-graph replays (a short call).
+        #[arg(long)]
+        train_only: bool,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -175,6 +178,9 @@ enum BenchCommand {
         dmd_global_batch: usize,
         #[arg(long)]
         quick: bool,
+        /// Only the teacher-training figures (eager and CUDA graph).
+        #[arg(long)]
+        train_only: bool,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -541,11 +547,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     per_gpu_batch,
                     dmd_global_batch,
                     quick,
+                    train_only,
                     out,
                 },
         } => {
             init_logging(cli.verbose, None);
-            let v = crate::bench::bench_data_parallel(per_gpu_batch, dmd_global_batch, quick)?;
+            let v = crate::bench::bench_data_parallel(per_gpu_batch, dmd_global_batch, quick, train_only)?;
             if !v.is_null() {
                 print_json(&v, out.as_deref())?;
             }
@@ -557,11 +564,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     gpus,
                     per_gpu_batch,
                     quick,
+                    train_only,
                     out,
                 },
         } => {
             init_logging(cli.verbose, None);
-            let v = crate::bench::bench_scaling(&gpus, per_gpu_batch, quick)?;
+            let v = crate::bench::bench_scaling(&gpus, per_gpu_batch, quick, train_only)?;
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }

@@ -14,8 +14,10 @@ use crate::train::optim::AdamW;
 /// at 56 and 128 per GPU (55.7M, with graph capture) and 128 per GPU (8.8M), and two short runs
 /// whose loss curves are compared across GPU counts at the same global batch: the 8.8M teacher
 /// at 256, and DMD (8.8M) at `dmd_global_batch` in micro-batches of 56 per GPU, accumulated to
-/// the global batch. Rank 0 returns the numbers.
-pub fn bench_data_parallel(per_gpu_batch: usize, dmd_global_batch: usize, quick: bool) -> Result<Value> {
+/// the global batch. Teacher training is timed eagerly and as a CUDA-graph replay (`*_graph_*`,
+/// the all-reduces captured with the step). `train_only`: the training figures alone (a short
+/// call). Rank 0 returns the numbers.
+pub fn bench_data_parallel(per_gpu_batch: usize, dmd_global_batch: usize, quick: bool, train_only: bool) -> Result<Value> {
     crate::dist::init_from_env()?;
     let world = crate::dist::world();
     let device = crate::dist::local_device(torch_shim::device(if quick { "auto" } else { "cuda" })?);
@@ -38,6 +40,23 @@ pub fn bench_data_parallel(per_gpu_batch: usize, dmd_global_batch: usize, quick:
         let per_step = timed(device, 3, steps, || random_train_step(&net, &opt, b, true))?;
         out.insert(key.into(), ((b as usize * world) as f64 / per_step).into());
         crate::dist::check_identical(&opt.params, "parameters after the timed steps")?;
+        if device.is_cuda() && crate::cuda_graph::available() {
+            let mut runner = crate::cuda_graph::CapturedStep::new(true, true, 3, "bench training step")?;
+            let step = || -> Result<Tensor> {
+                random_train_step(&net, &opt, b, true)?;
+                Ok(Tensor::zeros([], (Kind::Float, device)))
+            };
+            let per_step = timed(device, 5, steps, || runner.run(&step).map(|_| ()))?;
+            out.insert(
+                key.replace("_train", "_train_graph"),
+                ((b as usize * world) as f64 / per_step).into(),
+            );
+            drop(runner);
+            crate::dist::check_identical(&opt.params, "parameters after the graph-replayed steps")?;
+        }
+    }
+    if train_only {
+        return Ok(if crate::dist::is_main() { Value::Object(out) } else { Value::Null });
     }
     for (tag, cfg, batches) in [
         ("edm55m", ddpmpp(128, 4), vec![56usize, 128]),
@@ -182,7 +201,7 @@ fn curve_noise(a: &[f64]) -> Option<f64> {
 /// through `launch`, each in fresh processes; speed-ups (N-GPU throughput over 1-GPU
 /// throughput, at the same per-GPU batch), efficiencies (speed-up / N), and the loss curves of
 /// every run at the same global batch (DMD: 56 per GPU times the largest count, accumulated).
-pub fn bench_scaling(gpus: &[usize], per_gpu_batch: usize, quick: bool) -> Result<Value> {
+pub fn bench_scaling(gpus: &[usize], per_gpu_batch: usize, quick: bool, train_only: bool) -> Result<Value> {
     anyhow::ensure!(
         !gpus.is_empty() && gpus.iter().all(|&n| n >= 2),
         "--gpus takes GPU counts of 2 or more"
@@ -199,6 +218,9 @@ pub fn bench_scaling(gpus: &[usize], per_gpu_batch: usize, quick: bool) -> Resul
             "--dmd-global-batch".into(),
             dmd_global.to_string(),
         ];
+        if train_only {
+            a.push("--train-only".into());
+        }
         if quick {
             a.push("--quick".into());
         }
