@@ -217,3 +217,32 @@ fn two_node_launch_meets_at_the_master_address() {
     );
     assert_eq!(r0.split(' ').nth(2), r1.split(' ').nth(2), "the same id on both nodes");
 }
+
+#[test]
+fn trace_summary_reads_a_chrome_trace_and_names_a_missing_one() {
+    let p = Project::new();
+    let trace = serde_json::json!({"traceEvents": [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::conv2d", "ts": 0, "dur": 500},
+        {"ph": "X", "cat": "kernel", "name": "sm90_xmma_fprop_implicit_gemm_bf16", "ts": 10, "dur": 300},
+        {"ph": "X", "cat": "kernel", "name": "RowwiseMomentsCUDAKernel<c10::BFloat16>", "ts": 320, "dur": 100},
+    ]});
+    p.write("t.json", &trace.to_string());
+    let out = dmdpipe()
+        .args(["bench", "trace-summary", "--per", "2"])
+        .arg(p.path().join("t.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = v.as_object().unwrap().values().next().unwrap();
+    assert_eq!(s["gpu_busy_ms_per_call"].as_f64().unwrap(), 0.2);
+    assert_eq!(s["categories_ms_per_call"][0]["category"], "convolution");
+    assert_eq!(s["categories_ms_per_call"][1]["category"], "group_norm");
+    let missing = dmdpipe()
+        .args(["bench", "trace-summary"])
+        .arg(p.path().join("absent.json"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("absent.json"));
+}

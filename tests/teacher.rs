@@ -71,6 +71,16 @@ fn teacher_stage_trains_and_writes_weights_grid_and_curve() {
         !p.cache().join("work").read_dir().unwrap().any(|_| true),
         "work dir removed after success"
     );
+    // GroupNorm's bf16 mode is on by default and is part of the key: turning it off makes the
+    // teacher stale, named by the parameter.
+    assert!(net.config.bf16_group_norm());
+    let off = std::fs::read_to_string(p.path().join("p.toml"))
+        .unwrap()
+        .replace("dropout = 0.0 }", "dropout = 0.0, bf16_group_norm = false }");
+    p.write("p.toml", &off);
+    let why = runner::why(&p.load("p.toml"), "teacher", None).unwrap();
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(why[0].contains("bf16_group_norm") && why[0].contains("true -> false"), "{why:?}");
 }
 
 fn dataset(p: &Project) -> ImageDataset {
