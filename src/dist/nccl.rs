@@ -54,7 +54,11 @@ fn load() -> Result<Api> {
             if p.is_null() {
                 bail!("libnccl.so.2 lacks {}", $name);
             }
-            unsafe { std::mem::transmute::<*mut libc::c_void, _>(p) }
+            // The target is the field's function-pointer type, which the struct literal fixes.
+            #[allow(clippy::missing_transmute_annotations)]
+            unsafe {
+                std::mem::transmute::<*mut libc::c_void, _>(p)
+            }
         }};
     }
     Ok(Api {

@@ -285,12 +285,10 @@ mod tests {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let norm = GroupNorm::new(&vs.root(), 16, 1e-6, true);
         tch::no_grad(|| {
-            let _ = norm
-                .weight
+            norm.weight
                 .shallow_clone()
                 .copy_(&(Tensor::rand([16], (Kind::Float, tch::Device::Cpu)) + 0.5));
-            let _ = norm
-                .bias
+            norm.bias
                 .shallow_clone()
                 .copy_(&Tensor::randn([16], (Kind::Float, tch::Device::Cpu)));
         });

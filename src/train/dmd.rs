@@ -6,6 +6,7 @@
 //!   w = mean_{CHW} |x - real|, g = (fake - real) / w, loss_DM = 0.5 mean((x - sg(x - g))^2);
 //! - regression on ODE pairs: loss_reg = d(G(z_ref), y_ref), weighted (0.25 in the paper);
 //! - fake-score update on x detached: sigma over all levels, EDM-weighted denoising loss.
+//!
 //! DMD2 options: several fake updates per generator update, no regression.
 
 use std::collections::HashMap;
@@ -534,17 +535,19 @@ pub fn dmd_train_with_grids(
             ema_update(e, generator, ema_beta(opts.batch, (it + 1) * opts.batch as u64, h, None))?;
         }
         it += 1;
-        if let Some((every, hook)) = grids.as_mut() {
-            if *every > 0 && it % *every == 0 && crate::dist::is_main() {
-                hook(it, generator)?;
-            }
+        if let Some((every, hook)) = grids.as_mut()
+            && *every > 0
+            && it.is_multiple_of(*every)
+            && crate::dist::is_main()
+        {
+            hook(it, generator)?;
         }
         window.push(stats);
         // Ranks must agree on when to stop: in a group the time limit is read at log steps only.
         if world == 1 {
             stop = timed_out();
         }
-        if it % opts.log_every == 0 || it >= opts.iterations || stop {
+        if it.is_multiple_of(opts.log_every) || it >= opts.iterations || stop {
             if world > 1 {
                 stop = crate::dist::agree(timed_out())?;
                 if check_every > 0 && it % check_every < opts.log_every {
@@ -581,10 +584,8 @@ pub fn dmd_train_with_grids(
             log.push(row);
             window.clear();
             window_start = (Instant::now(), it);
-            if it % opts.checkpoint_every < opts.log_every {
-                if crate::dist::is_main() {
-                    save(&ckpt, &opt_g, &opt_f, opt_h.as_ref(), ema, it)?;
-                }
+            if it % opts.checkpoint_every < opts.log_every && crate::dist::is_main() {
+                save(&ckpt, &opt_g, &opt_f, opt_h.as_ref(), ema, it)?;
             }
         }
     }
