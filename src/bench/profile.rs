@@ -52,7 +52,14 @@ pub fn kernel_category(name: &str, trace_category: &str) -> &'static str {
     }
     if has(&["flash", "fmha", "attention", "softmax", "sdpa"]) {
         "attention"
-    } else if has(&["groupnorm", "group_norm", "rowwisemoments", "computefusedparams", "welford"]) {
+    } else if has(&[
+        "groupnorm",
+        "group_norm",
+        "rowwisemoments",
+        "computefusedparams",
+        "computeinternalgradients",
+        "welford",
+    ]) {
         "group_norm"
     } else if has(&["nchwtonhwc", "nhwctonchw", "transpose"]) {
         "layout_transform"
@@ -70,7 +77,7 @@ pub fn kernel_category(name: &str, trace_category: &str) -> &'static str {
         "optimizer_or_ema"
     } else if has(&["reduce_kernel", "reduction"]) {
         "reduction"
-    } else if has(&["dropout", "fused_dropout", "philox", "random", "normal_", "uniform"]) {
+    } else if has(&["dropout", "masked_scale", "philox", "random", "normal_", "uniform"]) {
         "random"
     } else if has(&["functor", "elementwise", "unrolled", "binary"]) {
         "elementwise_arithmetic"
@@ -258,6 +265,14 @@ mod tests {
             "elementwise_arithmetic"
         );
         assert_eq!(kernel_category("Memcpy DtoD (Device -> Device)", "gpu_memcpy"), "memcpy");
+        assert_eq!(
+            k("void at::native::(anonymous namespace)::ComputeInternalGradientsCUDAKernel<c10::BFloat16>(long)"),
+            "group_norm"
+        );
+        assert_eq!(
+            k("void at::native::vectorized_elementwise_kernel<8, at::native::masked_scale_kernel<bool, c10::BFloat16, float>>"),
+            "random"
+        );
         assert_eq!(k("mystery"), "other");
     }
 
