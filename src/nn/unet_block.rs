@@ -123,20 +123,19 @@ impl UNetBlock {
             self.norm1.forward(&(x + shift)).silu()
         };
         x = self.conv1.forward_without_bias(&x.dropout(self.dropout, train));
-        let mut bias1 = self.conv1.bias_for(&x);
-        let skip = match &self.skip {
+        // The skip path and the bias of the sum (conv1's, plus the skip convolution's if any).
+        let (skip, bias) = match &self.skip {
             Some(s) => {
                 let y = s.forward_without_bias(orig);
-                let bias = match (s.bias_for(&y), bias1.take()) {
+                let bias = match (self.conv1.bias_for(&x), s.bias_for(&y)) {
                     (Some(a), Some(b)) => Some(sum_of_biases(&a, &b)),
                     (a, b) => a.or(b),
                 };
-                bias1 = bias;
-                y
+                (y, bias)
             }
-            None => orig.shallow_clone(),
+            None => (orig.shallow_clone(), self.conv1.bias_for(&x)),
         };
-        x = scaled_sum(&(x + skip), bias1.as_ref(), self.skip_scale);
+        x = scaled_sum(&(x + skip), bias.as_ref(), self.skip_scale);
         if let Some((norm2, qkv, proj)) = &self.attn {
             let (n, c, h, w) = x.size4().expect("NCHW");
             let heads = self.num_heads;
