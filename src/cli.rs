@@ -187,21 +187,8 @@ enum BenchCommand {
     /// Kernel-level profile (libtorch's Kineto, as torch.profiler) of the bf16 one-step sampling
     /// call and training step, in both GroupNorm modes: Chrome traces and where the time goes.
     Profile {
-        #[arg(long, default_value = "cuda")]
-        device: String,
-        /// `edm55m` (the full EDM CIFAR-10 network) or `speedrun9m`.
-        #[arg(long, default_value = "edm55m")]
-        network: String,
-        /// Profiled calls per workload.
-        #[arg(long, default_value_t = 3)]
-        calls: usize,
-        #[arg(long, default_value_t = 512)]
-        train_batch: i64,
-        #[arg(long, default_value_t = 1024)]
-        sample_batch: i64,
-        /// Folder for the traces.
-        #[arg(long, default_value = "profile")]
-        out_dir: PathBuf,
+        #[command(flatten)]
+        spec: crate::bench::ProfileSpec,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -452,26 +439,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            what:
-                BenchCommand::Profile {
-                    device,
-                    network,
-                    calls,
-                    train_batch,
-                    sample_batch,
-                    out_dir,
-                    out,
-                },
+            what: BenchCommand::Profile { spec, out },
         } => {
             init_logging(cli.verbose, None);
-            let spec = crate::bench::ProfileSpec {
-                device,
-                network,
-                calls,
-                train_batch,
-                sample_batch,
-                out_dir,
-            };
             let v = crate::bench::bench_profile(&spec)?;
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)

@@ -166,15 +166,23 @@ pub fn summary_json(s: &TraceSummary, per: usize, top: usize) -> Value {
     })
 }
 
-/// What `bench profile` records.
+/// What `bench profile` records (its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ProfileSpec {
+    #[arg(long, default_value = "cuda")]
     pub device: String,
     /// `edm55m` (the full EDM CIFAR-10 network) or `speedrun9m`.
+    #[arg(long, default_value = "edm55m")]
     pub network: String,
     /// Profiled calls per workload (after three unprofiled warm-up calls).
+    #[arg(long, default_value_t = 3)]
     pub calls: usize,
+    #[arg(long, default_value_t = 512)]
     pub train_batch: i64,
+    #[arg(long, default_value_t = 1024)]
     pub sample_batch: i64,
+    /// Folder for the traces.
+    #[arg(long, default_value = "profile")]
     pub out_dir: PathBuf,
 }
 
