@@ -3,6 +3,7 @@
 // into autograd's saved values), so `a = a + b` is kept on purpose.
 #![allow(clippy::assign_op_pattern)]
 
+pub mod artifact;
 pub mod bench;
 pub mod cli;
 pub mod cuda_graph;

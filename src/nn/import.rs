@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use tch::{Device, Tensor};
 
 use super::{Denoiser, NetworkConfig, weights};
+use crate::artifact::torch_pickle;
 
 /// Tensors by EDM state-dict name plus the network config, if the file records one.
 pub struct Imported {
@@ -26,9 +27,9 @@ pub fn read_weights(path: &Path) -> Result<Imported> {
             };
             Ok(Imported { tensors, config })
         }
-        "pkl" => super::pickle::read_edm_pickle(path),
+        "pkl" => read_edm_pickle(path),
         "pt" | "pth" | "zip" => Ok(Imported {
-            tensors: super::pickle::read_torch_zip(path)?,
+            tensors: torch_pickle::read_torch_zip(path)?,
             config: None,
         }),
         _ => bail!(
@@ -36,6 +37,24 @@ pub fn read_weights(path: &Path) -> Result<Imported> {
             path.display()
         ),
     }
+}
+
+/// EDM's `.pkl` training snapshot: the `ema` network's weights and its recorded config.
+pub fn read_edm_pickle(path: &Path) -> Result<Imported> {
+    let snap = torch_pickle::read_edm_snapshot(path)?;
+    for (name, what) in &snap.others {
+        tracing::debug!("{}: `{name}` ({what}) is not used", path.display());
+    }
+    let config = match &snap.init_kwargs {
+        Some(kw) => {
+            Some(NetworkConfig::from_edm_kwargs(kw).with_context(|| format!("{}: the network's recorded config {kw}", path.display()))?)
+        }
+        None => None,
+    };
+    Ok(Imported {
+        tensors: snap.tensors,
+        config,
+    })
 }
 
 /// Our own JSON (with `arch`) or EDM's constructor kwargs (with `model_type`).
@@ -209,10 +228,10 @@ pub fn import_to_safetensors(input: &Path, output: &Path, inception: bool) -> Re
             .is_ok()
             && magic == *b"PK\x03\x04";
         let tf = if is_zip {
-            let tensors = super::pickle::read_torch_zip(input)?;
+            let tensors = torch_pickle::read_torch_zip(input)?;
             convert_pytorch_fid_inception(&tensors)
         } else {
-            let tensors = super::pickle::read_module_pickle(input)?;
+            let tensors = torch_pickle::read_module_pickle(input)?;
             convert_nvidia_inception(&tensors)
         }
         .with_context(|| format!("{}", input.display()))?;

@@ -8,7 +8,6 @@ pub mod gmm;
 pub mod import;
 pub mod layers;
 pub mod lpips;
-pub mod pickle;
 pub mod precond;
 pub mod songunet;
 pub mod unet_block;
