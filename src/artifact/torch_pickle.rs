@@ -456,8 +456,12 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Reads EDM's `.pkl` snapshot: the `ema` network and what else it holds.
 pub fn read_edm_snapshot(path: &Path) -> Result<EdmSnapshot> {
-    let bytes = read_file(path)?;
-    let tp = TorchPickle::embedded(&bytes).with_context(|| format!("{}", path.display()))?;
+    edm_snapshot_from_bytes(&read_file(path)?, path)
+}
+
+/// [`read_edm_snapshot`] on bytes in memory (`path` names them in messages).
+pub fn edm_snapshot_from_bytes(bytes: &[u8], path: &Path) -> Result<EdmSnapshot> {
+    let tp = TorchPickle::embedded(bytes).with_context(|| format!("{}", path.display()))?;
     let root = tp.root().clone();
     let ema = tp.get(&root, "ema").ok_or_else(|| {
         anyhow!(
@@ -491,7 +495,7 @@ pub fn read_edm_snapshot(path: &Path) -> Result<EdmSnapshot> {
 /// A one-line description of a value (its class, or its JSON for plain data).
 fn describe(tp: &TorchPickle, v: &Value) -> String {
     if let Some(c) = tp.class_name(v) {
-        return format!("a {c} object");
+        return format!("{c} object");
     }
     let json = pickle::to_json(&tp.pickle, v).to_string();
     if json.len() > 200 {

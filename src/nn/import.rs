@@ -43,7 +43,7 @@ pub fn read_weights(path: &Path) -> Result<Imported> {
 pub fn read_edm_pickle(path: &Path) -> Result<Imported> {
     let snap = torch_pickle::read_edm_snapshot(path)?;
     for (name, what) in &snap.others {
-        tracing::debug!("{}: `{name}` ({what}) is not used", path.display());
+        tracing::info!("{}: `{name}` ({what}) is not used", path.display());
     }
     let config = match &snap.init_kwargs {
         Some(kw) => {
