@@ -25,7 +25,7 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
         labels: Some(eye.index_select(0, &Tensor::randint(2, [16], (Kind::Int64, Device::Cpu)))),
     };
     // Every loss term on: distribution matching, regression, two fake updates, the GAN head.
-    let run = |accum: usize| {
+    let run = |accum: usize, micro_batch: Option<usize>| {
         let (g, f) = (teacher.duplicate().unwrap(), teacher.duplicate().unwrap());
         let opts = DmdOptions {
             batch: 8,
@@ -38,6 +38,7 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
             fake_updates_per_g: 2,
             gan_generator_weight: 3e-3,
             grad_accumulation: accum,
+            micro_batch,
             ..Default::default()
         };
         let work = tempfile::tempdir().unwrap();
@@ -58,11 +59,12 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
         let params = |n: &Denoiser| Tensor::cat(&n.vs.trainable_variables().iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
         (s, params(&g), params(&f))
     };
-    let (one, g1, f1) = run(1);
-    let moved = (&g1 - run(1).1).abs().max().double_value(&[]);
+    let (one, g1, f1) = run(1, None);
+    let moved = (&g1 - run(1, None).1).abs().max().double_value(&[]);
     assert_eq!(moved, 0.0, "the same seed gives the same run");
-    for accum in [2, 4] {
-        let (s, g, f) = run(accum);
+    // Two and four micro-batches by count, and two by a cap of 3 (8 splits evenly into 4 + 4).
+    for (accum, micro_batch) in [(2, None), (4, None), (1, Some(3))] {
+        let (s, g, f) = run(accum, micro_batch);
         for (a, b) in one.log.iter().zip(&s.log) {
             for (i, (x, y)) in [
                 (a.loss_dm, b.loss_dm),

@@ -41,7 +41,10 @@ fn torch_written_edm_snapshots_import_to_the_state_dict_at_every_protocol() {
         let path = fixture(&format!("songunet_tiny_p{p}.pkl"));
         let snap = read_edm_snapshot(&path).unwrap();
         assert_same(&snap.tensors, &want, &format!("protocol {p}"));
-        assert!(!snap.tensors.contains_key("scratch"), "a non-persistent buffer is not in state_dict()");
+        assert!(
+            !snap.tensors.contains_key("scratch"),
+            "a non-persistent buffer is not in state_dict()"
+        );
         assert_eq!(snap.class_name.as_deref(), Some("EDMPrecond"));
         let others: HashMap<_, _> = snap.others.iter().cloned().collect();
         assert_eq!(others["loss_fn"], "EDMLoss object");
@@ -60,7 +63,11 @@ fn torch_written_edm_snapshots_import_to_the_state_dict_at_every_protocol() {
 
 #[test]
 fn torch_save_zip_of_the_same_state_dict_reads_the_same() {
-    assert_same(&read_torch_zip(&fixture("songunet_tiny_state.pt")).unwrap(), &reference(), "torch.save zip");
+    assert_same(
+        &read_torch_zip(&fixture("songunet_tiny_state.pt")).unwrap(),
+        &reference(),
+        "torch.save zip",
+    );
 }
 
 #[test]

@@ -118,6 +118,19 @@ pub fn batch_share(global: usize, world: usize) -> Result<usize> {
     Ok(global / world)
 }
 
+/// How many micro-batches a GPU's share `per_gpu` of the global batch is computed in: the
+/// fewest whose size (dividing `per_gpu` evenly) is at most `micro_batch`; one without a cap.
+pub fn micro_batches(per_gpu: usize, micro_batch: Option<usize>) -> Result<usize> {
+    let Some(cap) = micro_batch else { return Ok(1) };
+    if cap == 0 {
+        bail!("micro_batch must be at least 1");
+    }
+    let fewest = per_gpu.div_ceil(cap).max(1);
+    (fewest..=per_gpu.max(1))
+        .find(|k| per_gpu.is_multiple_of(*k))
+        .ok_or_else(|| anyhow::anyhow!("no micro-batch count splits {per_gpu} evenly"))
+}
+
 fn stream() -> Result<*mut libc::c_void> {
     crate::cuda_graph::current_stream()
 }
@@ -199,6 +212,17 @@ pub fn mean_over_ranks(t: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn micro_batches_are_the_fewest_even_split_under_the_cap() {
+        use super::micro_batches;
+        assert_eq!(micro_batches(392, None).unwrap(), 1);
+        assert_eq!(micro_batches(392, Some(56)).unwrap(), 7);
+        assert_eq!(micro_batches(392, Some(100)).unwrap(), 4); // 98 each
+        assert_eq!(micro_batches(392, Some(400)).unwrap(), 1);
+        assert_eq!(micro_batches(7, Some(2)).unwrap(), 7); // a prime: single images
+        assert!(micro_batches(8, Some(0)).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -57,8 +57,13 @@ pub enum RegressionLoss {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DmdOptions {
-    /// Generator batch (56 per GPU in the paper).
+    /// The global generator batch (the paper's 392 = 56 per GPU on 7 GPUs): split over the GPUs
+    /// the stage runs on, each GPU's share computed in micro-batches (see `micro_batch`) whose
+    /// gradients are summed, so a step does not depend on the GPU count.
     pub batch: usize,
+    /// Largest batch one GPU computes at once (a memory cap): the stage picks the fewest
+    /// micro-batches of at most this size that split its share evenly.
+    pub micro_batch: Option<usize>,
     pub iterations: u64,
     /// Also stop after this many seconds, if given.
     pub max_seconds: Option<f64>,
@@ -77,8 +82,7 @@ pub struct DmdOptions {
     pub regression_loss: RegressionLoss,
     /// Fake-score updates per generator update (DMD2's two time-scale rule: 5).
     pub fake_updates_per_g: usize,
-    /// Micro-batches per update: each GPU computes its share of `batch` in this many pieces and
-    /// sums their gradients (the paper's batch 392 on fewer GPUs, or to save memory).
+    /// Micro-batches per update, as an explicit count instead of `micro_batch`.
     pub grad_accumulation: usize,
     pub levels: usize,
     pub t_min_index: usize,
@@ -114,6 +118,7 @@ impl Default for DmdOptions {
     fn default() -> Self {
         DmdOptions {
             batch: 56,
+            micro_batch: None,
             iterations: 300_000,
             max_seconds: None,
             lr: 5e-5,
@@ -319,7 +324,11 @@ pub fn dmd_train_with_grids(
     let label_dim = generator.config.label_dim();
     // `batch` is global: each of the `world` ranks generates its share.
     let b = crate::dist::batch_share(opts.batch, world)? as i64;
-    let accum = opts.grad_accumulation.max(1) as i64;
+    let accum = match (opts.micro_batch, opts.grad_accumulation) {
+        (Some(_), n) if n > 1 => bail!("give either micro_batch or grad_accumulation, not both"),
+        (Some(cap), _) => crate::dist::micro_batches(b as usize, Some(cap))? as i64,
+        (None, n) => n.max(1) as i64,
+    };
     if b % accum != 0 {
         bail!(
             "grad_accumulation = {accum} does not divide the batch per GPU ({b} = {} / {world})",

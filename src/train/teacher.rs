@@ -19,7 +19,11 @@ use crate::torch_shim::AutocastBf16;
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainOptions {
+    /// The global batch: split over the GPUs the stage runs on, each GPU's share computed in
+    /// micro-batches of at most `micro_batch` whose gradients are summed.
     pub batch: usize,
+    /// Largest batch one GPU computes at once (a memory cap; the result does not depend on it).
+    pub micro_batch: Option<usize>,
     /// Stop after this many training images.
     pub images: u64,
     /// Also stop after this many seconds of training (a wall-clock budget), if given.
@@ -53,6 +57,7 @@ impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             batch: 512,
+            micro_batch: None,
             images: 200_000_000,
             max_seconds: None,
             lr: 1e-3,
@@ -89,17 +94,47 @@ pub struct TrainSummary {
 /// EDM's loss for one batch (weighted squared error summed per image, averaged over the batch),
 /// and the per-element mean for logging.
 pub fn edm_loss(net: &Denoiser, y: &Tensor, labels: Option<&Tensor>, p_mean: f64, p_std: f64, train: bool) -> (Tensor, Tensor) {
-    let b = y.size()[0];
+    let noise = EdmNoise::draw(y, p_mean, p_std);
+    let (sum, mean) = edm_loss_sum(net, y, labels, &noise, train);
+    (sum / y.size()[0] as f64, mean)
+}
+
+/// The random numbers of EDM's loss for a batch: per-image sigma and the noise.
+pub struct EdmNoise {
+    pub sigma: Tensor,
+    pub noise: Tensor,
+}
+
+impl EdmNoise {
+    pub fn draw(y: &Tensor, p_mean: f64, p_std: f64) -> Self {
+        let mut shape = vec![y.size()[0]];
+        shape.extend(std::iter::repeat_n(1, y.dim() - 1));
+        let sigma = (Tensor::randn(shape.as_slice(), (Kind::Float, y.device())) * p_std + p_mean).exp();
+        EdmNoise {
+            sigma,
+            noise: Tensor::randn_like(y),
+        }
+    }
+    /// Rows [start, start + len).
+    pub fn narrow(&self, start: i64, len: i64) -> Self {
+        EdmNoise {
+            sigma: self.sigma.narrow(0, start, len),
+            noise: self.noise.narrow(0, start, len),
+        }
+    }
+}
+
+/// EDM's weighted squared error summed over a (micro-)batch with given random numbers, and its
+/// per-element mean for logging.
+pub fn edm_loss_sum(net: &Denoiser, y: &Tensor, labels: Option<&Tensor>, noise: &EdmNoise, train: bool) -> (Tensor, Tensor) {
     let sd = net.config.sigma_data();
-    let mut shape = vec![b];
-    shape.extend(std::iter::repeat_n(1, y.dim() - 1));
-    let sigma = (Tensor::randn(shape.as_slice(), (Kind::Float, y.device())) * p_std + p_mean).exp();
-    let weight = (sigma.square() + sd * sd) / (&sigma * sd).square();
-    let noisy = y + Tensor::randn_like(y) * &sigma;
-    let d = net.denoise(&noisy, &sigma, labels, train);
+    let sigma = &noise.sigma;
+    let weight = (sigma.square() + sd * sd) / (sigma * sd).square();
+    let noisy = y + &noise.noise * sigma;
+    let d = net.denoise(&noisy, sigma, labels, train);
     let per = weight * (d - y).square();
     let mean = per.mean(Kind::Float).detach();
-    (per.sum(Kind::Float) / b as f64, mean)
+    (per.sum(Kind::Float), mean)
 }
 
 /// Trains `net` (and its EMA `ema`) on `data`; checkpoints into `work_dir` and resumes from it.
@@ -169,6 +204,10 @@ pub fn train_with_grids(
     let mut last_loss = f64::NAN;
     // `batch` is global: each of the `world` ranks trains on its share.
     let b = crate::dist::batch_share(opts.batch, world)? as i64;
+    // Each GPU's share in micro-batches; every random number is drawn for the whole share
+    // first, so the step equals one batch of `b` up to summation order.
+    let micro = crate::dist::micro_batches(b as usize, opts.micro_batch)? as i64;
+    let mb = b / micro;
     let check_every = crate::dist::debug_check_every();
     let mut stop = false;
     // The learning rate lives in a device tensor so that a captured step follows the warm-up.
@@ -177,13 +216,19 @@ pub fn train_with_grids(
     let train_step = || -> Result<Tensor> {
         opt.zero_grad();
         let (y, labels) = data.batch(b, opts.xflip);
-        let (loss, mean) = {
-            let _ac = AutocastBf16::new(cuda && opts.bf16)?;
-            edm_loss(net, &y, labels.as_ref(), opts.p_mean, opts.p_std, true)
-        };
-        loss.backward();
+        let noise = EdmNoise::draw(&y, opts.p_mean, opts.p_std);
+        let mut means = Vec::with_capacity(micro as usize);
+        for i in 0..micro {
+            let rows = |t: &Tensor| t.narrow(0, i * mb, mb);
+            let (sum, mean) = {
+                let _ac = AutocastBf16::new(cuda && opts.bf16)?;
+                edm_loss_sum(net, &rows(&y), labels.as_ref().map(rows).as_ref(), &noise.narrow(i * mb, mb), true)
+            };
+            (sum / b as f64).backward();
+            means.push(mean);
+        }
         opt.step(&lr_t, 0.0)?;
-        Ok(mean)
+        Ok(Tensor::stack(&means, 0).mean(Kind::Float))
     };
     let mut runner = crate::cuda_graph::CapturedStep::new(opts.cuda_graph, cuda, 3, "training step")?;
     while images < opts.images && !stop {
