@@ -33,6 +33,10 @@ struct Cli {
     /// Cache directory (default: the pipeline's `cache_dir`, else `cache` beside its root).
     #[arg(long, global = true)]
     cache: Option<PathBuf>,
+    /// Override a pipeline value without editing the file (repeatable), e.g.
+    /// `--set stages.dmd.train.iterations=1000`; the value is TOML and enters the cache key.
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true, value_parser = crate::pipeline::overrides::parse)]
+    set: Vec<crate::pipeline::overrides::Override>,
     #[command(subcommand)]
     command: Command,
 }
@@ -250,16 +254,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load(path: Option<&Path>) -> Result<Pipeline> {
-    match path {
-        Some(p) => Ok(config::load(p)?),
-        None if Path::new(DEFAULT_PIPELINE).exists() => Ok(config::load(Path::new(DEFAULT_PIPELINE))?),
+fn load(path: Option<&Path>, overrides: &[crate::pipeline::overrides::Override]) -> Result<Pipeline> {
+    let mut pipeline = match path {
+        Some(p) => config::load(p)?,
+        None if Path::new(DEFAULT_PIPELINE).exists() => config::load(Path::new(DEFAULT_PIPELINE))?,
         None => {
             let mut p = config::parse(Path::new("<built-in toy2d>"), BUILTIN_PIPELINE)?;
             p.root = PathBuf::from(".");
-            Ok(p)
+            p
         }
-    }
+    };
+    crate::pipeline::overrides::apply(&mut pipeline, overrides)?;
+    Ok(pipeline)
 }
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) {
@@ -301,7 +307,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             device,
             devices,
         } => {
-            let p = load(pipeline.as_deref())?;
+            let p = load(pipeline.as_deref(), &cli.set)?;
             let cache_dir = cli.cache.clone().unwrap_or_else(|| p.cache_dir());
             let log = (!dry_run).then(|| {
                 let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -335,7 +341,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { pipeline, exit_code } => {
             init_logging(cli.verbose, None);
-            let p = load(pipeline.as_deref())?;
+            let p = load(pipeline.as_deref(), &cli.set)?;
             let report = runner::status(&p, cli.cache)?;
             for s in &report.stages {
                 let state = match s.outcome {
@@ -353,14 +359,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Why { pipeline, stage } => {
             init_logging(cli.verbose, None);
-            let p = load(Some(&pipeline))?;
+            let p = load(Some(&pipeline), &cli.set)?;
             for line in runner::why(&p, &stage, cli.cache)? {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Dag { pipeline, format } => {
-            let p = load(pipeline.as_deref())?;
+            let p = load(pipeline.as_deref(), &cli.set)?;
             print!("{}", graph::render(&p, format));
             Ok(ExitCode::SUCCESS)
         }
@@ -368,7 +374,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             init_logging(cli.verbose, None);
             let root = match (&cli.cache, &pipeline) {
                 (Some(c), _) => c.clone(),
-                (None, p) => load(p.as_deref())?.cache_dir(),
+                (None, p) => load(p.as_deref(), &cli.set)?.cache_dir(),
             };
             let cache = Cache::open(&root, LockMode::Exclusive)?;
             let r = cache.gc(dry_run)?;
@@ -403,7 +409,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Verify { pipeline } => {
             let root = match &cli.cache {
                 Some(c) => c.clone(),
-                None => load(pipeline.as_deref())?.cache_dir(),
+                None => load(pipeline.as_deref(), &cli.set)?.cache_dir(),
             };
             let problems = Cache::open(&root, LockMode::Shared)?.check_integrity()?;
             for p in &problems {
@@ -550,7 +556,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Path { pipeline, stage } => {
-            let p = load(Some(&pipeline))?;
+            let p = load(Some(&pipeline), &cli.set)?;
             println!("{}", runner::output_dir(&p, &stage, cli.cache)?.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -366,6 +366,11 @@ fn locate_key(table: &DeTable, span: &Range<usize>) -> Option<Vec<String>> {
 }
 
 /// Checks that need the whole pipeline: per-stage semantics, references, artifact types, cycles.
+/// Checks a pipeline changed after parsing (e.g. by `--set`) as a parsed one is checked.
+pub fn revalidate(p: &Pipeline) -> Result<(), ConfigError> {
+    validate(p)
+}
+
 fn validate(p: &Pipeline) -> Result<(), ConfigError> {
     for stage in &p.stages {
         if let Err(e) = stage.spec.stage().validate() {

@@ -6,5 +6,6 @@ pub mod config_error;
 pub mod fsutil;
 pub mod graph;
 pub mod hash;
+pub mod overrides;
 pub mod runner;
 pub mod schema;
