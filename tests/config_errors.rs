@@ -375,3 +375,29 @@ fn devices_accepts_all_or_a_list_and_nothing_else() {
     assert_eq!(e.line, 2, "{e}");
     assert!(e.key.contains("pipeline"), "{e}");
 }
+
+/// A teacher, its ODE pairs and a FID stage, with the pair and evaluation seeds given.
+fn pairs_and_fid(pair_seed: Option<u64>, fid_seed: u64) -> String {
+    let pair_seed = pair_seed.map(|s| format!("seed = {s}\n")).unwrap_or_default();
+    format!(
+        "[stages.teacher]\nkind = \"teacher\"\nmode = \"import\"\nweights = \"t.safetensors\"\n\n\
+         [stages.pairs]\nkind = \"ode-pairs\"\nteacher = \"teacher\"\ncount = 100\n{pair_seed}\n\
+         [stages.ref]\nkind = \"fid-ref\"\nstats = \"s.npz\"\ninception = \"i.safetensors\"\n\n\
+         [stages.fid]\nkind = \"fid\"\nreference = \"ref\"\ngenerator = \"teacher\"\nnum_samples = 50\nrepeats = 3\n\
+         seed = {fid_seed}\ninception = \"i.safetensors\"\n"
+    )
+}
+
+#[test]
+fn evaluation_seeds_may_not_overlap_pair_seeds() {
+    // Defaults never collide: pairs start at 1e9, FID at 0.
+    parse(&pairs_and_fid(None, 0)).unwrap();
+    parse(&pairs_and_fid(Some(150), 0)).unwrap(); // 0..150 and 150..250 only touch
+    let e = expect_err(
+        &pairs_and_fid(Some(0), 60),
+        23,
+        "stages.fid.seed",
+        "overlap the training latents of `pairs`",
+    );
+    assert!(e.message.contains("60..210") && e.message.contains("0..100"), "{e}");
+}

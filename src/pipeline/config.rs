@@ -371,7 +371,38 @@ pub fn revalidate(p: &Pipeline) -> Result<(), ConfigError> {
     validate(p)
 }
 
+/// No evaluation latent may be a training latent (see `stages::LatentSeeds`).
+fn validate_seeds(p: &Pipeline) -> Result<(), ConfigError> {
+    use crate::stages::SeedUse;
+    let uses: Vec<_> = p
+        .stages
+        .iter()
+        .flat_map(|s| s.spec.stage().latent_seeds().into_iter().map(move |l| (s, l)))
+        .collect();
+    for (eval_stage, e) in uses.iter().filter(|(_, l)| l.purpose == SeedUse::Evaluation) {
+        for (train_stage, t) in uses.iter().filter(|(_, l)| l.purpose == SeedUse::Training) {
+            if e.seeds.start < t.seeds.end && t.seeds.start < e.seeds.end {
+                return Err(p
+                    .error_at_field(
+                        eval_stage,
+                        e.field,
+                        format!(
+                            "evaluation seeds {}..{} overlap the training latents of `{}` (seeds {}..{})",
+                            e.seeds.start, e.seeds.end, train_stage.name, t.seeds.start, t.seeds.end
+                        ),
+                    )
+                    .with_help(format!(
+                        "a metric on latents the student was regressed on is not a fair one: move `seed` of `{}` or of `{}`",
+                        eval_stage.name, train_stage.name
+                    )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn validate(p: &Pipeline) -> Result<(), ConfigError> {
+    validate_seeds(p)?;
     for stage in &p.stages {
         if let Err(e) = stage.spec.stage().validate() {
             let mut ce = p.error_at_field(stage, &e.field, e.message);

@@ -25,7 +25,9 @@ pub fn parse(text: &str) -> Result<Override, String> {
         .ok_or_else(|| format!("`{text}`: expected KEY=VALUE, e.g. stages.dmd.train.iterations=1000"))?;
     let path: Vec<String> = key.trim().split('.').map(str::to_string).collect();
     if path.iter().any(String::is_empty) || path.len() < 2 {
-        return Err(format!("`{key}`: expected a dotted key such as stages.NAME.FIELD or pipeline.FIELD"));
+        return Err(format!(
+            "`{key}`: expected a dotted key such as stages.NAME.FIELD or pipeline.FIELD"
+        ));
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
         Ok(mut t) => serde_json::to_value(t.remove("v").expect("parsed `v`")).map_err(|e| e.to_string())?,

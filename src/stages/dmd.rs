@@ -119,6 +119,16 @@ impl Stage for DmdParams {
         }
         v
     }
+    fn latent_seeds(&self) -> Vec<super::LatentSeeds> {
+        self.eval
+            .iter()
+            .map(|e| super::LatentSeeds {
+                field: "eval",
+                purpose: super::SeedUse::Evaluation,
+                seeds: e.seed..e.seed.saturating_add(e.num_samples as u64),
+            })
+            .collect()
+    }
     fn validate(&self) -> Result<(), FieldIssue> {
         let t = &self.train;
         if t.regression_loss == crate::train::dmd::RegressionLoss::Lpips && self.lpips_weights.is_none() {

@@ -253,9 +253,6 @@ fn d_samples() -> usize {
 fn d_repeats() -> usize {
     1
 }
-fn d_true() -> bool {
-    true
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -283,8 +280,9 @@ pub struct FidParams {
     pub batch: usize,
     #[serde(default)]
     pub precision: Precision,
-    /// bf16 autocast for the generator on CUDA.
-    #[serde(default = "d_true")]
+    /// bf16 autocast for the generator on CUDA. Off by default: EDM and DMD sample in fp32 for
+    /// the numbers they report.
+    #[serde(default)]
     pub bf16: bool,
     /// Also Kernel Inception Distance (100 subsets of 1,000) and precision/recall (k = 3, on
     /// at most `pr_samples` of each set); needs `keep_features = true` on the reference.
@@ -341,6 +339,17 @@ impl Stage for FidParams {
             role: "inception",
             path: self.inception.clone(),
         }]
+    }
+    fn latent_seeds(&self) -> Vec<super::LatentSeeds> {
+        let count = (self.num_samples as u64).saturating_mul(self.repeats as u64);
+        match self.generator {
+            Some(_) => vec![super::LatentSeeds {
+                field: "seed",
+                purpose: super::SeedUse::Evaluation,
+                seeds: self.seed..self.seed.saturating_add(count),
+            }],
+            None => Vec::new(),
+        }
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         match (&self.images, &self.generator) {

@@ -86,6 +86,25 @@ impl FieldIssue {
     }
 }
 
+/// What a stage's seeded latents are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedUse {
+    /// Latents a student learns from (ODE pairs).
+    Training,
+    /// Latents a metric is computed on (FID samples).
+    Evaluation,
+}
+
+/// The seeds a stage draws latents from (latent i from seed i): a pipeline refuses evaluation
+/// seeds that overlap training seeds, so that no metric is computed on a latent the student
+/// was regressed on.
+#[derive(Debug, Clone)]
+pub struct LatentSeeds {
+    pub field: &'static str,
+    pub purpose: SeedUse,
+    pub seeds: std::ops::Range<u64>,
+}
+
 /// What the runner hands a running stage. Stages never touch the cache themselves.
 pub struct StageContext {
     pub stage_name: String,
@@ -140,6 +159,9 @@ pub trait Stage {
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         Ok(())
+    }
+    fn latent_seeds(&self) -> Vec<LatentSeeds> {
+        Vec::new()
     }
     /// Runs the stage, writing outputs into `ctx.out_dir`; returns metrics (a JSON object).
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value>;

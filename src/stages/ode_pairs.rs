@@ -17,11 +17,11 @@ use crate::train::dmd::Pairs;
 fn d_batch() -> usize {
     500
 }
+fn d_seed() -> u64 {
+    1_000_000_000
+}
 fn d_shard() -> usize {
     10_000
-}
-fn d_true() -> bool {
-    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -34,14 +34,16 @@ pub struct OdePairsParams {
     pub sampler: SamplerConfig,
     /// Number of pairs (class-balanced: pair i has class i mod label_dim).
     pub count: usize,
-    /// Pair i uses latents from seed `seed + i`.
-    #[serde(default)]
+    /// Pair i uses latents from seed `seed + i`. The default starts far above the seeds FID
+    /// stages use (0, 1, ...), so that no evaluation latent is a training latent.
+    #[serde(default = "d_seed")]
     pub seed: u64,
     #[serde(default = "d_batch")]
     pub batch: usize,
     #[serde(default = "d_shard")]
     pub shard_size: usize,
-    #[serde(default = "d_true")]
+    /// bf16 autocast for the teacher on CUDA (off: the teacher's own fp32, as EDM samples).
+    #[serde(default)]
     pub bf16: bool,
 }
 
@@ -57,6 +59,13 @@ impl Stage for OdePairsParams {
             role: "teacher",
             stage: self.teacher.clone(),
             accepts: &[ArtifactType::Denoiser],
+        }]
+    }
+    fn latent_seeds(&self) -> Vec<super::LatentSeeds> {
+        vec![super::LatentSeeds {
+            field: "seed",
+            purpose: super::SeedUse::Training,
+            seeds: self.seed..self.seed.saturating_add(self.count as u64),
         }]
     }
     fn validate(&self) -> Result<(), FieldIssue> {

@@ -10,9 +10,6 @@ use crate::sample::{SamplerConfig, class_grid, sample};
 fn d_columns() -> usize {
     10
 }
-fn d_true() -> bool {
-    true
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +26,8 @@ pub struct SampleGridParams {
     pub rows: Option<usize>,
     #[serde(default)]
     pub seed: u64,
-    #[serde(default = "d_true")]
+    /// bf16 autocast for the generator on CUDA (off: fp32).
+    #[serde(default)]
     pub bf16: bool,
 }
 
