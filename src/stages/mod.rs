@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 mod cifar10;
 pub mod dmd;
+pub mod estimate;
 pub mod fid;
 mod gmm2d;
 mod image_folder;
