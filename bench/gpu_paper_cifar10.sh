@@ -16,9 +16,9 @@ cat /tmp/stage/inc.part0 /tmp/stage/inc.part1 > models/inception-2015-12-05.safe
 for f in /tmp/stage/data_batch_*.bin.xz; do unxz "$f" "data/cifar-10-batches-bin/$(basename "$f" .xz)" & done
 wait
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
-s=$(date +%s.%N)
+s=$(date +%s)
 python3 bench/edm_snapshot.py devcarry/manifests/songunet_cifar10_cond_manifest.json /tmp/stage/cifar --protocols 4 --keep > "$out/snapshot.json"
-echo "snapshot written in $(echo "$(date +%s.%N) - $s" | bc) s" >> "$out/snapshot.json"
+echo "snapshot written in $(( $(date +%s) - s )) s" >> "$out/snapshot.json"
 ln -sf /tmp/stage/cifar_p4.pkl models/edm-cifar10-32x32-cond-vp.pkl
 sets=(--set stages.pairs.count=2000 --set stages.dmd.train.iterations=200 --set stages.dmd.train.checkpoint_every=100
       --set stages.dmd.train.log_every=20 --set stages.student_fid.num_samples=10000 --set stages.student_fid.repeats=1)
