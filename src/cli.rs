@@ -328,10 +328,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 devices,
                 progress: true,
             };
-            let gpus = estimate_gpu_count(opts.devices.as_ref().or(p.settings.devices.as_ref()));
             let report = runner::run(&p, &opts)?;
             print_report(&report, dry_run);
             if dry_run {
+                let gpus = estimate_gpu_count(opts.devices.as_ref().or(p.settings.devices.as_ref()));
                 print_estimates(&p, &report, gpus);
             }
             if !dry_run {
@@ -598,7 +598,9 @@ fn estimate_gpu_count(devices: Option<&crate::pipeline::config::Devices>) -> usi
     use crate::pipeline::config::Devices;
     match devices {
         Some(Devices::List(l)) => l.len().max(1),
-        _ => (tch::Cuda::device_count() as usize).max(1),
+        // libtorch_cuda first: asked before it is loaded, libtorch settles on "no CUDA".
+        _ if crate::torch_shim::init_cuda() => (tch::Cuda::device_count() as usize).max(1),
+        _ => 1,
     }
 }
 
