@@ -316,6 +316,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 cache_dir.join("logs").join(format!("{}-{stamp}.log", p.name))
             });
             if let Some(l) = &log {
+                // Nothing is created in a folder that is not a dmdpipe cache.
+                crate::pipeline::cache::claim(&cache_dir)?;
                 std::fs::create_dir_all(l.parent().expect("log has a parent")).ok();
             }
             init_logging(cli.verbose, log.as_deref());

@@ -401,3 +401,14 @@ fn evaluation_seeds_may_not_overlap_pair_seeds() {
     );
     assert!(e.message.contains("60..210") && e.message.contains("0..100"), "{e}");
 }
+
+#[test]
+fn non_finite_numbers_are_refused_where_they_are() {
+    // `-inf` would serialise like an unset value and share its cache key.
+    let src = format!(
+        "{GOOD_DATA}\n[stages.t]\nkind = \"teacher\"\nmode = \"import\"\nweights = \"w.pkl\"\n[stages.t.train]\nmax_seconds = -inf\n"
+    );
+    let e = expect_err(&src, 12, "stages.t.train.max_seconds", "finite");
+    assert!(e.help.unwrap().contains("cache key"));
+    expect_err(&format!("{GOOD_DATA}lr = [1.0, nan]\n"), 6, "stages.data.lr", "finite");
+}

@@ -23,7 +23,7 @@ fn toy2d_pipeline_distils_onto_the_mixture() {
     );
     assert!(teacher < 0.02, "teacher energy distance {teacher}");
     let dir = r.stage("dmd").unwrap().output_dir.clone().unwrap();
-    for f in ["scatter.png", "losses.png", "dmd_log.csv", "denoiser.safetensors"] {
+    for f in ["scatter.png", "losses.png", "measurements/dmd_log.csv", "denoiser.safetensors"] {
         assert!(dir.join(f).exists(), "{f}");
     }
     assert_eq!(r.stage("pairs").unwrap().metrics["count"], 4000);
@@ -96,7 +96,7 @@ fn image_dmd_with_pairs_writes_a_generator_grid_and_log() {
             "grid during DMD at iteration {it}"
         );
     }
-    let csv = std::fs::read_to_string(dir.join("dmd_log.csv")).unwrap();
+    let csv = std::fs::read_to_string(dir.join("measurements/dmd_log.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 3, "a row per log step");
     assert!(csv.starts_with("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,loss_gan_g,loss_gan_d,lr"));
     // The generator is a one-step denoiser artifact: load it and sample.

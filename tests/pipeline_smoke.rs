@@ -1,5 +1,6 @@
-//! The ImageNet-64 and AFHQ-64 pipelines, as shipped, on generated fixture data of the same
-//! shape with tiny networks and a few steps: the configs are exercised end to end on CPU.
+//! The ImageNet-64 and AFHQ-64 pipelines with a teacher trained on generated fixture data of the
+//! same shape (the dataset kinds, the DMD stage's FID curve, DMD2's GAN head and the EMA export
+//! end to end on CPU). tests/paper_pipelines.rs runs the shipped files unchanged.
 
 mod common;
 
@@ -26,11 +27,17 @@ fn set(t: &mut Table, path: &[&str], v: Value) {
 
 /// Shrinks a shipped pipeline: a tiny teacher trained on the fixture instead of the imported
 /// checkpoint, a few pairs, a few DMD iterations, tiny FIDs.
-fn shrink(name: &str, network: &str) -> String {
+fn shrink(name: &str, network: &str, dataset: &str) -> String {
     let text = std::fs::read_to_string(format!("{}/pipelines/{name}.toml", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let mut t: Table = toml::from_str(&text).unwrap();
     set(&mut t, &["pipeline", "root"], ".".into());
     let stages = t["stages"].as_table_mut().unwrap();
+    // The shipped files read EDM's reference statistics; here they come from the fixture data.
+    stages.insert("dataset".into(), toml::from_str::<Table>(dataset).unwrap().into());
+    let fid_ref = stages["fid_ref"].as_table_mut().unwrap();
+    fid_ref.remove("stats");
+    fid_ref.insert("dataset".into(), "dataset".into());
+    stages.remove("teacher_fid");
     let teacher = stages["teacher"].as_table_mut().unwrap();
     teacher.remove("weights");
     teacher.insert("mode".into(), "train".into());
@@ -100,7 +107,10 @@ fn imagenet64_pipeline_runs_on_a_fixture() {
         .unwrap();
     }
     let net = "{ arch = \"adm\", img_resolution = 64, label_dim = 1000, model_channels = 8, channel_mult = [1, 2], num_blocks = 1, attn_resolutions = [32] }";
-    p.write("imagenet64.toml", &shrink("imagenet64", net));
+    p.write(
+        "imagenet64.toml",
+        &shrink("imagenet64", net, "kind = \"imagenet64\"\nsource = \"data/imagenet64\""),
+    );
     let r = runner::run(
         &p.load("imagenet64.toml"),
         &RunOptions {
@@ -137,7 +147,8 @@ fn afhq64_pipeline_runs_on_a_fixture() {
     }
     let net = "{ arch = \"ddpmpp\", img_resolution = 64, label_dim = 0, augment_dim = 0, model_channels = 8, channel_mult = [1, 2], num_blocks = 1, attn_resolutions = [] }";
     // With an EMA generator exported as the stage's output (the raw one saved beside it).
-    let mut t: Table = toml::from_str(&shrink("afhq64", net)).unwrap();
+    let dataset = "kind = \"image-folder\"\nsource = \"data/afhqv2\"\nresolution = 64\nlabels = false";
+    let mut t: Table = toml::from_str(&shrink("afhq64", net, dataset)).unwrap();
     let stages = t["stages"].as_table_mut().unwrap();
     set(stages, &["dmd", "train", "ema_halflife_images"], 4.0.into());
     set(stages, &["dmd", "export_ema"], true.into());

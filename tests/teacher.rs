@@ -59,14 +59,20 @@ fn teacher_stage_trains_and_writes_weights_grid_and_curve() {
     assert_eq!(t.metrics["parameters"].as_i64().unwrap(), net.num_params());
     let grid = image::open(dir.join("grid.png")).unwrap();
     assert_eq!(grid.height(), 2 * (8 + 2) + 2, "one row per class");
-    assert!(dir.join("loss.png").exists() && dir.join("training.csv").exists());
+    assert!(dir.join("loss.png").exists() && dir.join("measurements/training.csv").exists());
     for step in [10, 20] {
         assert!(
             dir.join(format!("progress/grid-step{step:07}.png")).exists(),
             "grid during training at step {step}"
         );
     }
-    assert!(std::fs::read_to_string(dir.join("training.csv")).unwrap().lines().count() == 5);
+    assert!(
+        std::fs::read_to_string(dir.join("measurements/training.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            == 5
+    );
     assert!(
         !p.cache().join("work").read_dir().unwrap().any(|_| true),
         "work dir removed after success"

@@ -28,6 +28,11 @@ pub struct Entry {
     pub manifest: serde_json::Value,
     /// Digest of the output tree; the outputs live in `objects/<tree>/`.
     pub tree: String,
+    /// Digest of the outputs without `measurements/` (durations, rates): what downstream keys
+    /// depend on, so that a re-run giving the same results leaves them fresh. Absent in entries
+    /// of earlier versions (then `tree` stands in).
+    #[serde(default)]
+    pub content: Option<String>,
     pub files: Vec<FileDigest>,
     pub metrics: serde_json::Value,
     /// Informational only (not part of the key).
@@ -65,10 +70,76 @@ pub struct GcReport {
     pub kept_entries: usize,
 }
 
+/// The marker that makes a folder recognisable as a dmdpipe cache: a standard cache directory
+/// tag (backup tools skip such folders) with dmdpipe's own comment line.
+pub const MARKER: &str = "CACHEDIR.TAG";
+const MARKER_TEXT: &str =
+    "Signature: 8a477f597d28d172789f06886806bc55\n# This folder is a dmdpipe cache: dmdpipe creates and deletes files in it.\n";
+
+/// What a cache made before the marker existed holds, and nothing else.
+const CACHE_NAMES: &[&str] = &[
+    "objects",
+    "entries",
+    "pipelines",
+    "tmp",
+    "work",
+    "downloads",
+    "logs",
+    "history",
+    "reports",
+    "lock",
+    "statcache.json",
+];
+
+/// Makes sure `root` is a dmdpipe cache before anything is created or deleted in it: a new or
+/// empty folder becomes one (the marker is written), a marked one is used, an unmarked cache of
+/// an earlier dmdpipe (only cache names inside, `entries` and `objects` among them) is marked;
+/// anything else is refused, since a cache deletes inside itself.
+pub fn claim(root: &Path) -> Result<()> {
+    let marker = root.join(MARKER);
+    if let Ok(text) = std::fs::read_to_string(&marker) {
+        if text.contains("dmdpipe cache") {
+            return Ok(());
+        }
+        bail!(
+            "{} belongs to another program's cache ({}); choose another `cache_dir` (or --cache) for dmdpipe",
+            root.display(),
+            marker.display()
+        );
+    }
+    let names: Vec<String> = match std::fs::read_dir(root) {
+        // A checked-in placeholder (the repository's cache/.gitkeep) does not make a folder used.
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".gitkeep")
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading the cache folder {}", root.display())),
+    };
+    let earlier_cache = names.iter().any(|n| n == "entries")
+        && names.iter().any(|n| n == "objects")
+        && names.iter().all(|n| CACHE_NAMES.contains(&n.as_str()));
+    if !names.is_empty() && !earlier_cache {
+        let mut shown: Vec<&str> = names.iter().map(String::as_str).take(5).collect();
+        shown.sort();
+        bail!(
+            "refusing to use {} as the cache: the folder is not empty ({}{}) and is not a dmdpipe cache (no {MARKER}); \
+             dmdpipe deletes inside its cache, so point `cache_dir` (or --cache) at a new or empty folder",
+            root.display(),
+            shown.join(", "),
+            if names.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating the cache folder {}", root.display()))?;
+    atomic_write(&marker, MARKER_TEXT.as_bytes()).with_context(|| format!("writing {}", marker.display()))
+}
+
 impl Cache {
     /// Opens (creating if needed) the cache at `root` and takes its lock. When another process
     /// holds it, says who and waits.
     pub fn open(root: &Path, mode: LockMode) -> Result<Cache> {
+        claim(root)?;
         for sub in ["objects", "entries", "pipelines", "tmp", "work", "downloads", "logs", "history"] {
             std::fs::create_dir_all(root.join(sub)).with_context(|| format!("creating cache directory {}", root.join(sub).display()))?;
         }
@@ -206,6 +277,9 @@ impl Cache {
         }
         let files = stat.tree(out_dir)?;
         let tree = tree_digest(&files);
+        let measured = format!("{}/", crate::stages::MEASUREMENTS_DIR);
+        let results: Vec<FileDigest> = files.iter().filter(|f| !f.path.starts_with(&measured)).cloned().collect();
+        let content = tree_digest(&results);
         let dest = self.object_dir(&tree);
         let existing_ok = dest.is_dir()
             && files
@@ -228,6 +302,7 @@ impl Cache {
             key: key.to_string(),
             manifest,
             tree,
+            content: Some(content),
             files,
             metrics,
             stage: stage.to_string(),

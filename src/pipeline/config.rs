@@ -152,6 +152,14 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
     let doc = DeTable::parse(source).map_err(|e| {
         err(e.span(), "", format!("invalid TOML: {}", e.message().trim_end())).with_help("see https://toml.io for the syntax")
     })?;
+    if let Some((span, key)) = non_finite_in_table(doc.get_ref(), "") {
+        return Err(err(
+            Some(span),
+            &key,
+            "a pipeline value must be a finite number (inf and nan are not accepted)".into(),
+        )
+        .with_help("non-finite values would be indistinguishable from unset ones in the cache key"));
+    }
     let mut settings = PipelineSettings::default();
     let mut stages_table: Option<(Range<usize>, DeTable)> = None;
     for (key, value) in doc.into_inner() {
@@ -219,6 +227,27 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
     };
     validate(&pipeline)?;
     Ok(pipeline)
+}
+
+/// The first `inf` / `nan` float in a table: its span and dotted key.
+fn non_finite_in_table(t: &DeTable, prefix: &str) -> Option<(Range<usize>, String)> {
+    t.iter().find_map(|(k, v)| {
+        let key = if prefix.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", k.get_ref())
+        };
+        non_finite_in_value(v, &key)
+    })
+}
+
+fn non_finite_in_value(v: &Spanned<DeValue<'_>>, key: &str) -> Option<(Range<usize>, String)> {
+    match v.get_ref() {
+        DeValue::Float(f) if f.as_str().contains("inf") || f.as_str().contains("nan") => Some((v.span(), key.to_string())),
+        DeValue::Table(t) => non_finite_in_table(t, key),
+        DeValue::Array(a) => a.iter().find_map(|x| non_finite_in_value(x, key)),
+        _ => None,
+    }
 }
 
 fn valid_name(name: &str) -> bool {

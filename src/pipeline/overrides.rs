@@ -30,7 +30,15 @@ pub fn parse(text: &str) -> Result<Override, String> {
         ));
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-        Ok(mut t) => serde_json::to_value(t.remove("v").expect("parsed `v`")).map_err(|e| e.to_string())?,
+        Ok(mut t) => {
+            let v = t.remove("v").expect("parsed `v`");
+            if !finite(&v) {
+                return Err(format!(
+                    "`{key}`: a pipeline value must be a finite number (inf and nan are not accepted)"
+                ));
+            }
+            serde_json::to_value(v).map_err(|e| e.to_string())?
+        }
         Err(_) => serde_json::Value::String(value.to_string()),
     };
     Ok(Override {
@@ -38,6 +46,15 @@ pub fn parse(text: &str) -> Result<Override, String> {
         value,
         text: text.to_string(),
     })
+}
+
+fn finite(v: &toml::Value) -> bool {
+    match v {
+        toml::Value::Float(f) => f.is_finite(),
+        toml::Value::Array(a) => a.iter().all(finite),
+        toml::Value::Table(t) => t.values().all(finite),
+        _ => true,
+    }
 }
 
 /// Applies the overrides in order, then validates the pipeline again.
@@ -110,5 +127,7 @@ mod tests {
         assert_eq!(parse("stages.a.s={ solver = \"onestep\" }").unwrap().value["solver"], "onestep");
         assert!(parse("stages.a.count").is_err());
         assert!(parse("count=3").is_err());
+        assert!(parse("stages.a.max_seconds=-inf").is_err());
+        assert!(parse("stages.a.x=[1.0, nan]").is_err());
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
@@ -98,10 +98,26 @@ pub fn canonical_json(v: &Value) -> String {
 
 /// The key manifest of a stage. Upstream outputs not known yet (they will re-run first) appear
 /// as `null`; such a manifest has no key.
+/// An accepted output: where it lives (`tree`) and what downstream keys see of it (`content`,
+/// which leaves out run-to-run measurements).
+struct Artifact {
+    tree: String,
+    content: String,
+}
+
+impl Artifact {
+    fn of(entry: &Entry) -> Self {
+        Artifact {
+            tree: entry.tree.clone(),
+            content: entry.content.clone().unwrap_or_else(|| entry.tree.clone()),
+        }
+    }
+}
+
 fn manifest_for(
     p: &Pipeline,
     stage: &StageDecl,
-    trees: &HashMap<String, String>,
+    trees: &HashMap<String, Artifact>,
     stat: &mut StatCache,
     missing: &mut Vec<String>,
 ) -> Result<(Value, Option<String>)> {
@@ -110,7 +126,7 @@ fn manifest_for(
     let mut complete = true;
     for up in s.upstream() {
         match trees.get(&up.stage) {
-            Some(t) => upstream.insert(up.role.to_string(), json!(t)),
+            Some(a) => upstream.insert(up.role.to_string(), json!(a.content)),
             None => {
                 complete = false;
                 upstream.insert(up.role.to_string(), Value::Null)
@@ -282,7 +298,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
         }
         None => Vec::new(),
     };
-    let mut trees: HashMap<String, String> = HashMap::new();
+    let mut trees: HashMap<String, Artifact> = HashMap::new();
     let mut reports = Vec::new();
     let mut failure = None;
     for i in order {
@@ -315,7 +331,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
                     report.outcome = Outcome::Cached;
                     report.metrics = entry.metrics.clone();
                     report.output_dir = Some(cache.object_dir(&entry.tree));
-                    trees.insert(stage.name.clone(), entry.tree);
+                    trees.insert(stage.name.clone(), Artifact::of(&entry));
                     if !matches!(mode, Mode::DryRun) {
                         record.stages.insert(stage.name.clone(), key.clone());
                     }
@@ -364,7 +380,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
                 report.seconds = entry.duration_s;
                 report.metrics = entry.metrics.clone();
                 report.output_dir = Some(cache.object_dir(&entry.tree));
-                trees.insert(stage.name.clone(), entry.tree.clone());
+                trees.insert(stage.name.clone(), Artifact::of(&entry));
                 record.stages.insert(stage.name.clone(), key);
                 cache.write_record(&p.name, &record)?;
                 reports.push(report);
@@ -409,7 +425,7 @@ fn run_stage(
     stage: &StageDecl,
     key: &str,
     manifest: Value,
-    trees: &HashMap<String, String>,
+    trees: &HashMap<String, Artifact>,
     stat: &mut StatCache,
     multi: &MultiProgress,
     device: &str,
@@ -424,7 +440,7 @@ fn run_stage(
     let upstream = s
         .upstream()
         .into_iter()
-        .map(|u| (u.role.to_string(), cache.object_dir(&trees[&u.stage])))
+        .map(|u| (u.role.to_string(), cache.object_dir(&trees[&u.stage].tree)))
         .collect();
     let inputs = s
         .input_paths()
@@ -478,12 +494,34 @@ fn run_stage(
     } else {
         json!({ "value": metrics })
     };
-    std::fs::write(out_dir.join("metrics.json"), serde_json::to_vec_pretty(&metrics)?)?;
+    write_metrics(&out_dir, &metrics)?;
     let entry = cache.commit(key, manifest, &out_dir, metrics, (&stage.name, &p.name, seconds), stat)?;
     let _ = super::fsutil::remove_tree(&tmp);
     let _ = super::fsutil::remove_tree(&work_dir);
     tracing::info!(tree = %entry.tree, "done in {seconds:.2}s");
     Ok(entry)
+}
+
+/// Durations and rates, which differ between two runs that compute the same thing.
+fn is_measurement(key: &str) -> bool {
+    key == "seconds" || key.ends_with("_seconds") || key.ends_with("per_second")
+}
+
+/// `metrics.json` holds what the stage computed; its durations and rates go to
+/// `measurements/timings.json`, outside what downstream keys see (the cache entry and the report
+/// keep both).
+fn write_metrics(out_dir: &Path, metrics: &Value) -> Result<()> {
+    let (mut results, mut timings) = (serde_json::Map::new(), serde_json::Map::new());
+    for (k, v) in metrics.as_object().into_iter().flatten() {
+        if is_measurement(k) { &mut timings } else { &mut results }.insert(k.clone(), v.clone());
+    }
+    std::fs::write(out_dir.join("metrics.json"), serde_json::to_vec_pretty(&results)?)?;
+    if !timings.is_empty() {
+        let dir = out_dir.join(crate::stages::MEASUREMENTS_DIR);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("timings.json"), serde_json::to_vec_pretty(&timings)?)?;
+    }
+    Ok(())
 }
 
 /// What `run` would do for `stage_name` and its ancestors (a dry run under a shared lock).

@@ -391,7 +391,7 @@ impl Stage for DmdParams {
         if !crate::dist::is_main() {
             return Ok(serde_json::json!({})); // a worker: rank 0 writes the outputs
         }
-        std::fs::write(ctx.out_dir.join("dmd_log.csv"), csv)?;
+        std::fs::write(ctx.measurements_dir()?.join("dmd_log.csv"), csv)?;
         evaluate(summary.iterations, &generator)?;
         if !fid_curve.is_empty() {
             let mut c = String::from(if fid_curve_ema.is_empty() {

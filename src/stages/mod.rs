@@ -87,6 +87,10 @@ impl FieldIssue {
     }
 }
 
+/// The folder of a stage's output for measurements that differ from run to run (durations,
+/// rates, logs with them): kept with the artifact, left out of what downstream keys see.
+pub const MEASUREMENTS_DIR: &str = "measurements";
+
 /// What a stage's seeded latents are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeedUse {
@@ -132,6 +136,12 @@ impl StageContext {
             .get(role)
             .map(PathBuf::as_path)
             .ok_or_else(|| anyhow::anyhow!("no upstream artifact for `{role}`"))
+    }
+    /// `out_dir/measurements`, created: where logs with timings go.
+    pub fn measurements_dir(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.out_dir.join(MEASUREMENTS_DIR);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
     }
     pub fn input(&self, role: &str) -> anyhow::Result<&Path> {
         self.inputs

@@ -219,7 +219,7 @@ impl Stage for TeacherParams {
                 if !crate::dist::is_main() {
                     return Ok(serde_json::json!({})); // a worker: rank 0 writes the outputs
                 }
-                std::fs::write(ctx.out_dir.join("training.csv"), log)?;
+                std::fs::write(ctx.measurements_dir()?.join("training.csv"), log)?;
                 let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
                 crate::render::line_plot("teacher loss vs images", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
                 metrics.insert("steps".into(), summary.steps.into());
