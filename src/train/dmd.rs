@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -231,7 +231,7 @@ pub fn fake_score_loss(fake: &Denoiser, x: &Tensor, labels: Option<&Tensor>, sig
     (lambda * (pred - x).square()).mean(Kind::Float)
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DmdLogRow {
     pub iteration: u64,
     pub loss_dm: f64,
@@ -358,12 +358,10 @@ pub fn dmd_train_with_grids(
             checkpoint::restore(&t, "ema.", &n, &v)?;
         }
         it = meta.get("iteration").and_then(|s| s.parse().ok()).unwrap_or(0);
-        log = meta
-            .get("log")
-            .and_then(|s| serde_json::from_str::<Vec<serde_json::Value>>(s).ok())
-            .map(|_| Vec::new())
-            .unwrap_or_default();
-        tch::manual_seed(opts.seed as i64 + it as i64);
+        log = match meta.get("log") {
+            Some(s) => serde_json::from_str(s).context("the checkpoint's DMD log")?,
+            None => Vec::new(),
+        };
         tracing::info!(iteration = it, "resumed DMD from checkpoint");
     }
     let resumed_from = it;
@@ -538,6 +536,7 @@ pub fn dmd_train_with_grids(
         let lr_f = opts.fake_lr.unwrap_or(opts.lr) * ramp;
         let _ = lr_g_t.shallow_clone().fill_(lr);
         let _ = lr_f_t.shallow_clone().fill_(lr_f);
+        super::rng::seed_step(opts.seed, it + 1);
         let stats = runner.run(&iteration)?;
         if let Some(e) = ema {
             let h = opts.ema_halflife_images.unwrap_or(0.0);
@@ -594,7 +593,7 @@ pub fn dmd_train_with_grids(
             window.clear();
             window_start = (Instant::now(), it);
             if it % opts.checkpoint_every < opts.log_every && crate::dist::is_main() {
-                save(&ckpt, &opt_g, &opt_f, opt_h.as_ref(), ema, it)?;
+                save(&ckpt, &opt_g, &opt_f, opt_h.as_ref(), ema, it, &log)?;
             }
         }
     }
@@ -617,7 +616,9 @@ fn join_batches(mut parts: Vec<Tensor>) -> Tensor {
     }
 }
 
-fn save(path: &Path, g: &AdamW, f: &AdamW, h: Option<&AdamW>, ema: Option<&Denoiser>, it: u64) -> Result<()> {
+/// Everything the remaining iterations depend on: both networks, their optimisers, the GAN
+/// head, the EMA and the log so far (random numbers come from the iteration number).
+fn save(path: &Path, g: &AdamW, f: &AdamW, h: Option<&AdamW>, ema: Option<&Denoiser>, it: u64, log: &[DmdLogRow]) -> Result<()> {
     let mut t = Vec::new();
     for (prefix, opt) in [("g", g), ("f", f)].into_iter().chain(h.map(|o| ("h", o))) {
         for (i, n) in opt.names.iter().enumerate() {
@@ -633,7 +634,11 @@ fn save(path: &Path, g: &AdamW, f: &AdamW, h: Option<&AdamW>, ema: Option<&Denoi
             t.push((format!("ema.{n}"), v));
         }
     }
-    checkpoint::save(path, &t, HashMap::from([("iteration".to_string(), it.to_string())]))
+    let meta = HashMap::from([
+        ("iteration".to_string(), it.to_string()),
+        ("log".to_string(), serde_json::to_string(log)?),
+    ]);
+    checkpoint::save(path, &t, meta)
 }
 
 #[cfg(test)]

@@ -194,7 +194,6 @@ pub fn train_with_grids(
         step = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
         images = meta.get("images").and_then(|s| s.parse().ok()).unwrap_or(0);
         curve = meta.get("curve").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
-        tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64 + step as i64);
         tracing::info!(step, images, "resumed from checkpoint");
     }
     let resumed_from_step = step;
@@ -236,6 +235,7 @@ pub fn train_with_grids(
         step += 1;
         let lr = opts.lr * (images as f64 / opts.lr_warmup_images.max(1) as f64).min(1.0);
         let _ = lr_t.shallow_clone().fill_(lr);
+        super::rng::seed_step(crate::dist::rank_seed(opts.seed, rank), step);
         let mean = runner.run(&train_step)?;
         ema_update(ema, net, ema_beta(opts.batch, images, opts.ema_halflife_images, opts.ema_rampup))?;
         if let Some((every, hook)) = grids.as_mut()
