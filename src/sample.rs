@@ -61,6 +61,23 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// Checks the schedule before any sampling (`steps = 0` gave all-zero samples).
+    pub fn check(&self) -> Result<(), String> {
+        if self.solver != Solver::OneStep && !(1..=100_000).contains(&self.steps) {
+            return Err(format!("sampler.steps must be in 1..=100000 (got {})", self.steps));
+        }
+        if !(self.sigma_min > 0.0 && self.sigma_max > self.sigma_min) {
+            return Err(format!(
+                "sampler needs 0 < sigma_min < sigma_max (got {} and {})",
+                self.sigma_min, self.sigma_max
+            ));
+        }
+        if !(self.rho > 0.0) {
+            return Err(format!("sampler.rho must be positive (got {})", self.rho));
+        }
+        Ok(())
+    }
+
     pub fn network_calls(&self) -> usize {
         match self.solver {
             Solver::Heun => 2 * self.steps - 1,

@@ -412,3 +412,36 @@ fn non_finite_numbers_are_refused_where_they_are() {
     assert!(e.help.unwrap().contains("cache key"));
     expect_err(&format!("{GOOD_DATA}lr = [1.0, nan]\n"), 6, "stages.data.lr", "finite");
 }
+
+/// Values that used to panic or silently produce garbage are refused at the field that holds them.
+#[test]
+fn out_of_range_values_are_refused_before_anything_runs() {
+    let teacher = |extra: &str| format!("{GOOD_DATA}\n[stages.t]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\n{extra}\n");
+    // Line 11 holds the offending table or field.
+    let e = expect_err(
+        &teacher("network = { arch = \"mlp\", hidden = -5 }"),
+        11,
+        "stages.t.network",
+        "hidden",
+    );
+    assert!(e.message.contains("at least 1"), "{e}");
+    expect_err(
+        &teacher("network = { arch = \"mlp\" }\ntrain = { checkpoint_every = 0 }"),
+        12,
+        "stages.t.train",
+        "checkpoint_every",
+    );
+    let pairs = |sampler: &str| {
+        format!(
+            "[stages.t]\nkind = \"teacher\"\nmode = \"import\"\nweights = \"w.safetensors\"\n\n\
+             [stages.p]\nkind = \"ode-pairs\"\nteacher = \"t\"\ncount = 10\nsampler = {sampler}\n"
+        )
+    };
+    expect_err(&pairs("{ steps = 0 }"), 10, "stages.p.sampler", "steps");
+    expect_err(
+        &pairs("{ sigma_min = 2.0, sigma_max = 1.0 }"),
+        10,
+        "stages.p.sampler",
+        "sigma_min < sigma_max",
+    );
+}

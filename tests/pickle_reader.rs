@@ -195,3 +195,87 @@ fn fuzz_truncations_flips_and_random_bytes_give_errors_not_panics() {
     // Some mutations only change a value: the reader is not rejecting everything.
     assert!(accepted > 0);
 }
+
+/// The hostile pickles of the reliability issue: each is an error or a bounded value, never a
+/// stack overflow, an abort or a panic.
+mod hostile {
+    use std::path::Path;
+
+    use dmdpipe::artifact::pickle::{self, load_all};
+    use dmdpipe::artifact::torch_pickle::{Storage, TorchPickle, edm_snapshot_from_bytes, strided_tensor};
+
+    /// `{'ema': _reconstruct_persistent_obj({'state': STATE})}` at protocol 2, STATE's pickle
+    /// given as opcodes that leave one dict on the stack.
+    fn edm_like(state: &[u8]) -> Vec<u8> {
+        let mut b = b"\x80\x02}X\x03\x00\x00\x00ema".to_vec();
+        b.extend(b"ctorch_utils.persistence\n_reconstruct_persistent_obj\n");
+        b.extend(b"}X\x05\x00\x00\x00state");
+        b.extend(state);
+        b.extend(b"s\x85Rs.");
+        b
+    }
+
+    fn key(name: &str) -> Vec<u8> {
+        let mut b = vec![b'X'];
+        b.extend((name.len() as u32).to_le_bytes());
+        b.extend(name.as_bytes());
+        b
+    }
+
+    #[test]
+    fn a_list_that_contains_itself() {
+        let e = load_all(b"\x80\x02]q\x00h\x00aK\x01K\x02s.").unwrap_err();
+        assert!(e.message.contains("cannot add items to a list"), "{e}");
+    }
+
+    #[test]
+    fn a_million_nested_lists() {
+        let depth = 1_000_000;
+        let mut b = b"\x80\x02".to_vec();
+        b.extend(std::iter::repeat_n(b']', depth));
+        b.extend(std::iter::repeat_n(b'a', depth - 1));
+        b.push(b'.');
+        let p = load_all(&b).unwrap();
+        assert!(pickle::to_json(&p, p.root.as_ref().unwrap()).to_string().contains("too deep"));
+        let e = edm_snapshot_from_bytes(&b, Path::new("deep.pkl")).err().unwrap();
+        assert!(format!("{e:#}").contains("no `ema` entry"), "{e:#}");
+    }
+
+    #[test]
+    fn cyclic_init_kwargs() {
+        let mut state = b"}".to_vec();
+        state.extend(key("_init_kwargs"));
+        state.extend(b"]q\x00h\x00as");
+        let b = edm_like(&state);
+        let tp = TorchPickle::embedded(&b).unwrap();
+        let ema = tp.get(tp.root(), "ema").unwrap();
+        let kwargs = tp.init_kwargs(&ema).unwrap();
+        assert!(kwargs.to_string().contains("too deep"), "{kwargs}");
+        let e = edm_snapshot_from_bytes(&b, Path::new("cyclic.pkl")).err().unwrap();
+        assert!(format!("{e:#}").contains("holds no tensors"), "{e:#}");
+    }
+
+    #[test]
+    fn rebuild_tensor_without_arguments() {
+        let mut state = b"}".to_vec();
+        state.extend(key("_parameters"));
+        state.extend(b"}");
+        state.extend(key("weight"));
+        state.extend(b"ctorch._utils\n_rebuild_tensor_v2\n)Rss");
+        let e = edm_snapshot_from_bytes(&edm_like(&state), Path::new("args.pkl")).err().unwrap();
+        assert!(format!("{e:#}").contains("_rebuild_tensor_v2 with 0 arguments"), "{e:#}");
+    }
+
+    #[test]
+    fn views_outside_their_storage() {
+        let s = Storage {
+            kind: tch::Kind::Float,
+            bytes: vec![0; 4 * 6],
+        };
+        assert!(strided_tensor(&s, 0, &[2, 3], &[3, 1]).is_ok());
+        assert!(format!("{:#}", strided_tensor(&s, 1, &[2, 3], &[3, 1]).unwrap_err()).contains("reaches past"));
+        assert!(format!("{:#}", strided_tensor(&s, 0, &[2, 3], &[-3, 1]).unwrap_err()).contains("negative"));
+        assert!(format!("{:#}", strided_tensor(&s, 0, &[i64::MAX, 3], &[3, 1]).unwrap_err()).contains("overflow"));
+        assert!(strided_tensor(&s, 0, &[2, 3], &[3]).is_err());
+    }
+}

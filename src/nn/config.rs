@@ -216,7 +216,81 @@ pub enum NetworkConfig {
     Mlp(MlpConfig),
 }
 
+/// `Err` naming the first field outside its range.
+fn positive(fields: &[(&str, i64)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| *v < 1) {
+        Some((name, v)) => Err(format!("network.{name} must be at least 1 (got {v})")),
+        None => Ok(()),
+    }
+}
+
+fn non_negative(fields: &[(&str, i64)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| *v < 0) {
+        Some((name, v)) => Err(format!("network.{name} must not be negative (got {v})")),
+        None => Ok(()),
+    }
+}
+
+fn unit_interval(fields: &[(&str, f64)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| !(0.0..1.0).contains(v)) {
+        Some((name, v)) => Err(format!("network.{name} must be in [0, 1) (got {v})")),
+        None => Ok(()),
+    }
+}
+
 impl NetworkConfig {
+    /// Checks every size before it reaches libtorch (which aborts on negative widths).
+    pub fn check(&self) -> Result<(), String> {
+        let mults = |m: &[i64]| -> Result<(), String> {
+            if m.is_empty() || m.iter().any(|&x| x < 1) {
+                return Err(format!(
+                    "network.channel_mult must be a non-empty list of positive factors (got {m:?})"
+                ));
+            }
+            Ok(())
+        };
+        match self {
+            NetworkConfig::Ddpmpp(c) => {
+                positive(&[
+                    ("img_resolution", c.img_resolution),
+                    ("img_channels", c.img_channels),
+                    ("model_channels", c.model_channels),
+                    ("channel_mult_emb", c.channel_mult_emb),
+                    ("num_blocks", c.num_blocks),
+                    ("channel_mult_noise", c.channel_mult_noise),
+                ])?;
+                non_negative(&[("label_dim", c.label_dim), ("augment_dim", c.augment_dim)])?;
+                unit_interval(&[("dropout", c.dropout), ("label_dropout", c.label_dropout)])?;
+                mults(&c.channel_mult)?;
+            }
+            NetworkConfig::Adm(c) => {
+                positive(&[
+                    ("img_resolution", c.img_resolution),
+                    ("img_channels", c.img_channels),
+                    ("model_channels", c.model_channels),
+                    ("channel_mult_emb", c.channel_mult_emb),
+                    ("num_blocks", c.num_blocks),
+                ])?;
+                non_negative(&[("label_dim", c.label_dim), ("augment_dim", c.augment_dim)])?;
+                unit_interval(&[("dropout", c.dropout), ("label_dropout", c.label_dropout)])?;
+                mults(&c.channel_mult)?;
+            }
+            NetworkConfig::Mlp(c) => {
+                positive(&[
+                    ("dim", c.dim),
+                    ("hidden", c.hidden),
+                    ("layers", c.layers),
+                    ("noise_channels", c.noise_channels),
+                ])?;
+                non_negative(&[("label_dim", c.label_dim)])?;
+            }
+        }
+        if !(self.sigma_data() > 0.0) {
+            return Err(format!("network.sigma_data must be positive (got {})", self.sigma_data()));
+        }
+        Ok(())
+    }
+
     /// Shape of one sample: [C, H, W] for images, [dim] for the MLP.
     pub fn sample_shape(&self) -> Vec<i64> {
         match self {

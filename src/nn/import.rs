@@ -87,6 +87,9 @@ pub fn load_denoiser(path: &Path, expected: Option<&NetworkConfig>, device: Devi
             path.display()
         ),
     };
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: the recorded network config is invalid: {e}", path.display()))?;
     let net = Denoiser::new(&config, device);
     weights::load_into(&net, &imported.tensors, &path.display().to_string())?;
     Ok(net)
@@ -248,6 +251,9 @@ pub fn import_to_safetensors(input: &Path, output: &Path, inception: bool) -> Re
         .config
         .clone()
         .with_context(|| format!("{}: no network config recorded; only EDM pickles carry one", input.display()))?;
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: the recorded network config is invalid: {e}", input.display()))?;
     let net = Denoiser::new(&config, Device::Cpu);
     weights::load_into(&net, &imported.tensors, &input.display().to_string())?;
     weights::save_safetensors(&net, output)?;

@@ -135,6 +135,12 @@ impl Stage for DmdParams {
             return Err(FieldIssue::new("train", "regression_loss = \"lpips\" needs `lpips_weights`")
                 .help("VGG's ImageNet weights are not bundled: give a safetensors file, or use \"l2\" / \"pseudo-huber\""));
         }
+        if t.checkpoint_every == 0 || t.log_every == 0 || t.micro_batch == Some(0) {
+            return Err(FieldIssue::new(
+                "train",
+                "train.checkpoint_every, train.log_every and train.micro_batch must be at least 1",
+            ));
+        }
         if t.batch == 0 || t.fake_updates_per_g == 0 {
             return Err(FieldIssue::new(
                 "train",

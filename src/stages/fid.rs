@@ -352,6 +352,9 @@ impl Stage for FidParams {
         }
     }
     fn validate(&self) -> Result<(), FieldIssue> {
+        if let Err(e) = self.sampler.check() {
+            return Err(FieldIssue::new("sampler", e));
+        }
         match (&self.images, &self.generator) {
             (Some(_), Some(_)) => Err(FieldIssue::new("generator", "give either `images` or `generator`, not both")),
             (None, None) => Err(FieldIssue::new("reference", "an fid stage needs `images` or `generator`")),

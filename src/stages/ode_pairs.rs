@@ -69,6 +69,9 @@ impl Stage for OdePairsParams {
         }]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
+        if let Err(e) = self.sampler.check() {
+            return Err(FieldIssue::new("sampler", e));
+        }
         if self.count == 0 || self.batch == 0 || self.shard_size == 0 {
             return Err(FieldIssue::new("count", "count, batch and shard_size must be at least 1"));
         }

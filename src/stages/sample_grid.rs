@@ -54,6 +54,9 @@ impl Stage for SampleGridParams {
         v
     }
     fn validate(&self) -> Result<(), FieldIssue> {
+        if let Err(e) = self.sampler.check() {
+            return Err(FieldIssue::new("sampler", e));
+        }
         if self.columns == 0 || self.columns > 64 {
             return Err(FieldIssue::new("columns", "columns must be in 1..=64"));
         }

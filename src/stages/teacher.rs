@@ -94,6 +94,21 @@ impl Stage for TeacherParams {
             .collect()
     }
     fn validate(&self) -> Result<(), FieldIssue> {
+        if let Some(Err(e)) = self.network.as_ref().map(NetworkConfig::check) {
+            return Err(FieldIssue::new("network", e));
+        }
+        if let Err(e) = self.grid.sampler.check() {
+            return Err(FieldIssue::new("grid", format!("grid.{e}")));
+        }
+        if self.train.checkpoint_every == 0 || self.train.log_every == 0 {
+            return Err(FieldIssue::new(
+                "train",
+                "train.checkpoint_every and train.log_every must be at least 1",
+            ));
+        }
+        if self.train.micro_batch == Some(0) {
+            return Err(FieldIssue::new("train", "train.micro_batch must be at least 1"));
+        }
         match self.mode {
             TeacherMode::Train if self.dataset.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs `dataset`")),
             TeacherMode::Train if self.network.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs a `network` table")
