@@ -14,6 +14,9 @@ fn inception() -> String {
 
 #[test]
 fn fid_of_a_dataset_against_itself_is_zero_and_generator_fid_is_positive() {
+    if common::shared_file("models/inception-2015-12-05.safetensors").is_none() {
+        return;
+    }
     let p = Project::new();
     for (c, class) in ["cat", "dog"].iter().enumerate() {
         std::fs::create_dir_all(p.path().join("imgs").join(class)).unwrap();

@@ -1,6 +1,8 @@
 //! The Inception-v3 feature network against references from the original TF graph
 //! (../shared/golden/inception), on the first CIFAR-10 training images.
 
+mod common;
+
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -34,6 +36,12 @@ fn to_tensor(path: &str) -> Tensor {
 
 #[test]
 fn resize_and_features_match_the_reference() {
+    if common::shared_file("golden/inception").is_none()
+        || common::shared_file("models/inception-2015-12-05.safetensors").is_none()
+        || common::shared_file("data/cifar10/data_batch_1.bin.xz").is_none()
+    {
+        return;
+    }
     let net = Inception::load(&shared("models/inception-2015-12-05.safetensors"), Device::Cpu).unwrap();
     let images = first_train_images(4);
     let resized = net.resize(&images).to_kind(Kind::Double);
