@@ -313,7 +313,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                     .to_string()
                     .replace(':', "");
-                cache_dir.join("logs").join(format!("{}-{stamp}.log", p.name))
+                // The pid too: two runs started in the same second must not share a log.
+                cache_dir
+                    .join("logs")
+                    .join(format!("{}-{stamp}-{}.log", p.name, std::process::id()))
             });
             if let Some(l) = &log {
                 // Nothing is created in a folder that is not a dmdpipe cache.

@@ -104,3 +104,18 @@ fn a_rerun_with_the_same_results_keeps_downstream_fresh() {
     let timings = std::fs::read_to_string(teacher.join("measurements/timings.json")).unwrap();
     assert!(timings.contains("train_seconds"), "{timings}");
 }
+
+/// Leftovers in `cache/tmp` that are not folders (a stray file, a dangling link) are cleaned up
+/// like folders, not fatal.
+#[test]
+fn stray_files_in_the_cache_tmp_folder_do_not_block_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, "c");
+    assert!(dmdpipe(d, &["run", "p.toml"]).0);
+    std::fs::write(d.join("c/tmp/stray.txt"), "x").unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), d.join("c/tmp/dangling")).unwrap();
+    let (ok, out) = dmdpipe(d, &["run", "p.toml", "--force", "data"]);
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read_dir(d.join("c/tmp")).unwrap().count(), 0, "leftovers removed");
+}

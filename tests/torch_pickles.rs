@@ -91,3 +91,35 @@ fn damaged_torch_snapshots_give_errors_not_panics() {
         read(&d);
     }
 }
+
+/// A torch zip whose storage entry inflates to far more than the checkpoint says it holds (a
+/// zip bomb) is refused before it is inflated.
+#[test]
+fn a_storage_larger_than_its_tensor_is_refused_unread() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let honest = fixture("songunet_tiny_state.pt");
+    let bomb = dir.path().join("bomb.pt");
+    let mut src = zip::ZipArchive::new(std::fs::File::open(&honest).unwrap()).unwrap();
+    let mut out = zip::ZipWriter::new(std::fs::File::create(&bomb).unwrap());
+    let deflate = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    let mut replaced = false;
+    for i in 0..src.len() {
+        let mut f = src.by_index(i).unwrap();
+        let name = f.name().unwrap().to_string();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        out.start_file(name.as_str(), deflate).unwrap();
+        if !replaced && name.contains("/data/") && !name.ends_with(".pkl") {
+            out.write_all(&vec![0u8; 64 << 20]).unwrap(); // 64 MiB of zeros, ~64 KiB deflated
+            replaced = true;
+        } else {
+            out.write_all(&bytes).unwrap();
+        }
+    }
+    out.finish().unwrap();
+    assert!(replaced);
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 2 << 20);
+    let e = read_torch_zip(&bomb).err().expect("a bomb is refused");
+    assert!(format!("{e:#}").contains("the archive declares 67108864 bytes"), "{e:#}");
+}

@@ -315,6 +315,17 @@ fn storage_pid(p: &Pickle, pid: &Value) -> Result<(Kind, String)> {
     Ok((kind, key))
 }
 
+/// The element count a storage persistent id records (its fifth item), when it does.
+fn storage_numel(p: &Pickle, pid: &Value) -> Option<u64> {
+    match p.node(pid) {
+        Some(Node::Tuple(t)) => match t.get(4) {
+            Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// A legacy (pre-zip) `torch.save` stream of one storage, as pickled modules embed them:
 /// magic number, protocol 1001, sys info, the object (a storage persistent id), its keys, then
 /// per key an int64 element count and the raw data.
@@ -532,12 +543,30 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
     let mut pkl = Vec::new();
     zip.by_name(&pkl_name)?.read_to_end(&mut pkl)?;
     let pickle = pickle::load_all(&pkl).map_err(|e| anyhow!("{}: data.pkl: {e}", path.display()))?;
+    let file_len = std::fs::metadata(path)?.len();
     let resolve = move |p: &Pickle, pid: &Value| -> Result<Storage> {
         let (kind, key) = storage_pid(p, pid)?;
         let name = format!("{prefix}data/{key}");
-        let mut entry = zip.by_name(&name).with_context(|| format!("missing storage {name}"))?;
+        let entry = zip.by_name(&name).with_context(|| format!("missing storage {name}"))?;
+        // The size the archive declares is checked against what the pickle says the storage
+        // holds and, for stored (uncompressed) entries as torch writes them, against the file:
+        // a forged header cannot make the reader allocate or inflate more.
+        let declared = entry.size();
+        let expected = storage_numel(p, pid).map(|n| n.saturating_mul(kind.elt_size_in_bytes() as u64));
+        if expected.is_some_and(|e| e != declared) {
+            bail!(
+                "storage {name}: the archive declares {declared} bytes, the checkpoint {} bytes",
+                expected.unwrap_or(0)
+            );
+        }
+        if entry.compression() == zip::CompressionMethod::Stored && declared > file_len {
+            bail!("storage {name}: {declared} bytes declared in a file of {file_len}");
+        }
         let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes)?;
+        entry.take(declared).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 != declared {
+            bail!("storage {name}: {} of {declared} bytes", bytes.len());
+        }
         Ok(Storage { kind, bytes })
     };
     let tp = TorchPickle {

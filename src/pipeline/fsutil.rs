@@ -36,8 +36,12 @@ pub fn du(path: &Path) -> u64 {
 
 /// Removes a directory tree that may contain read-only files.
 pub fn remove_tree(path: &Path) -> Result<()> {
-    if !path.exists() {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
+    };
+    // A plain file or a link (also a dangling one) where a folder was expected.
+    if !meta.is_dir() {
+        return std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()));
     }
     for entry in walkdir::WalkDir::new(path).into_iter().filter_map(Result::ok) {
         if let Ok(meta) = entry.metadata() {

@@ -78,7 +78,11 @@ pub fn shared_file(rel: &str) -> Option<PathBuf> {
     // Straight to the file descriptor: the test harness captures eprintln! of passing tests.
     let _ = std::io::Write::write_all(
         &mut std::io::stderr(),
-        format!("notice: {} is absent; skipping the part of this test that needs it\n", path.display()).as_bytes(),
+        format!(
+            "notice: {} is absent; skipping the part of this test that needs it\n",
+            path.display()
+        )
+        .as_bytes(),
     );
     None
 }
