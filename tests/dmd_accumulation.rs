@@ -1,29 +1,18 @@
 //! Gradient accumulation in DMD against one large batch. Alone in its test binary: the check is
 //! exact only if no other test draws from libtorch's global generator at the same time.
 
+mod common;
+
 #[test]
 fn gradient_accumulation_computes_the_update_of_one_large_batch() {
-    use dmdpipe::nn::{Denoiser, NetworkConfig};
-    use dmdpipe::train::dmd::{DmdOptions, Pairs, RealImages, dmd_train_with_grids};
-    use tch::{Device, Kind, Tensor};
-    let mut config: NetworkConfig = serde_json::from_value(serde_json::json!({
-        "arch": "ddpmpp", "img_resolution": 8, "label_dim": 2, "augment_dim": 0, "model_channels": 8,
-        "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []
-    }))
-    .unwrap();
-    config.set_dropout(0.0);
+    use common::fixtures::{pairs_and_real, tiny_unet};
+    use dmdpipe::nn::Denoiser;
+    use dmdpipe::train::dmd::{DmdOptions, dmd_train_with_grids};
+    use tch::{Device, Tensor};
+    let config = tiny_unet();
     tch::manual_seed(3);
     let teacher = Denoiser::new(&config, Device::Cpu);
-    let eye = Tensor::eye(2, (Kind::Float, Device::Cpu));
-    let pairs = Pairs {
-        z: Tensor::randn([16, 3, 8, 8], (Kind::Float, Device::Cpu)),
-        labels: Some(eye.index_select(0, &Tensor::randint(2, [16], (Kind::Int64, Device::Cpu)))),
-        x: Tensor::randn([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 0.5,
-    };
-    let real = RealImages {
-        images: (Tensor::rand([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 255.0).to_kind(Kind::Uint8),
-        labels: Some(eye.index_select(0, &Tensor::randint(2, [16], (Kind::Int64, Device::Cpu)))),
-    };
+    let (pairs, real) = pairs_and_real();
     // Every loss term on: distribution matching, regression, two fake updates, the GAN head.
     let run = |accum: usize, micro_batch: Option<usize>| {
         let (g, f) = (teacher.duplicate().unwrap(), teacher.duplicate().unwrap());

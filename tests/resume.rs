@@ -2,27 +2,19 @@
 //! (CPU): the checkpoint holds every state the remaining steps read, and each step's random
 //! numbers come from (seed, step). Alone in its test binary: libtorch's generator is global.
 
+mod common;
+
 use std::sync::Mutex;
 
-use dmdpipe::data::artifact::ImageDataset;
-use dmdpipe::nn::{Denoiser, NetworkConfig};
+use common::fixtures::{pairs_and_real, tiny_images, tiny_unet};
+use dmdpipe::nn::Denoiser;
 use dmdpipe::train::device_data::DeviceImages;
-use dmdpipe::train::dmd::{DmdOptions, Pairs, RealImages, dmd_train_with_grids};
+use dmdpipe::train::dmd::{DmdOptions, dmd_train_with_grids};
 use dmdpipe::train::teacher::{TrainOptions, train};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// The two tests share libtorch's global generator.
 static RNG: Mutex<()> = Mutex::new(());
-
-fn config() -> NetworkConfig {
-    let mut c: NetworkConfig = serde_json::from_value(serde_json::json!({
-        "arch": "ddpmpp", "img_resolution": 8, "label_dim": 2, "augment_dim": 0, "model_channels": 8,
-        "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []
-    }))
-    .unwrap();
-    c.set_dropout(0.0);
-    c
-}
 
 /// Every variable (parameters and buffers), in name order.
 fn flat(n: &Denoiser) -> Tensor {
@@ -39,17 +31,8 @@ fn assert_identical(a: &Tensor, b: &Tensor, what: &str) {
 fn dmd_resumed_after_a_checkpoint_is_bit_identical() {
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(3);
-    let teacher = Denoiser::new(&config(), Device::Cpu);
-    let eye = Tensor::eye(2, (Kind::Float, Device::Cpu));
-    let pairs = Pairs {
-        z: Tensor::randn([16, 3, 8, 8], (Kind::Float, Device::Cpu)),
-        labels: Some(eye.index_select(0, &Tensor::randint(2, [16], (Kind::Int64, Device::Cpu)))),
-        x: Tensor::randn([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 0.5,
-    };
-    let real = RealImages {
-        images: (Tensor::rand([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 255.0).to_kind(Kind::Uint8),
-        labels: Some(eye.index_select(0, &Tensor::randint(2, [16], (Kind::Int64, Device::Cpu)))),
-    };
+    let teacher = Denoiser::new(&tiny_unet(), Device::Cpu);
+    let (pairs, real) = pairs_and_real();
     // Every state on: regression, two fake updates, the GAN head, an EMA.
     let opts = |iterations: u64| DmdOptions {
         batch: 4,
@@ -117,17 +100,10 @@ fn dmd_resumed_after_a_checkpoint_is_bit_identical() {
 #[test]
 fn teacher_resumed_after_a_checkpoint_is_bit_identical() {
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let ds = ImageDataset {
-        images: (0..16 * 8 * 8 * 3).map(|i| ((i * 37) % 256) as u8).collect(),
-        height: 8,
-        width: 8,
-        channels: 3,
-        labels: (0..16).map(|i| i % 2).collect(),
-        classes: vec!["a".into(), "b".into()],
-    };
+    let ds = tiny_images();
     let data = DeviceImages::new(&ds, Device::Cpu);
     tch::manual_seed(5);
-    let init = Denoiser::new(&config(), Device::Cpu);
+    let init = Denoiser::new(&tiny_unet(), Device::Cpu);
     let opts = |steps: u64| TrainOptions {
         batch: 4,
         images: 4 * steps,

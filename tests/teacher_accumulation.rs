@@ -1,28 +1,18 @@
 //! Teacher training in micro-batches against one batch. Alone in its test binary: the check is
 //! exact only if no other test draws from libtorch's global generator at the same time.
 
-use dmdpipe::data::artifact::ImageDataset;
-use dmdpipe::nn::{Denoiser, NetworkConfig};
+mod common;
+
+use common::fixtures::{tiny_images, tiny_unet};
+use dmdpipe::nn::Denoiser;
 use dmdpipe::train::device_data::DeviceImages;
 use dmdpipe::train::teacher::{TrainOptions, train};
 use tch::{Device, Tensor};
 
 #[test]
 fn micro_batches_compute_the_update_of_one_batch() {
-    let mut config: NetworkConfig = serde_json::from_value(serde_json::json!({
-        "arch": "ddpmpp", "img_resolution": 8, "label_dim": 2, "augment_dim": 0, "model_channels": 8,
-        "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []
-    }))
-    .unwrap();
-    config.set_dropout(0.0);
-    let ds = ImageDataset {
-        images: (0..16 * 8 * 8 * 3).map(|i| ((i * 37) % 256) as u8).collect(),
-        height: 8,
-        width: 8,
-        channels: 3,
-        labels: (0..16).map(|i| i % 2).collect(),
-        classes: vec!["a".into(), "b".into()],
-    };
+    let config = tiny_unet();
+    let ds = tiny_images();
     let data = DeviceImages::new(&ds, Device::Cpu);
     tch::manual_seed(5);
     let init = Denoiser::new(&config, Device::Cpu);

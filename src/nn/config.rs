@@ -249,32 +249,28 @@ impl NetworkConfig {
             }
             Ok(())
         };
+        // The two U-Nets name their sizes alike.
+        macro_rules! unet {
+            ($c:expr) => {{
+                let c = $c;
+                positive(&[
+                    ("img_resolution", c.img_resolution),
+                    ("img_channels", c.img_channels),
+                    ("model_channels", c.model_channels),
+                    ("channel_mult_emb", c.channel_mult_emb),
+                    ("num_blocks", c.num_blocks),
+                ])?;
+                non_negative(&[("label_dim", c.label_dim), ("augment_dim", c.augment_dim)])?;
+                unit_interval(&[("dropout", c.dropout), ("label_dropout", c.label_dropout)])?;
+                mults(&c.channel_mult)?;
+            }};
+        }
         match self {
             NetworkConfig::Ddpmpp(c) => {
-                positive(&[
-                    ("img_resolution", c.img_resolution),
-                    ("img_channels", c.img_channels),
-                    ("model_channels", c.model_channels),
-                    ("channel_mult_emb", c.channel_mult_emb),
-                    ("num_blocks", c.num_blocks),
-                    ("channel_mult_noise", c.channel_mult_noise),
-                ])?;
-                non_negative(&[("label_dim", c.label_dim), ("augment_dim", c.augment_dim)])?;
-                unit_interval(&[("dropout", c.dropout), ("label_dropout", c.label_dropout)])?;
-                mults(&c.channel_mult)?;
+                unet!(c);
+                positive(&[("channel_mult_noise", c.channel_mult_noise)])?;
             }
-            NetworkConfig::Adm(c) => {
-                positive(&[
-                    ("img_resolution", c.img_resolution),
-                    ("img_channels", c.img_channels),
-                    ("model_channels", c.model_channels),
-                    ("channel_mult_emb", c.channel_mult_emb),
-                    ("num_blocks", c.num_blocks),
-                ])?;
-                non_negative(&[("label_dim", c.label_dim), ("augment_dim", c.augment_dim)])?;
-                unit_interval(&[("dropout", c.dropout), ("label_dropout", c.label_dropout)])?;
-                mults(&c.channel_mult)?;
-            }
+            NetworkConfig::Adm(c) => unet!(c),
             NetworkConfig::Mlp(c) => {
                 positive(&[
                     ("dim", c.dim),

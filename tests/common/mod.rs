@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod pickle_writer;
 
 use std::path::{Path, PathBuf};
