@@ -85,7 +85,8 @@ pub fn read_files(dir: &Path, files: &[&str], expected_md5: &dyn Fn(&str) -> Opt
     let mut labels = Vec::new();
     for file in files {
         let path = dir.join(file);
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read CIFAR-10 file {}", path.display()))?;
+        // A batch file is 30,730,000 bytes; a little room for variants.
+        let bytes = super::file::read_regular(&path, 64 << 20).with_context(|| format!("cannot read CIFAR-10 file {}", path.display()))?;
         if let Some(expected) = expected_md5(file) {
             let actual = md5_hex(&bytes);
             if actual != expected {

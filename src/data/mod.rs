@@ -3,4 +3,5 @@
 pub mod artifact;
 pub mod cifar10;
 pub mod download;
+pub mod file;
 pub mod npy;

@@ -149,22 +149,35 @@ pub fn to_bytes(array: &NpyArray) -> Vec<u8> {
 }
 
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = super::file::read_regular(path, 1 << 40)?;
     parse(&bytes).with_context(|| format!("{}", path.display()))
 }
 
 /// Reads the named arrays of an `.npz` archive (names without `.npy`).
+/// Largest array an `.npz` entry may inflate to (EDM's ImageNet-64 statistics are 32 MiB; a
+/// downsampled ImageNet batch about 1 GiB).
+const MAX_NPZ_ENTRY: u64 = 16 << 30;
+
 pub fn read_npz(path: &Path, names: &[&str]) -> Result<Vec<NpyArray>> {
+    let file_len = super::file::check_regular(path)?;
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut zip = zip::ZipArchive::new(file).with_context(|| format!("{}: not a valid .npz (zip) archive", path.display()))?;
     names
         .iter()
         .map(|name| {
-            let mut entry = zip
+            let entry = zip
                 .by_name(&format!("{name}.npy"))
                 .with_context(|| format!("{}: no array `{name}`", path.display()))?;
-            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            // A header's claim is checked before anything is allocated: a stored entry cannot be
+            // larger than the file, an inflated one not larger than the cap.
+            let declared = entry.size();
+            let stored = entry.compression() == zip::CompressionMethod::Stored;
+            if declared > MAX_NPZ_ENTRY || (stored && declared > file_len) {
+                anyhow::bail!("{}: array `{name}` claims {declared} bytes in a file of {file_len}", path.display());
+            }
+            let mut bytes = Vec::with_capacity(declared as usize);
             entry
+                .take(declared)
                 .read_to_end(&mut bytes)
                 .with_context(|| format!("{}: reading `{name}`", path.display()))?;
             parse(&bytes).with_context(|| format!("{}: array `{name}`", path.display()))

@@ -119,6 +119,9 @@ impl StatCache {
     pub fn file_digest(&mut self, path: &Path) -> Result<String> {
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let meta = std::fs::metadata(&abs).with_context(|| format!("{} does not exist", path.display()))?;
+        if !meta.is_file() {
+            anyhow::bail!("{} is not a regular file (devices, FIFOs and sockets are not read)", path.display());
+        }
         let stat = Stat::of(&meta);
         // Keyed by inode, so a file moved within the filesystem (outputs into the store) stays known.
         let key = format!("{}:{}", stat.dev, stat.ino);

@@ -21,6 +21,10 @@ pub enum Transform {
     Resize,
 }
 
+fn default_max_side() -> u32 {
+    8192
+}
+
 fn default_extensions() -> Vec<String> {
     ["png", "jpg", "jpeg"].iter().map(|s| s.to_string()).collect()
 }
@@ -44,6 +48,9 @@ pub struct ImageFolderParams {
     pub transform: Transform,
     #[serde(default = "default_extensions")]
     pub extensions: Vec<String>,
+    /// Images wider or taller than this are refused before they are decoded.
+    #[serde(default = "default_max_side")]
+    pub max_side: u32,
 }
 
 impl ImageFolderParams {
@@ -81,8 +88,25 @@ impl ImageFolderParams {
     }
 
     fn load(&self, path: &Path) -> anyhow::Result<Vec<u8>> {
-        let img = image::open(path)
-            .with_context(|| format!("cannot decode image {}", path.display()))?
+        crate::data::file::check_regular(path)?;
+        let mut reader = image::ImageReader::open(path)
+            .with_context(|| format!("cannot open image {}", path.display()))?
+            .with_guessed_format()
+            .with_context(|| format!("cannot read image {}", path.display()))?;
+        // Decoding a small file that declares a huge canvas would allocate gigabytes.
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(self.max_side);
+        limits.max_image_height = Some(self.max_side);
+        reader.limits(limits);
+        let img = reader
+            .decode()
+            .with_context(|| {
+                format!(
+                    "cannot decode image {} (at most {} pixels a side: `max_side`)",
+                    path.display(),
+                    self.max_side
+                )
+            })?
             .to_rgb8();
         let (w, h) = img.dimensions();
         let img = match self.transform {
