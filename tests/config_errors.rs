@@ -262,7 +262,7 @@ fn wrong_type_in_pipeline_table() {
 fn invalid_pipeline_name() {
     expect_err(
         &format!("[pipeline]\nname = \"a b\"\n{GOOD_DATA}"),
-        0,
+        2,
         "pipeline.name",
         "invalid pipeline name",
     );
@@ -444,4 +444,20 @@ fn out_of_range_values_are_refused_before_anything_runs() {
         "stages.p.sampler",
         "sigma_min < sigma_max",
     );
+}
+
+#[test]
+fn an_invalid_pipeline_name_is_located_and_long_lines_are_shown_in_a_window() {
+    expect_err(
+        &format!("[pipeline]\nname = \"../../x\"\n{GOOD_DATA}"),
+        2,
+        "pipeline.name",
+        "invalid pipeline name",
+    );
+    // A 300 KB stage name: the message names it, the shown source line is a window of it.
+    let long = "a".repeat(300_000);
+    let e = parse(&format!("[stages.{long}x-]\nkind = \"gmm2d\"\n")).expect_err("too long a name");
+    let shown = e.to_string();
+    let source_line = shown.lines().find(|l| l.starts_with("1 |")).expect("a source line");
+    assert!(source_line.len() < 200, "{} bytes of source echoed", source_line.len());
 }

@@ -161,11 +161,18 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
         .with_help("non-finite values would be indistinguishable from unset ones in the cache key"));
     }
     let mut settings = PipelineSettings::default();
+    let mut name_span = None;
     let mut stages_table: Option<(Range<usize>, DeTable)> = None;
     for (key, value) in doc.into_inner() {
         let span = value.span();
         match key.get_ref().as_ref() {
             "pipeline" => {
+                if let DeValue::Table(t) = value.get_ref() {
+                    name_span = t
+                        .iter()
+                        .find(|(k, _)| k.get_ref() == "name")
+                        .map(|(k, v)| k.span().start..v.span().end);
+                }
                 settings =
                     PipelineSettings::deserialize(ValueDeserializer::from(value)).map_err(|e| serde_error(path, source, "pipeline", e))?;
             }
@@ -215,7 +222,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
             .unwrap_or_else(|| "pipeline".into())
     });
     if !valid_name(&name) {
-        return Err(err(None, "pipeline.name", format!("invalid pipeline name `{name}`")).with_help("use letters, digits, `-` and `_`"));
+        return Err(
+            err(name_span, "pipeline.name", format!("invalid pipeline name `{name}`")).with_help("use letters, digits, `-` and `_`")
+        );
     }
     let pipeline = Pipeline {
         file: path.to_path_buf(),

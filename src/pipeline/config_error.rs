@@ -15,8 +15,34 @@ pub struct ConfigError {
     pub key: String,
     pub message: String,
     pub help: Option<String>,
-    /// The source line the error points at, for display.
+    /// The source line the error points at, for display (a window of a long line).
     pub snippet: Option<String>,
+    /// 1-based column of the caret within `snippet`.
+    pub snippet_column: usize,
+}
+
+/// Characters of a long source line shown on each side of the error.
+const SNIPPET_HALF: usize = 60;
+
+/// A window of `line` around 1-based `column`, with the caret's column in it.
+fn window(line: &str, column: usize) -> (String, usize) {
+    let chars: Vec<char> = line.chars().collect();
+    if chars.len() <= 2 * SNIPPET_HALF {
+        return (line.to_string(), column);
+    }
+    let at = column.saturating_sub(1).min(chars.len());
+    let start = at.saturating_sub(SNIPPET_HALF);
+    let end = (at + SNIPPET_HALF).min(chars.len());
+    let mut text: String = chars[start..end].iter().collect();
+    let mut caret = at - start + 1;
+    if start > 0 {
+        text.insert_str(0, "...");
+        caret += 3;
+    }
+    if end < chars.len() {
+        text.push_str("...");
+    }
+    (text, caret)
 }
 
 impl ConfigError {
@@ -29,18 +55,19 @@ impl ConfigError {
             message: message.into(),
             help: None,
             snippet: None,
+            snippet_column: 0,
         }
     }
 
     /// An error at byte range `span` of `source`.
     pub fn at(file: &Path, source: &str, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> Self {
-        let (line, column, snippet) = match span {
+        let (line, column, snippet, snippet_column) = match span {
             Some(span) => {
                 let (l, c) = line_col(source, span.start);
-                let text = source.lines().nth(l - 1).unwrap_or("").to_string();
-                (l, c, Some(text))
+                let (text, caret) = window(source.lines().nth(l - 1).unwrap_or(""), c);
+                (l, c, Some(text), caret)
             }
-            None => (0, 0, None),
+            None => (0, 0, None, 0),
         };
         ConfigError {
             file: file.to_path_buf(),
@@ -50,6 +77,7 @@ impl ConfigError {
             message: message.into(),
             help: None,
             snippet,
+            snippet_column,
         }
     }
 
@@ -81,7 +109,7 @@ impl fmt::Display for ConfigError {
             let pad = " ".repeat(num.len());
             writeln!(f, "{pad} |")?;
             writeln!(f, "{num} | {snippet}")?;
-            writeln!(f, "{pad} | {}^", " ".repeat(self.column.saturating_sub(1)))?;
+            writeln!(f, "{pad} | {}^", " ".repeat(self.snippet_column.saturating_sub(1)))?;
         }
         if !self.key.is_empty() {
             writeln!(f, "  = key: {}", self.key)?;
