@@ -119,3 +119,23 @@ fn stray_files_in_the_cache_tmp_folder_do_not_block_runs() {
     assert!(ok, "{out}");
     assert_eq!(std::fs::read_dir(d.join("c/tmp")).unwrap().count(), 0, "leftovers removed");
 }
+
+/// `verify` lists a truncated pipeline record as a problem (exit 1) instead of failing (exit 2).
+#[test]
+fn verify_lists_a_truncated_pipeline_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, "c");
+    assert!(dmdpipe(d, &["run", "p.toml"]).0);
+    let record = std::fs::read_dir(d.join("c/pipelines")).unwrap().next().unwrap().unwrap().path();
+    let bytes = std::fs::read(&record).unwrap();
+    std::fs::write(&record, &bytes[..bytes.len() / 2]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
+        .args(["verify", "p.toml"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("unreadable pipeline record") && text.contains("1 problems"), "{text}");
+}

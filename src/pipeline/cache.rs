@@ -336,15 +336,28 @@ impl Cache {
     }
 
     /// Every entry key that some pipeline's last accepted run names.
-    fn roots(&self) -> Result<BTreeSet<String>> {
-        let mut keys = BTreeSet::new();
+    /// Every pipeline record, each parsed or with why it could not be.
+    fn records(&self) -> Result<Vec<(PathBuf, Result<PipelineRecord>)>> {
+        let mut out = Vec::new();
         for e in std::fs::read_dir(self.root.join("pipelines"))? {
             let path = e?.path();
             if path.extension().is_some_and(|x| x == "json") {
-                let rec: PipelineRecord =
-                    serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
-                keys.extend(rec.stages.into_values());
+                let rec = std::fs::read(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
+                    .with_context(|| format!("parsing {}", path.display()));
+                out.push((path, rec));
             }
+        }
+        Ok(out)
+    }
+
+    /// The entries the pipelines' last accepted runs name (an unreadable record is an error:
+    /// GC must not guess what it protected).
+    fn roots(&self) -> Result<BTreeSet<String>> {
+        let mut keys = BTreeSet::new();
+        for (_, rec) in self.records()? {
+            keys.extend(rec?.stages.into_values());
         }
         Ok(keys)
     }
@@ -417,9 +430,14 @@ impl Cache {
                 }
             }
         }
-        for key in self.roots()? {
-            if self.read_entry(&key).is_none() {
-                problems.push(format!("a pipeline record names entry {key}, which does not exist"));
+        for (path, rec) in self.records()? {
+            match rec {
+                Err(e) => problems.push(format!("{}: unreadable pipeline record ({e:#})", path.display())),
+                Ok(rec) => {
+                    for key in rec.stages.into_values().filter(|k| self.read_entry(k).is_none()) {
+                        problems.push(format!("a pipeline record names entry {key}, which does not exist"));
+                    }
+                }
             }
         }
         Ok(problems)
