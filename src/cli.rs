@@ -276,6 +276,7 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) {
     };
     let stderr_layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .with_filter(EnvFilter::try_from_env("DMDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new(level)));
     let file_layer = log_file.and_then(|path| std::fs::File::create(path).ok()).map(|f| {

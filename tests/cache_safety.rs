@@ -139,3 +139,22 @@ fn verify_lists_a_truncated_pipeline_record() {
     assert_eq!(out.status.code(), Some(1), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("unreadable pipeline record") && text.contains("1 problems"), "{text}");
 }
+
+/// An input folder that holds the cache itself (`source = "."`) or a dangling link is hashed
+/// without them: the stage is fresh on the second run.
+#[test]
+fn a_cache_or_a_dangling_link_inside_an_input_folder_is_not_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let imgs = d.join("imgs/a");
+    std::fs::create_dir_all(&imgs).unwrap();
+    image::RgbImage::new(8, 8).save(imgs.join("0.png")).unwrap();
+    std::os::unix::fs::symlink(d.join("gone.png"), imgs.join("dangling.png")).unwrap();
+    // The cache lives inside the input folder.
+    let text = "[pipeline]\ncache_dir = \"imgs/cache\"\n\n[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\nlabels = false\n";
+    std::fs::write(d.join("p.toml"), text).unwrap();
+    let (ok, out) = dmdpipe(d, &["run", "p.toml"]);
+    assert!(ok, "{out}");
+    let (ok, out) = dmdpipe(d, &["run", "p.toml"]);
+    assert!(ok && out.lines().any(|l| l.starts_with("data") && l.contains("cached")), "{out}");
+}

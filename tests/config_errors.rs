@@ -461,3 +461,26 @@ fn an_invalid_pipeline_name_is_located_and_long_lines_are_shown_in_a_window() {
     let source_line = shown.lines().find(|l| l.starts_with("1 |")).expect("a source line");
     assert!(source_line.len() < 200, "{} bytes of source echoed", source_line.len());
 }
+
+/// A chain of 100,000 stages parses, orders and draws (the cycle search and the order are
+/// iterative and linear: no stack overflow, no quadratic lookups), and a long cycle is named.
+#[test]
+fn a_chain_of_a_hundred_thousand_stages() {
+    let n = 100_000;
+    let mut src = String::from("[stages.s0]\nkind = \"cifar10\"\nsource = \"x\"\n");
+    for i in 1..n {
+        src.push_str(&format!("[stages.s{i}]\nkind = \"subset\"\ndataset = \"s{}\"\ncount = 5\n", i - 1));
+    }
+    let p = parse(&src).unwrap();
+    let order = dmdpipe::pipeline::graph::topo_order(&p);
+    assert_eq!(order.len(), n);
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "a chain in file order");
+    // Close the chain into a cycle of all 100,000.
+    let cyclic = src.replacen(
+        "[stages.s0]\nkind = \"cifar10\"\nsource = \"x\"\n",
+        &format!("[stages.s0]\nkind = \"subset\"\ndataset = \"s{}\"\ncount = 5\n", n - 1),
+        1,
+    );
+    let e = parse(&cyclic).expect_err("a cycle");
+    assert!(e.message.contains("cycle"), "{}", &e.message[..e.message.len().min(300)]);
+}

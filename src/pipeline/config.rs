@@ -1,6 +1,6 @@
 //! Pipeline files: TOML parsed with spans, so every error names file, line and key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -109,11 +109,13 @@ pub struct Pipeline {
     pub root: PathBuf,
     /// Stages in file order.
     pub stages: Vec<StageDecl>,
+    /// Position of each stage in `stages`, by name (names are unique).
+    index: HashMap<String, usize>,
 }
 
 impl Pipeline {
     pub fn stage(&self, name: &str) -> Option<&StageDecl> {
-        self.stages.iter().find(|s| s.name == name)
+        self.index.get(name).map(|&i| &self.stages[i])
     }
 
     pub fn cache_dir(&self) -> PathBuf {
@@ -226,6 +228,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
             err(name_span, "pipeline.name", format!("invalid pipeline name `{name}`")).with_help("use letters, digits, `-` and `_`")
         );
     }
+    let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
     let pipeline = Pipeline {
         file: path.to_path_buf(),
         source: source.to_string(),
@@ -233,6 +236,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Pipeline, ConfigError> {
         settings,
         root,
         stages,
+        index,
     };
     validate(&pipeline)?;
     Ok(pipeline)

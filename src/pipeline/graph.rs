@@ -21,50 +21,65 @@ fn deps(p: &Pipeline) -> Vec<Vec<usize>> {
 }
 
 /// A dependency cycle as stage names, each depending on the next, if there is one.
+/// Depth-first with an explicit stack: a chain of 100k stages must not overflow the call stack.
 pub fn find_cycle(p: &Pipeline) -> Option<Vec<String>> {
     let d = deps(p);
-    let mut state = vec![0u8; d.len()]; // 0 new, 1 on stack, 2 done
-    let mut stack = Vec::new();
-    fn visit(i: usize, d: &[Vec<usize>], state: &mut [u8], stack: &mut Vec<usize>) -> Option<Vec<usize>> {
-        state[i] = 1;
-        stack.push(i);
-        for &j in &d[i] {
-            if state[j] == 1 {
-                let start = stack.iter().position(|&k| k == j).expect("on stack");
-                return Some(stack[start..].to_vec());
-            }
-            if state[j] == 0
-                && let Some(c) = visit(j, d, state, stack)
-            {
-                return Some(c);
-            }
+    let mut state = vec![0u8; d.len()]; // 0 new, 1 on the path, 2 done
+    for root in 0..d.len() {
+        if state[root] != 0 {
+            continue;
         }
-        stack.pop();
-        state[i] = 2;
-        None
-    }
-    for i in 0..d.len() {
-        if state[i] == 0
-            && let Some(c) = visit(i, &d, &mut state, &mut stack)
-        {
-            return Some(c.into_iter().map(|k| p.stages[k].name.clone()).collect());
+        // (stage, index of its next dependency to look at)
+        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+        state[root] = 1;
+        while let Some(&mut (i, ref mut next)) = path.last_mut() {
+            if let Some(&j) = d[i].get(*next) {
+                *next += 1;
+                match state[j] {
+                    1 => {
+                        let start = path.iter().position(|&(k, _)| k == j).expect("on the path");
+                        return Some(path[start..].iter().map(|&(k, _)| p.stages[k].name.clone()).collect());
+                    }
+                    0 => {
+                        state[j] = 1;
+                        path.push((j, 0));
+                    }
+                    _ => {}
+                }
+            } else {
+                state[i] = 2;
+                path.pop();
+            }
         }
     }
     None
 }
 
-/// Stage indices in dependency order; ties keep file order. The pipeline has no cycle.
+/// Stage indices in dependency order; ties keep file order (Kahn's algorithm over a min-heap of
+/// ready stages, O((stages + edges) log stages)). The pipeline has no cycle.
 pub fn topo_order(p: &Pipeline) -> Vec<usize> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
     let d = deps(p);
-    let mut done = vec![false; d.len()];
-    let mut order = Vec::new();
-    while order.len() < d.len() {
-        let next = (0..d.len())
-            .find(|&i| !done[i] && d[i].iter().all(|&j| done[j]))
-            .expect("validated: no cycle");
-        done[next] = true;
-        order.push(next);
+    let mut waiting: Vec<usize> = d.iter().map(Vec::len).collect();
+    let mut dependents = vec![Vec::new(); d.len()];
+    for (i, ups) in d.iter().enumerate() {
+        for &j in ups {
+            dependents[j].push(i);
+        }
     }
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..d.len()).filter(|&i| waiting[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(d.len());
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &k in &dependents[i] {
+            waiting[k] -= 1;
+            if waiting[k] == 0 {
+                ready.push(Reverse(k));
+            }
+        }
+    }
+    assert_eq!(order.len(), d.len(), "validated: no cycle");
     order
 }
 

@@ -143,11 +143,25 @@ impl StatCache {
         Ok(digest)
     }
 
-    /// Every regular file under `dir` (following no symlinks out of it), sorted by path.
+    /// Every regular file under `dir`, sorted by path. Links are followed; a dangling one is
+    /// skipped (nothing could read it either), and so is any folder tagged as a cache
+    /// (`CACHEDIR.TAG`, e.g. a dmdpipe cache inside an input folder, which changes on every run).
     pub fn tree(&mut self, dir: &Path) -> Result<Vec<FileDigest>> {
         let mut files = Vec::new();
-        for entry in walkdir::WalkDir::new(dir).sort_by_file_name().follow_links(true) {
-            let entry = entry.with_context(|| format!("walking {}", dir.display()))?;
+        let walk = walkdir::WalkDir::new(dir)
+            .sort_by_file_name()
+            .follow_links(true)
+            .into_iter()
+            .filter_entry(|e| !(e.depth() > 0 && e.file_type().is_dir() && e.path().join("CACHEDIR.TAG").is_file()));
+        for entry in walk {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) if e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) => {
+                    tracing::warn!("skipping a dangling link: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("walking {}", dir.display())),
+            };
             if !entry.file_type().is_file() {
                 continue;
             }

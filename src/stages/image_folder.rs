@@ -64,7 +64,8 @@ impl ImageFolderParams {
                 let mut names = Vec::new();
                 for entry in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
                     let entry = entry?;
-                    if entry.file_type()?.is_dir() {
+                    // A tagged cache folder (e.g. dmdpipe's own cache placed here) is no class.
+                    if entry.file_type()?.is_dir() && !entry.path().join("CACHEDIR.TAG").is_file() {
                         names.push(entry.file_name().to_string_lossy().into_owned());
                     }
                 }
