@@ -484,3 +484,10 @@ fn a_chain_of_a_hundred_thousand_stages() {
     let e = parse(&cyclic).expect_err("a cycle");
     assert!(e.message.contains("cycle"), "{}", &e.message[..e.message.len().min(300)]);
 }
+
+#[test]
+fn counts_beyond_memory_are_refused_at_their_field() {
+    let src = GOOD_DATA.replace("count = 10", "count = 1_000_000_000_000");
+    let e = expect_err(&src, 4, "stages.data.count", "must be at most 100,000,000");
+    assert!(e.message.contains("1000000000000"), "{e}");
+}

@@ -355,6 +355,8 @@ impl Stage for FidParams {
         if let Err(e) = self.sampler.check() {
             return Err(FieldIssue::new("sampler", e));
         }
+        super::count_in_range("num_samples", self.num_samples as u64, 10_000_000)?;
+        super::count_in_range("repeats", self.repeats as u64, 100)?;
         match (&self.images, &self.generator) {
             (Some(_), Some(_)) => Err(FieldIssue::new("generator", "give either `images` or `generator`, not both")),
             (None, None) => Err(FieldIssue::new("reference", "an fid stage needs `images` or `generator`")),

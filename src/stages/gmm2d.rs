@@ -67,9 +67,8 @@ impl Stage for Gmm2dParams {
             return Err(FieldIssue::new("components", "a mixture needs at least one component")
                 .help("add components = [{ weight = 1.0, mean = [0.0, 0.0], std = 0.1 }]"));
         }
-        if self.count == 0 {
-            return Err(FieldIssue::new("count", "`count` must be at least 1"));
-        }
+        // Points are held in memory: 100M of them are 1.6 GB.
+        super::count_in_range("count", self.count as u64, 100_000_000)?;
         for (i, c) in self.components.iter().enumerate() {
             if !(c.weight > 0.0 && c.weight.is_finite()) {
                 return Err(FieldIssue::new(

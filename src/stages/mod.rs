@@ -91,6 +91,18 @@ impl FieldIssue {
 /// rates, logs with them): kept with the artifact, left out of what downstream keys see.
 pub const MEASUREMENTS_DIR: &str = "measurements";
 
+/// Checks that a count a stage will allocate or loop over lies in 1..=`max`.
+pub fn count_in_range(field: &str, value: u64, max: u64) -> Result<(), FieldIssue> {
+    if value == 0 {
+        return Err(FieldIssue::new(field, format!("`{field}` must be at least 1")));
+    }
+    if value > max {
+        let shown = estimate::group_thousands(max);
+        return Err(FieldIssue::new(field, format!("`{field}` must be at most {shown} (got {value})")));
+    }
+    Ok(())
+}
+
 /// What a stage's seeded latents are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeedUse {

@@ -72,6 +72,7 @@ impl Stage for OdePairsParams {
         if let Err(e) = self.sampler.check() {
             return Err(FieldIssue::new("sampler", e));
         }
+        super::count_in_range("count", self.count as u64, 100_000_000)?;
         if self.count == 0 || self.batch == 0 || self.shard_size == 0 {
             return Err(FieldIssue::new("count", "count, batch and shard_size must be at least 1"));
         }
