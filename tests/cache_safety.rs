@@ -158,3 +158,45 @@ fn a_cache_or_a_dangling_link_inside_an_input_folder_is_not_hashed() {
     let (ok, out) = dmdpipe(d, &["run", "p.toml"]);
     assert!(ok && out.lines().any(|l| l.starts_with("data") && l.contains("cached")), "{out}");
 }
+
+/// A read-only cache (here a read-only bind mount of it) still answers `status`, `verify` and
+/// `path`; `run` says why it cannot write. Skipped with a notice where mounting is not allowed.
+#[test]
+fn a_read_only_cache_still_answers_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, "c");
+    assert!(dmdpipe(d, &["run", "p.toml"]).0);
+    let c = d.join("c");
+    let mount = |args: &[&str]| Command::new("mount").args(args).arg(&c).arg(&c).status().is_ok_and(|s| s.success());
+    if !(mount(&["--bind"])
+        && Command::new("mount")
+            .args(["-o", "remount,ro,bind"])
+            .arg(&c)
+            .status()
+            .is_ok_and(|s| s.success()))
+    {
+        let _ = Command::new("umount").arg(&c).status();
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"notice: read-only bind mounts are not allowed here; skipping\n",
+        );
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&c);
+    assert!(std::fs::write(c.join("probe"), "x").is_err(), "the mount is read-only");
+    let (ok, out) = dmdpipe(d, &["status", "p.toml"]);
+    assert!(ok && out.contains("fresh"), "{out}");
+    let (ok, out) = dmdpipe(d, &["verify", "p.toml"]);
+    assert!(ok && out.contains("0 problems"), "{out}");
+    let (ok, out) = dmdpipe(d, &["path", "p.toml", "data"]);
+    assert!(ok && out.contains("objects"), "{out}");
+    let (ok, out) = dmdpipe(d, &["run", "p.toml", "--force", "data"]);
+    assert!(!ok && out.contains("Read-only file system"), "{out}");
+}

@@ -58,7 +58,8 @@ pub enum LockMode {
 
 pub struct Cache {
     root: PathBuf,
-    _lock: File,
+    /// The OS lock is held while this is open (none on a cache no lock file can exist in).
+    _lock: Option<File>,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +97,17 @@ const CACHE_NAMES: &[&str] = &[
 /// an earlier dmdpipe (only cache names inside, `entries` and `objects` among them) is marked;
 /// anything else is refused, since a cache deletes inside itself.
 pub fn claim(root: &Path) -> Result<()> {
+    check_claimable(root)?;
+    let marker = root.join(MARKER);
+    if marker.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating the cache folder {}", root.display()))?;
+    atomic_write(&marker, MARKER_TEXT.as_bytes()).with_context(|| format!("writing {}", marker.display()))
+}
+
+/// Whether `root` may be used as a dmdpipe cache (see [`claim`]), without changing anything.
+pub fn check_claimable(root: &Path) -> Result<()> {
     let marker = root.join(MARKER);
     if let Ok(text) = std::fs::read_to_string(&marker) {
         if text.contains("dmdpipe cache") {
@@ -131,26 +143,61 @@ pub fn claim(root: &Path) -> Result<()> {
             if names.len() > 5 { ", ..." } else { "" }
         );
     }
-    std::fs::create_dir_all(root).with_context(|| format!("creating the cache folder {}", root.display()))?;
-    atomic_write(&marker, MARKER_TEXT.as_bytes()).with_context(|| format!("writing {}", marker.display()))
+    Ok(())
 }
 
 impl Cache {
     /// Opens (creating if needed) the cache at `root` and takes its lock. When another process
     /// holds it, says who and waits.
     pub fn open(root: &Path, mode: LockMode) -> Result<Cache> {
+        if mode == LockMode::Shared {
+            return Self::open_for_reading(root);
+        }
         claim(root)?;
         for sub in ["objects", "entries", "pipelines", "tmp", "work", "downloads", "logs", "history"] {
             std::fs::create_dir_all(root.join(sub)).with_context(|| format!("creating cache directory {}", root.join(sub).display()))?;
         }
         let lock_path = root.join("lock");
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
+        Self::locked(root, file, mode)
+    }
+
+    /// Readers (`status`, `verify`, `path`, `why`) also work on a cache they cannot write (a
+    /// read-only mount, another user's folder): nothing is created, and the shared lock is
+    /// taken on a read-only handle, or skipped when no lock file can exist there.
+    fn open_for_reading(root: &Path) -> Result<Cache> {
+        check_claimable(root)?;
+        if !root.join(MARKER).exists() && claim(root).is_err() {
+            tracing::debug!("{} is not writable; reading it as it is", root.display());
+        }
+        for sub in ["objects", "entries", "pipelines", "tmp", "work", "downloads", "logs", "history"] {
+            let _ = std::fs::create_dir_all(root.join(sub));
+        }
+        let lock_path = root.join("lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .or_else(|_| File::open(&lock_path));
+        match file {
+            Ok(f) => Self::locked(root, f, LockMode::Shared),
+            Err(_) => Ok(Cache {
+                root: root.to_path_buf(),
+                _lock: None,
+            }),
+        }
+    }
+
+    fn locked(root: &Path, mut file: File, mode: LockMode) -> Result<Cache> {
+        let lock_path = root.join("lock");
         let attempt = match mode {
             LockMode::Shared => file.try_lock_shared(),
             LockMode::Exclusive => file.try_lock(),
@@ -188,7 +235,7 @@ impl Cache {
         }
         Ok(Cache {
             root: root.to_path_buf(),
-            _lock: file,
+            _lock: Some(file),
         })
     }
 

@@ -393,7 +393,15 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
         }
     }
     overall.finish_and_clear();
-    stat.save()?;
+    match mode {
+        Mode::Run => stat.save()?,
+        // The stat cache only saves re-reading: a reader of a read-only cache goes without.
+        _ => {
+            if let Err(e) = stat.save() {
+                tracing::debug!("stat cache not saved: {e:#}");
+            }
+        }
+    }
     let report = RunReport {
         pipeline: p.name.clone(),
         stages: reports,
