@@ -126,3 +126,15 @@ fn cifar10_batches() {
         });
     }
 }
+
+#[test]
+fn torch_zip_checkpoints() {
+    let original = std::fs::read(repo("tests/fixtures/torch/songunet_tiny_state.pt")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.pt");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for _ in 0..1000 {
+        std::fs::write(&path, mutate(&mut rng, &original)).unwrap();
+        no_panic("torch zip", || dmdpipe::artifact::torch_pickle::read_torch_zip(&path).is_ok());
+    }
+}
