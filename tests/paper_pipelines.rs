@@ -223,15 +223,16 @@ fn run_paper(p: &Paper) {
     }
     let log = dmdpipe(root, &args);
     eprintln!("{}:\n{log}", p.file);
-    let grid_dir = dmdpipe(
-        root,
-        &[
-            vec!["path".into(), file.to_string_lossy().into_owned(), "student_grid".into()],
+    // `dmdpipe path` with the same overrides (they are part of the key).
+    let output_dir = |stage: &str| {
+        let args = [
+            vec!["path".into(), file.to_string_lossy().into_owned(), stage.into()],
             small_work(p, &names),
         ]
-        .concat(),
-    );
-    let grid = PathBuf::from(grid_dir.trim());
+        .concat();
+        PathBuf::from(dmdpipe(root, &args).trim())
+    };
+    let grid = output_dir("student_grid");
     assert!(
         std::fs::read_dir(&grid)
             .unwrap()
@@ -241,16 +242,8 @@ fn run_paper(p: &Paper) {
         grid.display()
     );
     if inception.is_some() {
-        let fid_dir = dmdpipe(
-            root,
-            &[
-                vec!["path".into(), file.to_string_lossy().into_owned(), "student_fid".into()],
-                small_work(p, &names),
-            ]
-            .concat(),
-        );
         let metrics: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(Path::new(fid_dir.trim()).join("metrics.json")).unwrap_or_else(|e| panic!("{}: {e}\n{log}", p.file)),
+            &std::fs::read(output_dir("student_fid").join("metrics.json")).unwrap_or_else(|e| panic!("{}: {e}\n{log}", p.file)),
         )
         .unwrap();
         assert_eq!(metrics["fid_repeats"].as_array().map(Vec::len), Some(3), "{}: {metrics}", p.file);

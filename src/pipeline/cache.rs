@@ -71,6 +71,24 @@ pub struct GcReport {
     pub kept_entries: usize,
 }
 
+/// The folders of a cache (see the module comment).
+fn create_layout(root: &Path) -> std::io::Result<()> {
+    for sub in ["objects", "entries", "pipelines", "tmp", "work", "downloads", "logs", "history"] {
+        std::fs::create_dir_all(root.join(sub))?;
+    }
+    Ok(())
+}
+
+/// The lock file, opened for writing (created if absent).
+fn open_lock_file(root: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(root.join("lock"))
+}
+
 /// The marker that makes a folder recognisable as a dmdpipe cache: a standard cache directory
 /// tag (backup tools skip such folders) with dmdpipe's own comment line.
 pub const MARKER: &str = "CACHEDIR.TAG";
@@ -154,40 +172,21 @@ impl Cache {
             return Self::open_for_reading(root);
         }
         claim(root)?;
-        for sub in ["objects", "entries", "pipelines", "tmp", "work", "downloads", "logs", "history"] {
-            std::fs::create_dir_all(root.join(sub)).with_context(|| format!("creating cache directory {}", root.join(sub).display()))?;
-        }
-        let lock_path = root.join("lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
+        create_layout(root).with_context(|| format!("creating the cache folders in {}", root.display()))?;
+        let file = open_lock_file(root).with_context(|| format!("opening {}", root.join("lock").display()))?;
         Self::locked(root, file, mode)
     }
 
     /// Readers (`status`, `verify`, `path`, `why`) also work on a cache they cannot write (a
-    /// read-only mount, another user's folder): nothing is created, and the shared lock is
-    /// taken on a read-only handle, or skipped when no lock file can exist there.
+    /// read-only mount, another user's folder): what cannot be created is gone without, and the
+    /// shared lock is taken on a read-only handle, or skipped when no lock file can exist there.
     fn open_for_reading(root: &Path) -> Result<Cache> {
-        check_claimable(root)?;
-        if !root.join(MARKER).exists() && claim(root).is_err() {
+        if claim(root).is_err() {
+            check_claimable(root)?;
             tracing::debug!("{} is not writable; reading it as it is", root.display());
         }
-        for sub in ["objects", "entries", "pipelines", "tmp", "work", "downloads", "logs", "history"] {
-            let _ = std::fs::create_dir_all(root.join(sub));
-        }
-        let lock_path = root.join("lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .or_else(|_| File::open(&lock_path));
-        match file {
+        let _ = create_layout(root);
+        match open_lock_file(root).or_else(|_| File::open(root.join("lock"))) {
             Ok(f) => Self::locked(root, f, LockMode::Shared),
             Err(_) => Ok(Cache {
                 root: root.to_path_buf(),
