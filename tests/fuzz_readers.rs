@@ -1,5 +1,5 @@
 //! Bounded fuzzing of the readers of user files (pipeline configs, safetensors weights, npz/npy
-//! arrays, CIFAR-10 batches): random mutations of real examples must give errors, never a panic
+//! arrays, CIFAR-10 batches, PNG and JPEG images): random mutations of real examples must give errors, never a panic
 //! or an abort. Pickles and torch snapshots have their own (tests/pickle_reader.rs,
 //! tests/torch_pickles.rs).
 
@@ -137,4 +137,55 @@ fn torch_zip_checkpoints() {
         std::fs::write(&path, mutate(&mut rng, &original)).unwrap();
         no_panic("torch zip", || dmdpipe::artifact::torch_pickle::read_torch_zip(&path).is_ok());
     }
+}
+
+/// CRC-32 (IEEE) as PNG chunks carry it.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+fn encoded(format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(24, 17, |x, y| image::Rgb([(x * 10) as u8, (y * 15) as u8, ((x + y) * 5) as u8]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), format).unwrap();
+    out
+}
+
+#[test]
+fn png_and_jpeg_images() {
+    use dmdpipe::data::image::decode_rgb_bytes;
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for format in [image::ImageFormat::Png, image::ImageFormat::Jpeg] {
+        let original = encoded(format);
+        assert_eq!(decode_rgb_bytes(&original, 64).unwrap().dimensions(), (24, 17));
+        let mut decoded = 0;
+        for _ in 0..1500 {
+            let m = mutate(&mut rng, &original);
+            decoded += no_panic("image", || decode_rgb_bytes(&m, 64).is_ok()) as usize;
+        }
+        assert!(decoded > 0, "{format:?}: no mutant decoded; the fuzzer rejects everything");
+    }
+}
+
+#[test]
+fn a_png_declaring_a_huge_canvas_is_refused_from_its_header() {
+    let mut png = encoded(image::ImageFormat::Png);
+    // IHDR follows the 8-byte signature: length (4), "IHDR" (4), width (4), height (4), ...
+    png[16..20].copy_from_slice(&22_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&22_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let t = std::time::Instant::now();
+    let e = dmdpipe::data::image::decode_rgb_bytes(&png, 8192).unwrap_err();
+    assert!(format!("{e:#}").to_lowercase().contains("limit"), "{e:#}");
+    assert!(t.elapsed().as_secs() < 5);
+    // Under a larger `max_side` the decoder's memory limit still refuses it.
+    assert!(dmdpipe::data::image::decode_rgb_bytes(&png, 30_000).is_err());
 }

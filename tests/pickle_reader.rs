@@ -278,4 +278,21 @@ mod hostile {
         assert!(format!("{:#}", strided_tensor(&s, 0, &[i64::MAX, 3], &[3, 1]).unwrap_err()).contains("overflow"));
         assert!(strided_tensor(&s, 0, &[2, 3], &[3]).is_err());
     }
+
+    #[test]
+    fn broadcast_and_empty_views() {
+        let s = Storage {
+            kind: tch::Kind::Float,
+            bytes: [1f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        // An expanded (stride 0) view of a small storage is read element by element.
+        let t = strided_tensor(&s, 1, &[3, 2], &[0, 0]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(), vec![2.0; 6]);
+        // Eight bytes declaring a trillion elements are refused before any allocation.
+        let e = strided_tensor(&s, 0, &[1 << 40], &[0]).unwrap_err();
+        assert!(format!("{e:#}").contains("repeats its storage"), "{e:#}");
+        // An empty view may start anywhere, even past the storage's end.
+        let t = strided_tensor(&s, 1_000_000, &[0, 4], &[4, 1]).unwrap();
+        assert_eq!(t.size(), vec![0, 4]);
+    }
 }

@@ -381,6 +381,8 @@ pub fn load_legacy_storage(bytes: &[u8]) -> Result<Storage> {
     bail!("legacy storage stream lacks storage `{key}`")
 }
 
+const MAX_VIEW_REPEAT: i64 = 4096;
+
 /// A contiguous CPU tensor from a storage view, bounds-checked (hostile sizes are errors).
 /// Half, bfloat16 and double tensors come back as float32.
 pub fn strided_tensor(storage: &Storage, offset: i64, size: &[i64], stride: &[i64]) -> Result<Tensor> {
@@ -406,13 +408,22 @@ pub fn strided_tensor(storage: &Storage, offset: i64, size: &[i64], stride: &[i6
     if numel > 0 && last >= numel_storage {
         bail!("tensor view (offset {offset}, size {size:?}, stride {stride:?}) reaches past its storage of {numel_storage} elements");
     }
+    // A zero stride repeats elements: a few bytes of storage could declare terabytes.
+    if numel > numel_storage.max(1).saturating_mul(MAX_VIEW_REPEAT) {
+        bail!("tensor view of {numel} elements repeats its storage of {numel_storage} elements more than {MAX_VIEW_REPEAT} times");
+    }
+    if numel == 0 {
+        return Ok(Tensor::zeros(size, (loaded_kind(storage.kind), tch::Device::Cpu)));
+    }
     let contiguous = size
         .iter()
         .zip(stride)
         .rev()
         .try_fold(1i64, |expect, (&n, &s)| (n <= 1 || s == expect).then_some(expect * n.max(1)))
         .is_some();
-    let mut out = Vec::with_capacity(numel as usize * elem);
+    let mut out = Vec::new();
+    out.try_reserve_exact(numel as usize * elem)
+        .map_err(|_| anyhow!("tensor of {numel} elements does not fit in memory"))?;
     if contiguous {
         let start = offset as usize * elem;
         out.extend_from_slice(&storage.bytes[start..start + numel as usize * elem]);
@@ -440,12 +451,16 @@ pub fn strided_tensor(storage: &Storage, offset: i64, size: &[i64], stride: &[i6
             }
         }
     }
-    let t = Tensor::f_from_data_size(&out, size, storage.kind)?;
-    Ok(if matches!(storage.kind, Kind::Half | Kind::BFloat16 | Kind::Double) {
-        t.f_to_kind(Kind::Float)?
+    Ok(Tensor::f_from_data_size(&out, size, storage.kind)?.f_to_kind(loaded_kind(storage.kind))?)
+}
+
+/// Half, bfloat16 and double weights are loaded as float32; other kinds as they are.
+fn loaded_kind(kind: Kind) -> Kind {
+    if matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Double) {
+        Kind::Float
     } else {
-        t
-    })
+        kind
+    }
 }
 
 /// What an EDM training snapshot holds.

@@ -4,4 +4,5 @@ pub mod artifact;
 pub mod cifar10;
 pub mod download;
 pub mod file;
+pub mod image;
 pub mod npy;

@@ -89,32 +89,9 @@ impl ImageFolderParams {
     }
 
     fn load(&self, path: &Path) -> anyhow::Result<Vec<u8>> {
-        crate::data::file::check_regular(path)?;
-        let mut reader = image::ImageReader::open(path)
-            .with_context(|| format!("cannot open image {}", path.display()))?
-            .with_guessed_format()
-            .with_context(|| format!("cannot read image {}", path.display()))?;
-        // Decoding a small file that declares a huge canvas would allocate gigabytes.
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(self.max_side);
-        limits.max_image_height = Some(self.max_side);
-        reader.limits(limits);
-        let img = reader
-            .decode()
-            .with_context(|| {
-                format!(
-                    "cannot decode image {} (at most {} pixels a side: `max_side`)",
-                    path.display(),
-                    self.max_side
-                )
-            })?
-            .to_rgb8();
-        let (w, h) = img.dimensions();
+        let img = crate::data::image::decode_rgb(path, self.max_side)?;
         let img = match self.transform {
-            Transform::CenterCrop => {
-                let s = w.min(h);
-                image::imageops::crop_imm(&img, (w - s) / 2, (h - s) / 2, s, s).to_image()
-            }
+            Transform::CenterCrop => crate::data::image::center_square(&img),
             Transform::Resize => img,
         };
         let r = self.resolution;
