@@ -12,7 +12,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::pipeline::cache::{Cache, LockMode};
 use crate::pipeline::config::{self, Pipeline};
 use crate::pipeline::config_error::ConfigError;
-use crate::pipeline::graph::{self, DagFormat};
+use crate::pipeline::graph::DagFormat;
 use crate::pipeline::runner::{self, Outcome, RunOptions, RunReport};
 use crate::pipeline::schema;
 
@@ -233,14 +233,10 @@ enum BenchCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // DMDPIPE_BF16_GROUP_NORM=0/1 overrides every network's `bf16_group_norm` (GroupNorm + SiLU
-    // on bf16 activations in bf16, or in fp32 as autocast has it). Read here so that stage
-    // workers inherit it with the environment.
-    crate::nn::layers::set_group_norm_override(match std::env::var("DMDPIPE_BF16_GROUP_NORM").as_deref() {
-        Ok("1") => Some(true),
-        Ok("0") => Some(false),
-        _ => None,
-    });
+    if std::env::var_os("DMDPIPE_BF16_GROUP_NORM").is_some() {
+        // It used to override every network's GroupNorm mode outside the cache key.
+        eprintln!("warning: DMDPIPE_BF16_GROUP_NORM is no longer read: set `bf16_group_norm` in the network config");
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -341,7 +337,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 print_estimates(&p, &report, gpus);
             }
             if !dry_run {
-                let html = crate::report::write_report(&cache_dir, &report)?;
+                let html = crate::pipeline::report::write_report(&cache_dir, &report)?;
                 println!("report: {}", html.display());
             }
             if let Some(l) = log {
@@ -377,7 +373,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dag { pipeline, format } => {
             let p = load(pipeline.as_deref(), &cli.set)?;
-            print!("{}", graph::render(&p, format));
+            print!("{}", p.graph().render(format));
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc { pipeline, dry_run } => {
@@ -490,7 +486,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::StageWorker { job } => {
             init_logging(cli.verbose, None);
-            crate::dist::stage::run_worker(&job)?;
+            crate::pipeline::workers::run_worker(&job)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DistCheck { dir } => {
@@ -561,7 +557,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::ImportWeights { input, out, inception } => {
             let out = out.unwrap_or_else(|| input.with_extension("safetensors"));
-            let what = crate::nn::import::import_to_safetensors(&input, &out, inception)?;
+            let what = if inception {
+                crate::eval::inception_import::import_inception(&input, &out)?
+            } else {
+                crate::nn::import::import_to_safetensors(&input, &out)?
+            };
             println!("wrote {} ({what})", out.display());
             Ok(ExitCode::SUCCESS)
         }

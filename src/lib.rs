@@ -13,7 +13,6 @@ pub mod eval;
 pub mod nn;
 pub mod pipeline;
 pub mod render;
-pub mod report;
 pub mod sample;
 pub mod stages;
 pub mod torch_shim;

@@ -3,7 +3,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::nn::Denoiser;
 
@@ -207,6 +207,15 @@ pub fn class_grid(
     }
     let labels = (!class_names.is_empty()).then_some(class_names);
     crate::render::image_grid(&bytes, res as usize, res as usize, rows, columns, labels)
+}
+
+/// Standard-normal latents of any sample shape, one seed per sample.
+pub fn latents(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
+    let flat: i64 = shape.iter().product();
+    let z = seeded_latents(seeds, [1, 1, flat], device);
+    let mut full = vec![seeds.len() as i64];
+    full.extend(shape);
+    z.reshape(full.as_slice())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use std::ffi::CStr;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use anyhow::{Result, bail};
 use tch::{Device, Tensor};
@@ -247,6 +248,55 @@ pub fn set_tf32(enabled: bool) {
 
 pub fn tf32_enabled() -> bool {
     unsafe { dmd_tf32_enabled() != 0 }
+}
+
+/// A process-wide override of every GroupNorm's mode on bf16 activations (0: each network's
+/// own setting, 1: native bf16, 2: fp32 as autocast runs it): `bench gpu` times both modes,
+/// a `NumericsScope` resets it. Never set while a cached stage runs: a
+/// network's own `bf16_group_norm` (in its config, so in the key) decides there.
+static GROUP_NORM_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+pub fn set_group_norm_override(mode: Option<bool>) {
+    let v = match mode {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    GROUP_NORM_OVERRIDE.store(v, Ordering::Relaxed);
+}
+
+pub fn group_norm_override() -> Option<bool> {
+    match GROUP_NORM_OVERRIDE.load(Ordering::Relaxed) {
+        1 => Some(true),
+        2 => Some(false),
+        _ => None,
+    }
+}
+
+/// The process-global numerics switches a result can depend on: TF32 and the GroupNorm override. A scope starts from the defaults (strict fp32, no override) and puts back
+/// what it found when it ends, so nothing leaks from one stage into the next.
+pub struct NumericsScope {
+    tf32: bool,
+    group_norm: Option<bool>,
+}
+
+impl NumericsScope {
+    pub fn defaults() -> Self {
+        let saved = NumericsScope {
+            tf32: tf32_enabled(),
+            group_norm: group_norm_override(),
+        };
+        set_tf32(false);
+        set_group_norm_override(None);
+        saved
+    }
+}
+
+impl Drop for NumericsScope {
+    fn drop(&mut self) {
+        set_tf32(self.tf32);
+        set_group_norm_override(self.group_norm);
+    }
 }
 
 /// A learning rate given as a number, or as a 0-dim tensor on the parameters' device (read by

@@ -472,7 +472,7 @@ fn a_chain_of_a_hundred_thousand_stages() {
         src.push_str(&format!("[stages.s{i}]\nkind = \"subset\"\ndataset = \"s{}\"\ncount = 5\n", i - 1));
     }
     let p = parse(&src).unwrap();
-    let order = dmdpipe::pipeline::graph::topo_order(&p);
+    let order = p.graph().topo_order();
     assert_eq!(order.len(), n);
     assert!(order.windows(2).all(|w| w[0] < w[1]), "a chain in file order");
     // Close the chain into a cycle of all 100,000.

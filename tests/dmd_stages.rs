@@ -100,7 +100,7 @@ fn image_dmd_with_pairs_writes_a_generator_grid_and_log() {
     assert_eq!(csv.lines().count(), 1 + 3, "a row per log step");
     assert!(csv.starts_with("iteration,loss_dm,loss_reg,loss_fake,grad_norm_g,grad_norm_fake,loss_gan_g,loss_gan_d,lr"));
     // The generator is a one-step denoiser artifact: load it and sample.
-    let g = dmdpipe::stages::teacher::load_teacher(&dir, tch::Device::Cpu).unwrap();
+    let g = dmdpipe::nn::load_denoiser_dir(&dir, tch::Device::Cpu).unwrap();
     assert_eq!(g.config.label_dim(), 2);
 }
 
@@ -164,7 +164,7 @@ fn dmd_with_an_lpips_regression_loss_from_a_weights_file() {
         ));
     }
     let p = image_project("batch = 2\niterations = 1\nlog_every = 1\nbf16 = false\nregression_loss = \"lpips\"");
-    dmdpipe::train::checkpoint::save(&p.path().join("lpips.safetensors"), &t, Default::default()).unwrap();
+    dmdpipe::artifact::checkpoint::save(&p.path().join("lpips.safetensors"), &t, Default::default()).unwrap();
     let text = std::fs::read_to_string(p.path().join("p.toml"))
         .unwrap()
         .replace("grid_every = 3\n", "grid_every = 3\nlpips_weights = \"lpips.safetensors\"\n");

@@ -72,7 +72,7 @@ fn safetensors_weights() {
     for _ in 0..2000 {
         std::fs::write(&path, mutate(&mut rng, &original)).unwrap();
         no_panic("safetensors", || {
-            if let Ok((tensors, _)) = dmdpipe::nn::weights::read_safetensors(&path) {
+            if let Ok((tensors, _)) = dmdpipe::artifact::tensors::read_safetensors(&path) {
                 loaded += dmdpipe::nn::weights::load_into(&net, &tensors, "fuzz").is_ok() as usize;
             }
         });

@@ -181,7 +181,7 @@ fn import_inception_matches(file: &std::path::Path, tf: &std::collections::HashM
         .output()
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let (back, _) = dmdpipe::nn::weights::read_safetensors(&out).unwrap();
+    let (back, _) = dmdpipe::artifact::tensors::read_safetensors(&out).unwrap();
     assert_eq!(back.len(), 376);
     for (k, v) in tf {
         assert!(back[k].equal(v), "{k} differs");
@@ -195,7 +195,7 @@ fn pytorch_fid_inception_checkpoint_converts_to_the_tf_names() {
         return;
     }
     let real = format!("{}/../shared/models/inception-2015-12-05.safetensors", env!("CARGO_MANIFEST_DIR"));
-    let (tf, _) = dmdpipe::nn::weights::read_safetensors(std::path::Path::new(&real)).unwrap();
+    let (tf, _) = dmdpipe::artifact::tensors::read_safetensors(std::path::Path::new(&real)).unwrap();
     let mut fid_style = BTreeMap::new();
     for conv in pytorch_fid_names() {
         for (theirs, _) in [
@@ -205,7 +205,7 @@ fn pytorch_fid_inception_checkpoint_converts_to_the_tf_names() {
             ("bn.running_var", "var"),
         ] {
             let name = format!("{conv}.{theirs}");
-            let ours = dmdpipe::nn::import::pytorch_fid_to_tf(&name).unwrap_or_else(|| panic!("no mapping for {name}"));
+            let ours = dmdpipe::eval::inception_import::pytorch_fid_to_tf(&name).unwrap_or_else(|| panic!("no mapping for {name}"));
             fid_style.insert(
                 name,
                 tf.get(&ours)
@@ -248,7 +248,7 @@ fn import_weights_cli_and_teacher_import_stage_read_edm_pickles() {
     .unwrap();
     let t = r.stage("teacher").unwrap();
     assert_eq!(t.metrics["parameters"].as_i64().unwrap(), net.num_params());
-    let imported = dmdpipe::stages::teacher::load_teacher(t.output_dir.as_ref().unwrap(), Device::Cpu).unwrap();
+    let imported = dmdpipe::nn::load_denoiser_dir(t.output_dir.as_ref().unwrap(), Device::Cpu).unwrap();
     assert!(output(&imported).equal(&output(&net)));
 }
 
@@ -258,7 +258,7 @@ fn nvidia_inception_detector_pickle_converts_to_the_tf_names() {
         return;
     }
     let real = format!("{}/../shared/models/inception-2015-12-05.safetensors", env!("CARGO_MANIFEST_DIR"));
-    let (tf, _) = dmdpipe::nn::weights::read_safetensors(std::path::Path::new(&real)).unwrap();
+    let (tf, _) = dmdpipe::artifact::tensors::read_safetensors(std::path::Path::new(&real)).unwrap();
     // The detector's own module paths: `layers.<module>.<tensor>` under the pickled network.
     let theirs: BTreeMap<String, Tensor> = tf
         .iter()
@@ -273,7 +273,7 @@ fn nvidia_inception_detector_pickle_converts_to_the_tf_names() {
     short.remove("layers.mixed_6.conv.var");
     let bad = dir.path().join("short.pkl");
     std::fs::write(&bad, nvidia_detector(&short)).unwrap();
-    let e = dmdpipe::nn::import::import_to_safetensors(&bad, &dir.path().join("x.safetensors"), true).unwrap_err();
+    let e = dmdpipe::eval::inception_import::import_inception(&bad, &dir.path().join("x.safetensors")).unwrap_err();
     let msg = format!("{e:#}");
     assert!(msg.contains("short.pkl") && msg.contains("net.layers.mixed_6.conv.var"), "{msg}");
 }

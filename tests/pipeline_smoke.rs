@@ -181,10 +181,12 @@ fn afhq64_pipeline_runs_on_a_fixture() {
     assert!(d > 0.5 && d < 3.0, "discriminator loss {d}");
     assert_eq!(dmd.metrics["fid_curve_ema"].as_array().unwrap().len(), 3);
     let out = dmd.output_dir.as_ref().unwrap();
-    let raw = dmdpipe::nn::weights::read_safetensors(&out.join("generator_raw.safetensors"))
+    let raw = dmdpipe::artifact::tensors::read_safetensors(&out.join("generator_raw.safetensors"))
         .unwrap()
         .0;
-    let main = dmdpipe::nn::weights::read_safetensors(&out.join("denoiser.safetensors")).unwrap().0;
+    let main = dmdpipe::artifact::tensors::read_safetensors(&out.join("denoiser.safetensors"))
+        .unwrap()
+        .0;
     let differs = raw
         .iter()
         .any(|(k, v)| main.get(k).is_some_and(|v2| (v - v2).abs().max().double_value(&[]) > 0.0));

@@ -54,7 +54,7 @@ fn teacher_stage_trains_and_writes_weights_grid_and_curve() {
     assert_eq!(t.metrics["images_seen"], 160);
     assert!(t.metrics["final_loss"].as_f64().unwrap().is_finite());
     let dir = t.output_dir.clone().unwrap();
-    let net = dmdpipe::stages::teacher::load_teacher(&dir, Device::Cpu).unwrap();
+    let net = dmdpipe::nn::load_denoiser_dir(&dir, Device::Cpu).unwrap();
     assert_eq!(net.config, tiny_config());
     assert_eq!(t.metrics["parameters"].as_i64().unwrap(), net.num_params());
     let grid = image::open(dir.join("grid.png")).unwrap();

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use dmdpipe::artifact::tensors::read_safetensors;
 use dmdpipe::artifact::torch_pickle::{edm_snapshot_from_bytes, read_edm_snapshot, read_torch_zip};
 use dmdpipe::nn::import::{load_denoiser, read_edm_pickle};
-use dmdpipe::nn::weights::read_safetensors;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Tensor};
 

@@ -25,9 +25,8 @@ pub fn bench_gpu(
     torch_shim::set_tf32(true);
     let mut out = Map::new();
     out.insert("device".into(), format!("{device:?}").into());
-    // The networks' own setting (`bf16_group_norm`, on by default) unless DMDPIPE_BF16_GROUP_NORM
-    // overrides it.
-    let saved_override = crate::nn::layers::group_norm_override();
+    // The networks' own setting (`bf16_group_norm`, on by default) unless an override is set.
+    let saved_override = crate::torch_shim::group_norm_override();
     let default_norm = saved_override.unwrap_or(ddpmpp(128, 4).bf16_group_norm());
     out.insert("bf16_group_norm_native_by_default".into(), default_norm.into());
     let peak = matmul_peak_tflops(device, if quick { 256 } else { 8192 })?;
@@ -57,7 +56,7 @@ pub fn bench_gpu(
         let wanted = |prec: &str, cl: bool| (channels_last || !cl) && (!networks_only || prec == "bf16" || prec == other_norm);
         for &(prec, bf16, cl, fused_attention, native_norm) in variants.iter().filter(|v| wanted(v.0, v.2)) {
             crate::nn::unet_block::set_fused_attention(fused_attention);
-            crate::nn::layers::set_group_norm_override(Some(native_norm));
+            crate::torch_shim::set_group_norm_override(Some(native_norm));
             if cl {
                 let all = |d: &Denoiser| d.vs.variables().into_values().collect::<Vec<_>>();
                 torch_shim::to_channels_last(&all(&net))?;
@@ -109,7 +108,7 @@ pub fn bench_gpu(
         }
     }
     crate::nn::unet_block::set_fused_attention(true);
-    crate::nn::layers::set_group_norm_override(saved_override);
+    crate::torch_shim::set_group_norm_override(saved_override);
     if networks_only {
         add_tflops(&mut out, peak);
         return Ok(Value::Object(out));

@@ -203,7 +203,7 @@ pub fn bench_profile(spec: &ProfileSpec) -> Result<Value> {
     let net = Denoiser::new(&cfg, device);
     let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
     let bf16 = device.is_cuda();
-    let saved_override = crate::nn::layers::group_norm_override();
+    let saved_override = crate::torch_shim::group_norm_override();
     let z = Tensor::randn([spec.sample_batch, 3, 32, 32], (Kind::Float, device)) * 80.0;
     let labels = one_hot(&(0..spec.sample_batch).map(|i| i % 10).collect::<Vec<_>>(), 10, device);
     let sigma = Tensor::from(80.0f32).to_device(device);
@@ -218,7 +218,7 @@ pub fn bench_profile(spec: &ProfileSpec) -> Result<Value> {
     out.insert("network".into(), spec.network.clone().into());
     out.insert("parameters".into(), net.num_params().into());
     for (norm_tag, native) in [("autocast_norm", false), ("native_norm", true)] {
-        crate::nn::layers::set_group_norm_override(Some(native));
+        crate::torch_shim::set_group_norm_override(Some(native));
         let workloads: [(&str, &dyn Fn() -> Result<()>); 2] = [("onestep", &onestep), ("train", &train)];
         for (work, f) in workloads {
             for _ in 0..3 {
@@ -239,7 +239,7 @@ pub fn bench_profile(spec: &ProfileSpec) -> Result<Value> {
             out.insert(format!("{work}_{norm_tag}"), s);
         }
     }
-    crate::nn::layers::set_group_norm_override(saved_override);
+    crate::torch_shim::set_group_norm_override(saved_override);
     Ok(Value::Object(out))
 }
 

@@ -11,7 +11,6 @@ pub mod bucket;
 pub mod launch;
 pub mod nccl;
 pub mod rendezvous;
-pub mod stage;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -59,8 +59,8 @@ impl Inception {
     /// Loads `net.layers.<module>.{weight,beta,mean,var}` tensors (the layout of
     /// inception-2015-12-05.safetensors) onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let (t, _) =
-            crate::nn::weights::read_safetensors(path).with_context(|| format!("loading the Inception weights {}", path.display()))?;
+        let (t, _) = crate::artifact::tensors::read_safetensors(path)
+            .with_context(|| format!("loading the Inception weights {}", path.display()))?;
         Self::from_tensors(&t, device).with_context(|| format!("{}", path.display()))
     }
 

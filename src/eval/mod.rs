@@ -2,4 +2,6 @@
 
 pub mod fid;
 pub mod inception;
+pub mod inception_import;
 pub mod kid_pr;
+pub mod stats;

@@ -4,7 +4,19 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::stages::Gmm2dComponent;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One component of a 2-D isotropic Gaussian mixture (a `gmm2d` stage's config entry).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Gmm2dComponent {
+    /// Mixture weight (normalised over all components).
+    pub weight: f64,
+    pub mean: [f64; 2],
+    /// Standard deviation of the isotropic Gaussian.
+    pub std: f64,
+}
 
 pub struct GmmDenoiser {
     weights: Vec<f64>,

@@ -1,7 +1,6 @@
 //! EDM's building blocks: Linear, Conv2d with a resampling filter, GroupNorm, noise embeddings,
 //! and EDM's weight initialisations. Parameter names follow EDM's state dict.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -229,34 +228,12 @@ impl GroupNorm {
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let native = group_norm_override().unwrap_or(self.bf16_native);
+        let native = crate::torch_shim::group_norm_override().unwrap_or(self.bf16_native);
         if x.kind() == Kind::BFloat16 && native {
             return crate::torch_shim::group_norm_native(x, &self.weight, &self.bias, self.groups, self.eps)
                 .expect("group_norm on bf16 activations");
         }
         x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
-    }
-}
-
-/// A process-wide override of every GroupNorm's mode on bf16 activations (0: each network's
-/// own setting, 1: native bf16, 2: fp32 as autocast runs it): `bench gpu` times both modes,
-/// DMDPIPE_BF16_GROUP_NORM=0/1 forces one.
-static GROUP_NORM_OVERRIDE: AtomicU8 = AtomicU8::new(0);
-
-pub fn set_group_norm_override(mode: Option<bool>) {
-    let v = match mode {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    GROUP_NORM_OVERRIDE.store(v, Ordering::Relaxed);
-}
-
-pub fn group_norm_override() -> Option<bool> {
-    match GROUP_NORM_OVERRIDE.load(Ordering::Relaxed) {
-        1 => Some(true),
-        2 => Some(false),
-        _ => None,
     }
 }
 
@@ -312,9 +289,9 @@ mod tests {
         // here that sets it, so parallel tests do not see it).
         // On the CPU the plain path also takes bf16 input but keeps the weights in fp32, so the
         // two paths differ by the weights' rounding.
-        set_group_norm_override(Some(false));
+        crate::torch_shim::set_group_norm_override(Some(false));
         let forced = tch::no_grad(|| norm.forward(&x16));
-        set_group_norm_override(None);
+        crate::torch_shim::set_group_norm_override(None);
         let plain = tch::no_grad(|| x16.group_norm(norm.groups, Some(&norm.weight), Some(&norm.bias), norm.eps, true));
         assert!(forced.equal(&plain), "override off: the plain path");
         assert!(!forced.equal(&y.detach()), "override off: not the native path");

@@ -43,7 +43,7 @@ pub struct Lpips {
 
 impl Lpips {
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let (t, _) = super::weights::read_safetensors(path).with_context(|| format!("LPIPS weights {}", path.display()))?;
+        let (t, _) = crate::artifact::tensors::read_safetensors(path).with_context(|| format!("LPIPS weights {}", path.display()))?;
         let get = |k: String| {
             t.get(&k)
                 .map(|x| x.to_kind(Kind::Float).to_device(device).set_requires_grad(false))

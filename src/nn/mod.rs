@@ -15,3 +15,4 @@ pub mod weights;
 
 pub use config::NetworkConfig;
 pub use precond::Denoiser;
+pub use weights::load_denoiser_dir;

@@ -3,34 +3,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
-use safetensors::tensor::{Dtype, TensorView};
-use tch::{Kind, Tensor};
+use anyhow::{Result, bail};
+use tch::Tensor;
 
 use super::precond::Denoiser;
-
-/// Reads all tensors of a safetensors file as f32 CPU tensors, plus its metadata.
-pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-        let t = match view.dtype() {
-            Dtype::F32 => Tensor::from_data_size(view.data(), &shape, Kind::Float),
-            Dtype::F64 => Tensor::from_data_size(view.data(), &shape, Kind::Double),
-            Dtype::F16 => Tensor::from_data_size(view.data(), &shape, Kind::Half).to_kind(Kind::Float),
-            Dtype::BF16 => Tensor::from_data_size(view.data(), &shape, Kind::BFloat16).to_kind(Kind::Float),
-            Dtype::I64 => Tensor::from_data_size(view.data(), &shape, Kind::Int64),
-            Dtype::U8 => Tensor::from_data_size(view.data(), &shape, Kind::Uint8),
-            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
-        };
-        out.insert(name, t);
-    }
-    Ok((out, meta.metadata().clone().unwrap_or_default()))
-}
 
 /// Copies `tensors` into the network's parameters and buffers. Every variable must be present
 /// with its exact shape; names in the file that the network lacks are an error too.
@@ -60,31 +36,17 @@ pub fn load_into(net: &Denoiser, tensors: &HashMap<String, Tensor>, source: &str
 }
 
 pub fn load_safetensors(net: &Denoiser, path: &Path) -> Result<()> {
-    let (tensors, _) = read_safetensors(path)?;
+    let (tensors, _) = crate::artifact::tensors::read_safetensors(path)?;
     load_into(net, &tensors, &path.display().to_string())
 }
 
 /// Writes the network's variables (f32) with the config in the metadata.
 pub fn save_safetensors(net: &Denoiser, path: &Path) -> Result<()> {
-    let vars = net.vs.variables();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = names
-        .iter()
-        .map(|n| {
-            let t = vars[*n].to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
-            let numel = t.numel();
-            let mut buf = vec![0f32; numel];
-            t.copy_data(&mut buf, numel);
-            let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
-            ((*n).clone(), bytes, t.size().iter().map(|&s| s as usize).collect())
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> = data
-        .iter()
-        .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    let mut meta = HashMap::new();
-    meta.insert("config".to_string(), serde_json::to_string(&net.config)?);
-    safetensors::serialize_to_file(views, Some(meta), path).with_context(|| format!("writing {}", path.display()))
+    let tensors = net.vs.variables().into_iter().collect();
+    crate::artifact::denoiser::write(path, tensors, serde_json::to_string(&net.config)?)
+}
+
+/// Loads the denoiser artifact in `dir` (what `teacher` and `dmd` write).
+pub fn load_denoiser_dir(dir: &Path, device: tch::Device) -> Result<Denoiser> {
+    super::import::load_denoiser(&crate::artifact::denoiser::weights_path(dir), None, device)
 }

@@ -114,6 +114,25 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The stage graph: names, kinds and references.
+    pub fn graph(&self) -> graph::StageGraph {
+        let nodes = self
+            .stages
+            .iter()
+            .map(|s| graph::Node {
+                name: s.name.clone(),
+                kind: s.spec.kind().to_string(),
+                upstream: s
+                    .spec
+                    .stage()
+                    .upstream()
+                    .into_iter()
+                    .map(|u| (u.role.to_string(), u.stage))
+                    .collect(),
+            })
+            .collect();
+        graph::StageGraph::new(self.name.clone(), nodes)
+    }
     pub fn stage(&self, name: &str) -> Option<&StageDecl> {
         self.index.get(name).map(|&i| &self.stages[i])
     }
@@ -489,7 +508,7 @@ fn validate(p: &Pipeline) -> Result<(), ConfigError> {
             }
         }
     }
-    if let Some(cycle) = graph::find_cycle(p) {
+    if let Some(cycle) = p.graph().find_cycle() {
         let first = p.stage(&cycle[0]).expect("cycle names existing stages");
         let next = &cycle[1 % cycle.len()];
         let role = first

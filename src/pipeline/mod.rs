@@ -1,4 +1,5 @@
-//! The pipeline half of dmdpipe: config, graph, hashing, cache and runner.
+//! The pipeline half of dmdpipe: config, graph, hashing, cache, runner and report. It knows no
+//! tensor library: whatever touches devices or tensors is asked of `stages`.
 
 pub mod cache;
 pub mod config;
@@ -7,5 +8,7 @@ pub mod fsutil;
 pub mod graph;
 pub mod hash;
 pub mod overrides;
+pub mod report;
 pub mod runner;
 pub mod schema;
+pub mod workers;

@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 
 use super::cache::{Cache, Entry, LockMode, PipelineRecord};
 use super::config::{Pipeline, StageDecl};
-use super::graph;
 use super::hash::{StatCache, sha256_bytes};
 use crate::stages::StageContext;
 
@@ -268,11 +267,13 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     }
     let mut stat = cache.stat_cache();
     let mut record = cache.read_record(&p.name);
+    let graph = p.graph();
     let selected: BTreeSet<String> = match &opts.until {
-        Some(u) => graph::ancestors_and_self(p, u),
+        Some(u) => graph.ancestors_and_self(u),
         None => p.stages.iter().map(|s| s.name.clone()).collect(),
     };
-    let order: Vec<usize> = graph::topo_order(p)
+    let order: Vec<usize> = graph
+        .topo_order()
         .into_iter()
         .filter(|&i| selected.contains(&p.stages[i].name))
         .collect();
@@ -288,14 +289,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     overall.set_prefix(p.name.clone());
     let device = opts.device.clone().or(p.settings.device.clone()).unwrap_or_else(|| "auto".into());
     let devices: Vec<usize> = match opts.devices.as_ref().or(p.settings.devices.as_ref()) {
-        Some(d) => {
-            let available = if crate::torch_shim::init_cuda() {
-                tch::Cuda::device_count() as usize
-            } else {
-                0
-            };
-            d.resolve(available)
-        }
+        Some(d) => d.resolve(crate::stages::cuda_device_count()),
         None => Vec::new(),
     };
     let mut trees: HashMap<String, Artifact> = HashMap::new();
@@ -475,7 +469,7 @@ fn run_stage(
     let _guard = span.enter();
     tracing::info!(key = %key, "running");
     let started = Instant::now();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| s.run(&mut ctx)));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_data_parallel(&stage.spec, &mut ctx)));
     bar.finish_and_clear();
     multi.remove(&bar);
     let seconds = started.elapsed().as_secs_f64();
@@ -567,4 +561,14 @@ pub fn output_dir(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) ->
 /// Record of the last accepted runs (for tests and tooling).
 pub fn record(cache_dir: &std::path::Path, pipeline: &str) -> Result<PipelineRecord> {
     Ok(Cache::open(cache_dir, LockMode::Shared)?.read_record(pipeline))
+}
+/// Runs a stage, on every GPU of `ctx.devices` when its kind can run data-parallel: this
+/// process is rank 0, the others are `dmdpipe stage-worker` processes that must all succeed.
+fn run_data_parallel(spec: &crate::stages::StageSpec, ctx: &mut StageContext) -> Result<serde_json::Value> {
+    let group = super::workers::StageGroup::start(ctx, spec)?;
+    let metrics = spec.run(ctx)?;
+    if let Some(g) = group {
+        g.finish()?;
+    }
+    Ok(metrics)
 }

@@ -67,6 +67,9 @@ pub struct DmdEval {
 }
 
 impl Stage for DmdParams {
+    fn data_parallel(&self) -> bool {
+        true
+    }
     fn version(&self) -> u32 {
         1
     }
@@ -183,10 +186,8 @@ impl Stage for DmdParams {
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
         let device = crate::torch_shim::device(&ctx.device)?;
-        // With several `devices`: this process is rank 0 of a data-parallel group.
-        let group = crate::dist::stage::StageGroup::start(ctx, "dmd", serde_json::to_value(self)?, device.is_cuda())?;
         let device = crate::dist::local_device(device);
-        let teacher = super::teacher::load_teacher(ctx.upstream_dir("teacher")?, device)?;
+        let teacher = crate::nn::load_denoiser_dir(ctx.upstream_dir("teacher")?, device)?;
         for (_, v) in teacher.vs.variables() {
             let _ = v.set_requires_grad(false);
         }
@@ -201,7 +202,7 @@ impl Stage for DmdParams {
         let fake = init(&config)?;
         let ema = self.train.ema_halflife_images.map(|_| init(&config)).transpose()?;
         let pairs = match &self.pairs {
-            Some(_) => Some(super::ode_pairs::load_pairs(ctx.upstream_dir("pairs")?, device)?),
+            Some(_) => Some(crate::artifact::pairs::load(ctx.upstream_dir("pairs")?, device)?),
             None => None,
         };
         if let Some(p) = &pairs
@@ -242,7 +243,7 @@ impl Stage for DmdParams {
                 e,
                 crate::eval::inception::Inception::load(ctx.input("inception")?, device)?,
                 crate::eval::fid::FidReference::new(&crate::eval::fid::FidStats::load_npz(
-                    &ctx.upstream_dir("fid_reference")?.join(super::fid::STATS_FILE),
+                    &ctx.upstream_dir("fid_reference")?.join(crate::artifact::fid_stats::STATS_FILE),
                 )?)?,
             )),
             _ => None,
@@ -262,7 +263,7 @@ impl Stage for DmdParams {
             // The parts of an evaluation's cost, logged so that the curve's price is visible.
             let mut secs = [0.0f64; 3]; // sampling, Inception, distance
             let mut fid_of = |net_g: &Denoiser| -> anyhow::Result<f64> {
-                let s = super::fid::generator_stats(net, net_g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet, false)?;
+                let s = crate::eval::stats::generator_stats(net, net_g, &one, e.num_samples, e.seed, 500, self.train.bf16, &quiet, false)?;
                 let t = std::time::Instant::now();
                 let d = reference.distance(&s.stats)?;
                 secs[0] += s.sampling_seconds;
@@ -391,9 +392,6 @@ impl Stage for DmdParams {
             lpips.as_ref(),
             real_images.as_ref(),
         )?;
-        if let Some(g) = group {
-            g.finish()?;
-        }
         if !crate::dist::is_main() {
             return Ok(serde_json::json!({})); // a worker: rank 0 writes the outputs
         }
@@ -436,7 +434,7 @@ impl Stage for DmdParams {
             (Some(e), false) => (&generator, Some(e), "generator_ema.safetensors"),
             (None, _) => (&generator, None, ""),
         };
-        weights::save_safetensors(main, &ctx.out_dir.join(super::teacher::WEIGHTS_FILE)).context("saving the generator")?;
+        weights::save_safetensors(main, &ctx.out_dir.join(crate::artifact::denoiser::WEIGHTS_FILE)).context("saving the generator")?;
         if let Some(o) = other {
             weights::save_safetensors(o, &ctx.out_dir.join(other_file))?;
         }
@@ -505,7 +503,7 @@ fn toy_report(
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let n = 2000usize;
     let seeds: Vec<u64> = (0..n as u64).collect();
-    let z = super::ode_pairs::latents(&seeds, &[2], generator.device());
+    let z = crate::sample::latents(&seeds, &[2], generator.device());
     let student = sample(generator, &z, None, one);
     let teacher_s = sample(teacher, &z, None, &SamplerConfig::default());
     let pts = |t: &Tensor| {

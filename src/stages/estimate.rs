@@ -115,15 +115,15 @@ fn dataset_images(spec: Option<&StageSpec>) -> Option<u64> {
     }
 }
 
-fn inception_rate(p: super::fid::Precision) -> f64 {
+fn inception_rate(p: crate::eval::stats::Precision) -> f64 {
     match p {
-        super::fid::Precision::Fp32 => H200.inception_fp32,
-        super::fid::Precision::Tf32 => H200.inception_tf32,
+        crate::eval::stats::Precision::Fp32 => H200.inception_fp32,
+        crate::eval::stats::Precision::Tf32 => H200.inception_tf32,
     }
 }
 
 /// Inception features of a dataset stage's images.
-fn features_of(dataset: &str, precision: super::fid::Precision, images: &dyn Fn(&str) -> Option<u64>) -> StageEstimate {
+fn features_of(dataset: &str, precision: crate::eval::stats::Precision, images: &dyn Fn(&str) -> Option<u64>) -> StageEstimate {
     let n = images(dataset);
     StageEstimate {
         work: match n {

@@ -3,7 +3,6 @@
 //! TF Inception-v3, class-balanced samples with fixed seeds, min/mean over repeats.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
 use schemars::JsonSchema;
@@ -11,65 +10,16 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use super::{ArtifactType, FieldIssue, InputPath, Stage, StageContext, Upstream};
+use crate::artifact::fid_stats;
 use crate::data::artifact::ImageDataset;
-use crate::eval::fid::{FidStats, StatsAccumulator, frechet_distance};
+use crate::eval::fid::{FidStats, frechet_distance};
 use crate::eval::inception::Inception;
-use crate::sample::{SamplerConfig, one_hot, sample, seeded_latents, to_uint8_nhwc};
-
-pub const STATS_FILE: &str = "stats.npz";
-pub const FEATURES_FILE: &str = "features.safetensors";
-
-fn save_features(path: &std::path::Path, f: &Tensor) -> anyhow::Result<()> {
-    crate::train::checkpoint::save(path, &[("features".to_string(), f.shallow_clone())], Default::default())
-}
-
-fn load_features(dir: &std::path::Path) -> anyhow::Result<Tensor> {
-    let path = dir.join(FEATURES_FILE);
-    if !path.exists() {
-        anyhow::bail!("kid_pr = true needs the reference's features: set keep_features = true on its fid-ref stage");
-    }
-    let (mut t, _) = crate::nn::weights::read_safetensors(&path)?;
-    t.remove("features").context("features.safetensors has no `features` tensor")
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Strict fp32 convolutions (the reference numbers).
-    #[default]
-    Fp32,
-    /// TF32 convolutions on CUDA (about 2x faster; FID moves by ~5e-4).
-    Tf32,
-}
+pub use crate::eval::stats::Precision;
+use crate::eval::stats::{generator_stats, inception_for, stats_of};
+use crate::sample::SamplerConfig;
 
 fn d_batch() -> usize {
     250
-}
-
-/// Streams uint8 NHWC batches through Inception; returns (statistics, seconds in Inception).
-fn stats_of(
-    net: &Inception,
-    batches: impl Iterator<Item = Tensor>,
-    progress: &indicatif::ProgressBar,
-    kept: Option<&mut Vec<Tensor>>,
-) -> anyhow::Result<(FidStats, f64)> {
-    let mut acc = StatsAccumulator::new();
-    let mut secs = 0.0;
-    let mut kept = kept;
-    for b in batches {
-        let t = Instant::now();
-        let f = net.features(&b);
-        acc.add(&f);
-        if let Some(k) = kept.as_mut() {
-            k.push(f.to_device(Device::Cpu));
-        }
-        if let Device::Cuda(i) = net.device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        secs += t.elapsed().as_secs_f64();
-        progress.inc(b.size()[0] as u64);
-    }
-    Ok((acc.finish()?, secs))
 }
 
 /// Statistics (and, with `keep`, every feature vector) of the image dataset upstream as `role`;
@@ -93,78 +43,6 @@ fn dataset_batches(ds: &ImageDataset, batch: usize) -> impl Iterator<Item = Tens
     (0..ds.len()).step_by(batch).map(move |start| {
         let n = batch.min(ds.len() - start);
         Tensor::from_slice(&ds.images[start * ds.image_bytes()..(start + n) * ds.image_bytes()]).reshape([n as i64, h, w, c])
-    })
-}
-
-pub fn setup(device: &str, precision: Precision, inception: &std::path::Path) -> anyhow::Result<Inception> {
-    let device = crate::torch_shim::device(device)?;
-    crate::torch_shim::set_tf32(device.is_cuda() && precision == Precision::Tf32);
-    tch::Cuda::cudnn_set_benchmark(device.is_cuda());
-    let mut net = Inception::load(inception, device)?;
-    net.layout = crate::eval::inception::Layout::fastest_for(precision == Precision::Fp32);
-    Ok(net)
-}
-
-pub struct GeneratorStats {
-    pub stats: FidStats,
-    /// Every feature vector [n, 2048] on the CPU, when asked for (KID, precision/recall).
-    pub features: Option<Tensor>,
-    pub sampling_seconds: f64,
-    pub inception_seconds: f64,
-}
-
-/// Inception statistics of `n` samples of `generator`: image i has the latents of seed
-/// `seed + i` and, for a conditional model, class i mod label_dim (class-balanced).
-#[allow(clippy::too_many_arguments)]
-pub fn generator_stats(
-    net: &Inception,
-    generator: &crate::nn::Denoiser,
-    sampler: &SamplerConfig,
-    n: usize,
-    seed: u64,
-    batch: usize,
-    bf16: bool,
-    progress: &indicatif::ProgressBar,
-    keep_features: bool,
-) -> anyhow::Result<GeneratorStats> {
-    let cfg = &generator.config;
-    let (res, ch, label_dim) = (cfg.img_resolution(), cfg.img_channels(), cfg.label_dim());
-    let mut acc = StatsAccumulator::new();
-    let mut kept = Vec::new();
-    let (mut gen_secs, mut inc_secs) = (0.0, 0.0);
-    for start in (0..n).step_by(batch.max(1)) {
-        let count = batch.min(n - start);
-        let seeds: Vec<u64> = (start..start + count).map(|i| seed + i as u64).collect();
-        let t = Instant::now();
-        let z = seeded_latents(&seeds, [ch, res, res], net.device);
-        let labels = (label_dim > 0).then(|| {
-            one_hot(
-                &(start..start + count).map(|i| (i as i64) % label_dim).collect::<Vec<_>>(),
-                label_dim,
-                net.device,
-            )
-        });
-        let x = tch::no_grad(|| -> anyhow::Result<Tensor> {
-            let _ac = crate::torch_shim::AutocastBf16::new(net.device.is_cuda() && bf16)?;
-            Ok(sample(generator, &z, labels.as_ref(), sampler))
-        })?;
-        let u8s = to_uint8_nhwc(&x);
-        gen_secs += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let b = Tensor::from_slice(&u8s).reshape([count as i64, res, res, ch]);
-        let f = net.features(&b);
-        acc.add(&f);
-        if keep_features {
-            kept.push(f.to_device(Device::Cpu));
-        }
-        inc_secs += t.elapsed().as_secs_f64();
-        progress.inc(count as u64);
-    }
-    Ok(GeneratorStats {
-        stats: acc.finish()?,
-        features: keep_features.then(|| Tensor::cat(&kept, 0)),
-        sampling_seconds: gen_secs,
-        inception_seconds: inc_secs,
     })
 }
 
@@ -234,14 +112,14 @@ impl Stage for FidRefParams {
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
         if self.stats.is_some() {
             let stats = FidStats::load_npz(ctx.input("stats")?)?;
-            stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+            stats.save_npz(&fid_stats::stats_path(&ctx.out_dir))?;
             return Ok(serde_json::json!({ "count": stats.count, "imported": true }));
         }
-        let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
+        let net = inception_for(&ctx.device, self.precision, ctx.input("inception")?)?;
         let (stats, secs, features) = dataset_stats(&net, ctx, "dataset", self.batch, self.keep_features)?;
-        stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+        stats.save_npz(&fid_stats::stats_path(&ctx.out_dir))?;
         if let Some(f) = &features {
-            save_features(&ctx.out_dir.join(FEATURES_FILE), f)?;
+            fid_stats::save_features(&ctx.out_dir, f)?;
         }
         Ok(serde_json::json!({ "count": stats.count, "inception_seconds": secs, "images_per_second": stats.count as f64 / secs }))
     }
@@ -367,10 +245,13 @@ impl Stage for FidParams {
         }
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
-        let net = setup(&ctx.device, self.precision, ctx.input("inception")?)?;
-        let reference = FidStats::load_npz(&ctx.upstream_dir("reference")?.join(STATS_FILE))?;
+        let net = inception_for(&ctx.device, self.precision, ctx.input("inception")?)?;
+        let reference = FidStats::load_npz(&fid_stats::stats_path(ctx.upstream_dir("reference")?))?;
         // Checked before any work: the reference must have kept its features.
-        let real_features = self.kid_pr.then(|| load_features(ctx.upstream_dir("reference")?)).transpose()?;
+        let real_features = self
+            .kid_pr
+            .then(|| fid_stats::load_features(ctx.upstream_dir("reference")?))
+            .transpose()?;
         let extra = |fake: &Tensor| -> anyhow::Result<serde_json::Value> {
             match &real_features {
                 Some(real) => kid_pr_metrics(real, fake, self.pr_samples, net.device),
@@ -386,7 +267,7 @@ impl Stage for FidParams {
         if self.images.is_some() {
             let (stats, secs, features) = dataset_stats(&net, ctx, "images", self.batch, self.kid_pr)?;
             let fid = frechet_distance(&stats, &reference)?;
-            stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+            stats.save_npz(&fid_stats::stats_path(&ctx.out_dir))?;
             let n = stats.count;
             let m = serde_json::json!({ "fid": fid, "num_images": n, "inception_seconds": secs, "images_per_second": n as f64 / secs });
             let e = match &features {
@@ -395,8 +276,7 @@ impl Stage for FidParams {
             };
             return Ok(merge(m, e));
         }
-        let generator =
-            crate::stages::teacher::load_teacher(ctx.upstream_dir("generator")?, net.device).context("loading the generator")?;
+        let generator = crate::nn::load_denoiser_dir(ctx.upstream_dir("generator")?, net.device).context("loading the generator")?;
         let n = self.num_samples;
         ctx.progress.set_length((n * self.repeats) as u64);
         let mut fids = Vec::new();
@@ -415,7 +295,7 @@ impl Stage for FidParams {
             let fid = prepared.distance(&s.stats)?;
             tracing::info!(repeat = r, fid, "fid");
             if r == 0 {
-                s.stats.save_npz(&ctx.out_dir.join(STATS_FILE))?;
+                s.stats.save_npz(&fid_stats::stats_path(&ctx.out_dir))?;
             }
             fids.push(fid);
         }

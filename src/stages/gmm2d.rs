@@ -8,16 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ArtifactType, FieldIssue, Stage, StageContext};
 use crate::data::artifact::PointsDataset;
-
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Gmm2dComponent {
-    /// Mixture weight (normalised over all components).
-    pub weight: f64,
-    pub mean: [f64; 2],
-    /// Standard deviation of the isotropic Gaussian.
-    pub std: f64,
-}
+pub use crate::nn::gmm::Gmm2dComponent;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -32,6 +32,20 @@ pub use scatter_plot::ScatterPlotParams;
 pub use subset::SubsetParams;
 pub use teacher::TeacherParams;
 
+/// Whether `device` (a stage's `device` setting) names a CUDA device here.
+pub fn device_is_cuda(device: &str) -> anyhow::Result<bool> {
+    Ok(crate::torch_shim::device(device)?.is_cuda())
+}
+
+/// How many CUDA devices this process sees (0 without libtorch_cuda or a GPU).
+pub fn cuda_device_count() -> usize {
+    if crate::torch_shim::init_cuda() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    }
+}
+
 /// What a stage's output directory holds, so references can be checked before anything runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArtifactType {
@@ -186,6 +200,11 @@ pub trait Stage {
     fn latent_seeds(&self) -> Vec<LatentSeeds> {
         Vec::new()
     }
+    /// Whether the runner may start it on several GPUs at once (one process per GPU, every rank
+    /// running `run`, only rank 0 writing outputs).
+    fn data_parallel(&self) -> bool {
+        false
+    }
     /// Runs the stage, writing outputs into `ctx.out_dir`; returns metrics (a JSON object).
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value>;
 }
@@ -241,6 +260,13 @@ stage_kinds! {
 }
 
 impl StageSpec {
+    /// Runs the stage from default numerics (strict fp32, no GroupNorm override), whatever ran
+    /// before it in this process, and puts them back afterwards.
+    pub fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
+        let _numerics = crate::torch_shim::NumericsScope::defaults();
+        self.stage().run(ctx)
+    }
+
     /// The params that enter the cache key: everything but stage references, input paths
     /// (their digests enter instead) and fields the kind marks as not affecting the result.
     pub fn key_params(&self) -> serde_json::Value {

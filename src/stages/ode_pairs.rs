@@ -1,18 +1,14 @@
 //! `ode-pairs`: (z, class, teacher ODE output from sigma_max z) triples for DMD's regression
 //! loss, class-balanced, each pair with its own noise (seed + index), in safetensors shards.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use anyhow::{Context, Result, bail};
-use safetensors::tensor::{Dtype, TensorView};
+use anyhow::Result;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::{ArtifactType, FieldIssue, Stage, StageContext, Upstream};
-use crate::sample::{SamplerConfig, one_hot, sample, seeded_latents};
-use crate::train::dmd::Pairs;
+use crate::artifact::pairs;
+use crate::sample::{SamplerConfig, latents, one_hot, sample};
 
 fn d_batch() -> usize {
     500
@@ -80,7 +76,7 @@ impl Stage for OdePairsParams {
     }
     fn run(&self, ctx: &mut StageContext) -> Result<serde_json::Value> {
         let device = crate::torch_shim::device(&ctx.device)?;
-        let teacher = super::teacher::load_teacher(ctx.upstream_dir("teacher")?, device)?;
+        let teacher = crate::nn::load_denoiser_dir(ctx.upstream_dir("teacher")?, device)?;
         let shape = teacher.config.sample_shape();
         let label_dim = teacher.config.label_dim();
         ctx.progress.set_length(self.count as u64);
@@ -104,8 +100,8 @@ impl Stage for OdePairsParams {
                 ls.extend(labels);
                 ctx.progress.inc(n as u64);
             }
-            write_shard(
-                &ctx.out_dir.join(format!("pairs-{shard:05}.safetensors")),
+            pairs::write_shard(
+                &ctx.out_dir.join(pairs::shard_name(shard)),
                 &Tensor::cat(&zs, 0),
                 &ls,
                 &Tensor::cat(&xs, 0),
@@ -114,61 +110,9 @@ impl Stage for OdePairsParams {
         }
         let secs = t0.elapsed().as_secs_f64();
         let info = serde_json::json!({ "count": self.count, "shape": shape, "label_dim": label_dim, "shards": shard, "sampler_calls": self.sampler.network_calls(), "seed": self.seed });
-        std::fs::write(ctx.out_dir.join("pairs.json"), serde_json::to_vec_pretty(&info)?)?;
+        std::fs::write(ctx.out_dir.join(pairs::INFO_FILE), serde_json::to_vec_pretty(&info)?)?;
         Ok(
             serde_json::json!({ "count": self.count, "shards": shard, "seconds": secs, "pairs_per_second": self.count as f64 / secs, "sampler_calls": self.sampler.network_calls() }),
         )
     }
-}
-
-/// Standard-normal latents of any sample shape, one seed per sample.
-pub fn latents(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
-    let flat: i64 = shape.iter().product();
-    let z = seeded_latents(seeds, [1, 1, flat], device);
-    let mut full = vec![seeds.len() as i64];
-    full.extend(shape);
-    z.reshape(full.as_slice())
-}
-
-fn f32_bytes(t: &Tensor) -> Vec<u8> {
-    crate::train::checkpoint::tensor_bytes(t).0
-}
-
-fn write_shard(path: &Path, z: &Tensor, labels: &[i64], x: &Tensor) -> Result<()> {
-    let dims = |t: &Tensor| t.size().iter().map(|&s| s as usize).collect::<Vec<_>>();
-    let (zb, xb) = (f32_bytes(z), f32_bytes(x));
-    let lb: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
-    let views = vec![
-        ("z", TensorView::new(Dtype::F32, dims(z), &zb)?),
-        ("labels", TensorView::new(Dtype::I64, vec![labels.len()], &lb)?),
-        ("x", TensorView::new(Dtype::F32, dims(x), &xb)?),
-    ];
-    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Loads every shard of a pairs artifact onto `device`.
-pub fn load_pairs(dir: &Path, device: Device) -> Result<Pairs> {
-    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pairs.json")).context("pairs.json")?)?;
-    let label_dim = info["label_dim"].as_i64().unwrap_or(0);
-    let mut shards: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    shards.sort();
-    if shards.is_empty() {
-        bail!("{}: no pair shards", dir.display());
-    }
-    let (mut zs, mut xs, mut ls) = (Vec::new(), Vec::new(), Vec::new());
-    for s in shards {
-        let (t, _) = crate::nn::weights::read_safetensors(&s)?;
-        zs.push(t["z"].shallow_clone());
-        xs.push(t["x"].shallow_clone());
-        ls.push(t["labels"].shallow_clone());
-    }
-    let labels = Tensor::cat(&ls, 0);
-    Ok(Pairs {
-        z: Tensor::cat(&zs, 0).to_device(device),
-        x: Tensor::cat(&xs, 0).to_device(device),
-        labels: (label_dim > 0).then(|| labels.one_hot(label_dim).to_kind(Kind::Float).to_device(device)),
-    })
 }

@@ -64,7 +64,7 @@ impl Stage for SampleGridParams {
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<serde_json::Value> {
         let device = crate::torch_shim::device(&ctx.device)?;
-        let net = crate::stages::teacher::load_teacher(ctx.upstream_dir("generator")?, device)?;
+        let net = crate::nn::load_denoiser_dir(ctx.upstream_dir("generator")?, device)?;
         let cfg = net.config.clone();
         let rows = self.rows.unwrap_or(10).min(cfg.label_dim().max(0) as usize);
         let names: Vec<String> = match &self.classes_from {

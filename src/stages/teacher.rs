@@ -14,7 +14,7 @@ use crate::sample::{SamplerConfig, class_grid, sample};
 use crate::train::device_data::DeviceImages;
 use crate::train::teacher::{TrainOptions, train, train_with_grids};
 
-pub const WEIGHTS_FILE: &str = "denoiser.safetensors";
+use crate::artifact::denoiser::WEIGHTS_FILE;
 
 fn d_columns() -> usize {
     10
@@ -68,6 +68,9 @@ pub struct TeacherParams {
 }
 
 impl Stage for TeacherParams {
+    fn data_parallel(&self) -> bool {
+        matches!(self.mode, TeacherMode::Train)
+    }
     fn version(&self) -> u32 {
         1
     }
@@ -188,8 +191,6 @@ impl Stage for TeacherParams {
                         ds.classes.len()
                     );
                 }
-                // With several `devices`: this process is rank 0 of a data-parallel group.
-                let group = crate::dist::stage::StageGroup::start(ctx, "teacher", serde_json::to_value(self)?, device.is_cuda())?;
                 let device = crate::dist::local_device(device);
                 tch::manual_seed(self.train.seed as i64);
                 let net = Denoiser::new(&config, device);
@@ -228,9 +229,6 @@ impl Stage for TeacherParams {
                     },
                     grids,
                 )?;
-                if let Some(g) = group {
-                    g.finish()?;
-                }
                 if !crate::dist::is_main() {
                     return Ok(serde_json::json!({})); // a worker: rank 0 writes the outputs
                 }
@@ -277,9 +275,4 @@ impl Stage for TeacherParams {
         metrics.insert("grid_sampler_calls".into(), self.grid.sampler.network_calls().into());
         Ok(serde_json::Value::Object(metrics))
     }
-}
-
-/// Loads the denoiser a `teacher` stage wrote.
-pub fn load_teacher(dir: &std::path::Path, device: tch::Device) -> anyhow::Result<Denoiser> {
-    crate::nn::import::load_denoiser(&dir.join(WEIGHTS_FILE), None, device)
 }

@@ -18,8 +18,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::checkpoint;
 use super::optim::{AdamW, ema_beta, ema_update};
+use crate::artifact::checkpoint;
 use crate::nn::Denoiser;
 use crate::nn::gmm::GmmDenoiser;
 use crate::sample::karras_sigmas;
@@ -152,29 +152,16 @@ impl Default for DmdOptions {
     }
 }
 
-/// ODE pairs on the training device: latents z, one-hot labels, teacher outputs y_ref.
-pub struct Pairs {
-    pub z: Tensor,
-    pub labels: Option<Tensor>,
-    pub x: Tensor,
-}
+pub use crate::artifact::pairs::Pairs;
 
-impl Pairs {
-    pub fn len(&self) -> i64 {
-        self.z.size()[0]
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Rows [start, start + len) of a random batch of `global` pairs.
-    fn batch(&self, global: i64, (start, len): (i64, i64)) -> (Tensor, Option<Tensor>, Tensor) {
-        let idx = Tensor::randint(self.len(), [global], (Kind::Int64, self.z.device())).narrow(0, start, len);
-        (
-            self.z.index_select(0, &idx),
-            self.labels.as_ref().map(|l| l.index_select(0, &idx)),
-            self.x.index_select(0, &idx),
-        )
-    }
+/// Rows [start, start + len) of a random batch of `global` pairs.
+fn pair_batch(p: &Pairs, global: i64, (start, len): (i64, i64)) -> (Tensor, Option<Tensor>, Tensor) {
+    let idx = Tensor::randint(p.len(), [global], (Kind::Int64, p.z.device())).narrow(0, start, len);
+    (
+        p.z.index_select(0, &idx),
+        p.labels.as_ref().map(|l| l.index_select(0, &idx)),
+        p.x.index_select(0, &idx),
+    )
 }
 
 /// Real images on the training device for the GAN head: uint8 [N, C, H, W] and one-hot labels.
@@ -346,7 +333,7 @@ pub fn dmd_train_with_grids(
     let mut it = 0u64;
     let mut log: Vec<DmdLogRow> = Vec::new();
     if ckpt.exists() {
-        let (t, meta) = crate::nn::weights::read_safetensors(&ckpt)?;
+        let (t, meta) = crate::artifact::tensors::read_safetensors(&ckpt)?;
         for (prefix, opt) in [("g", &opt_g), ("f", &opt_f)].into_iter().chain(opt_h.as_ref().map(|o| ("h", o))) {
             checkpoint::restore(&t, &format!("{prefix}.net."), &opt.names, &opt.params)?;
             checkpoint::restore(&t, &format!("{prefix}.m."), &opt.names, &opt.exp_avg)?;
@@ -461,7 +448,7 @@ pub fn dmd_train_with_grids(
         }
         let y = labels();
         let z = randn();
-        let pair = regress.map(|p| p.batch(global, slice));
+        let pair = regress.map(|p| pair_batch(p, global, slice));
         let (sigma_dm, eps_dm) = (sigma_at(opts.t_min_index, opts.t_max_index), randn());
         let gan_g = head.as_ref().map(|_| (sigma_at(0, opts.levels), randn()));
         opt_g.zero_grad();

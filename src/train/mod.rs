@@ -1,6 +1,5 @@
-//! Training: optimiser and EMA, checkpoints, the EDM teacher loop (DMD arrives beside it).
+//! Training: optimiser and EMA, the EDM teacher loop (DMD arrives beside it).
 
-pub mod checkpoint;
 pub mod device_data;
 pub mod dmd;
 pub mod gan;

@@ -10,9 +10,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::checkpoint;
 use super::device_data::TrainData;
 use super::optim::{AdamW, ema_beta, ema_update};
+use crate::artifact::checkpoint;
 use crate::nn::Denoiser;
 use crate::torch_shim::AutocastBf16;
 
@@ -183,7 +183,7 @@ pub fn train_with_grids(
     let mut images = 0u64;
     let mut curve = Vec::new();
     if ckpt_path.exists() {
-        let (t, meta) = crate::nn::weights::read_safetensors(&ckpt_path)?;
+        let (t, meta) = crate::artifact::tensors::read_safetensors(&ckpt_path)?;
         checkpoint::restore(&t, "net.", &opt.names, &opt.params)?;
         checkpoint::restore(&t, "adam_m.", &opt.names, &opt.exp_avg)?;
         checkpoint::restore(&t, "adam_v.", &opt.names, &opt.exp_avg_sq)?;

@@ -1,4 +1,5 @@
-//! Data parallelism for a pipeline stage: the runner's process is rank 0; it writes a job file
+//! Data parallelism for a pipeline stage (the runner's, for any stage whose kind says it can run
+//! data-parallel): the runner's process is rank 0; it writes a job file
 //! (the stage's kind and params, its upstream and input paths) and starts one `dmdpipe
 //! stage-worker JOB` per further GPU. Every rank runs the same stage code (resuming from rank 0's
 //! checkpoint when there is one); only rank 0 writes checkpoints, metrics and outputs into the
@@ -11,8 +12,8 @@ use std::process::{Child, Command};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::rendezvous::Env;
-use crate::stages::StageContext;
+use crate::dist::rendezvous::Env;
+use crate::stages::{StageContext, StageSpec};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Job {
@@ -35,23 +36,22 @@ pub struct StageGroup {
 }
 
 impl StageGroup {
-    /// Starts data parallelism for a stage when `ctx.devices` names several GPUs and the stage
-    /// runs on CUDA; inside a worker, joins the group the worker was started for. None: a
-    /// single process.
-    pub fn start(ctx: &StageContext, kind: &str, params: serde_json::Value, cuda: bool) -> Result<Option<StageGroup>> {
-        if super::group().is_some() {
+    /// Starts data parallelism for `spec` when `ctx.devices` names several GPUs and the stage
+    /// runs on CUDA. None: a single process (inside a worker, too: it joined at start-up).
+    pub fn start(ctx: &StageContext, spec: &StageSpec) -> Result<Option<StageGroup>> {
+        if !spec.stage().data_parallel() || crate::dist::group().is_some() {
             return Ok(None); // a worker: joined at start-up
         }
         if ctx.devices.len() <= 1 {
             return Ok(None);
         }
-        if !cuda {
+        if !crate::stages::device_is_cuda(&ctx.device)? {
             tracing::warn!(devices = ?ctx.devices, "data parallelism needs CUDA; training in one process");
             return Ok(None);
         }
         let job = Job {
-            kind: kind.to_string(),
-            params,
+            kind: spec.kind().to_string(),
+            params: spec.params_json(),
             stage_name: ctx.stage_name.clone(),
             upstream: ctx.upstream.clone(),
             inputs: ctx.inputs.clone(),
@@ -81,14 +81,14 @@ impl StageGroup {
             local_rank: ctx.devices[0],
             master: format!("127.0.0.1:{port}"),
         };
-        super::join(&env)?;
+        crate::dist::join(&env)?;
         guard.ok = true;
         Ok(Some(guard))
     }
 
     /// Waits for every worker to finish; an error names the first that failed.
     pub fn finish(mut self) -> Result<()> {
-        super::leave();
+        crate::dist::leave();
         let mut first_err = None;
         for (rank, mut c) in std::mem::take(&mut self.children) {
             let status = c.wait()?;
@@ -105,7 +105,7 @@ impl StageGroup {
 
 impl Drop for StageGroup {
     fn drop(&mut self) {
-        super::leave();
+        crate::dist::leave();
         for (_, c) in self.children.iter_mut() {
             if !self.ok || std::thread::panicking() {
                 let _ = c.kill();
@@ -134,9 +134,8 @@ pub fn worker_env(rank: usize, world: usize, device: usize, port: u16) -> Vec<(S
 /// with scratch output directories.
 pub fn run_worker(job_path: &Path) -> Result<()> {
     let job: Job = serde_json::from_slice(&std::fs::read(job_path).with_context(|| format!("reading {}", job_path.display()))?)?;
-    let spec =
-        crate::stages::StageSpec::parse(&job.kind, job.params.clone()).with_context(|| format!("unknown stage kind `{}`", job.kind))??;
-    super::init_from_env()?.context("stage-worker runs under a data-parallel environment (RANK, WORLD_SIZE, ...)")?;
+    let spec = StageSpec::parse(&job.kind, job.params.clone()).with_context(|| format!("unknown stage kind `{}`", job.kind))??;
+    crate::dist::init_from_env()?.context("stage-worker runs under a data-parallel environment (RANK, WORLD_SIZE, ...)")?;
     let scratch = tempfile::tempdir()?;
     let mut ctx = StageContext {
         stage_name: job.stage_name.clone(),
@@ -152,8 +151,8 @@ pub fn run_worker(job_path: &Path) -> Result<()> {
     for d in [&ctx.out_dir, &ctx.downloads_dir] {
         std::fs::create_dir_all(d)?;
     }
-    spec.stage().run(&mut ctx)?;
-    super::leave();
+    spec.run(&mut ctx)?;
+    crate::dist::leave();
     Ok(())
 }
 
@@ -176,7 +175,7 @@ mod tests {
         };
         let back: Job = serde_json::from_slice(&serde_json::to_vec(&job).unwrap()).unwrap();
         assert_eq!(back, job);
-        let spec = crate::stages::StageSpec::parse(&back.kind, back.params.clone()).unwrap().unwrap();
+        let spec = StageSpec::parse(&back.kind, back.params.clone()).unwrap().unwrap();
         assert_eq!(spec.kind(), "dmd");
         assert_eq!(spec.params_json()["train"]["batch"], 112);
     }
