@@ -140,9 +140,8 @@ fn file_edges(files: &[SourceFile]) -> BTreeMap<Vec<String>, BTreeSet<Vec<String
 /// A module's own `mod.rs` and its children re-export and use each other by design.
 fn is_parent_child(a: &[String], b: &[String]) -> bool {
     let dir = |m: &[String]| super_of(m);
-    let is_mod_of = |parent: &[String], child: &[String]| {
-        parent.last().is_some_and(|l| l == "mod") && parent[..parent.len() - 1] == dir(child)[..]
-    };
+    let is_mod_of =
+        |parent: &[String], child: &[String]| parent.last().is_some_and(|l| l == "mod") && parent[..parent.len() - 1] == dir(child)[..];
     is_mod_of(a, b) || is_mod_of(b, a)
 }
 
@@ -153,7 +152,13 @@ fn imports_look_down_the_layer_table() {
     for (from, tos) in file_edges(&files) {
         for to in tos {
             if layer(&to[0]) > layer(&from[0]) {
-                wrong.push(format!("{} (layer {}) imports {} (layer {})", from.join("/"), layer(&from[0]), to.join("/"), layer(&to[0])));
+                wrong.push(format!(
+                    "{} (layer {}) imports {} (layer {})",
+                    from.join("/"),
+                    layer(&from[0]),
+                    to.join("/"),
+                    layer(&to[0])
+                ));
             }
         }
     }
@@ -211,12 +216,15 @@ fn reaches(edges: &BTreeMap<Vec<String>, BTreeSet<Vec<String>>>, from: &Vec<Stri
 fn no_stage_file_imports_another_stage() {
     let files = source_files();
     let edges = file_edges(&files);
-    let is_stage_file =
-        |m: &[String]| m.len() == 2 && m[0] == "stages" && !STAGE_REGISTRY_FILES.contains(&m[1].as_str());
+    let is_stage_file = |m: &[String]| m.len() == 2 && m[0] == "stages" && !STAGE_REGISTRY_FILES.contains(&m[1].as_str());
     let mut wrong = Vec::new();
     for (from, tos) in &edges {
         if is_stage_file(from) {
-            wrong.extend(tos.iter().filter(|t| is_stage_file(t)).map(|t| format!("{} imports {}", from.join("/"), t.join("/"))));
+            wrong.extend(
+                tos.iter()
+                    .filter(|t| is_stage_file(t))
+                    .map(|t| format!("{} imports {}", from.join("/"), t.join("/"))),
+            );
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));

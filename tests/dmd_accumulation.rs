@@ -7,7 +7,7 @@ mod common;
 fn gradient_accumulation_computes_the_update_of_one_large_batch() {
     use common::fixtures::{pairs_and_real, tiny_unet};
     use dmdpipe::nn::Denoiser;
-    use dmdpipe::train::dmd::{DmdOptions, dmd_train_with_grids};
+    use dmdpipe::train::dmd::{DmdData, DmdNets, DmdOptions, NoHooks, train_dmd};
     use tch::{Device, Tensor};
     let config = tiny_unet();
     tch::manual_seed(3);
@@ -31,18 +31,21 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
             ..Default::default()
         };
         let work = tempfile::tempdir().unwrap();
-        let s = dmd_train_with_grids(
-            &teacher,
-            &g,
-            &f,
-            None,
-            Some(&pairs),
+        let s = train_dmd(
+            DmdNets {
+                real: &teacher,
+                generator: &g,
+                fake: &f,
+                ema: None,
+            },
+            DmdData {
+                pairs: Some(&pairs),
+                lpips: None,
+                real_images: Some(&real),
+            },
             &opts,
             work.path(),
-            |_| {},
-            None,
-            None,
-            Some(&real),
+            &mut NoHooks,
         )
         .unwrap();
         let params = |n: &Denoiser| Tensor::cat(&n.vs.trainable_variables().iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
@@ -95,18 +98,21 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
         bf16: false,
         ..Default::default()
     };
-    let e = dmd_train_with_grids(
-        &teacher,
-        &g,
-        &f,
-        None,
-        None,
+    let e = train_dmd(
+        DmdNets {
+            real: &teacher,
+            generator: &g,
+            fake: &f,
+            ema: None,
+        },
+        DmdData {
+            pairs: None,
+            lpips: None,
+            real_images: None,
+        },
         &bad,
         tempfile::tempdir().unwrap().path(),
-        |_| {},
-        None,
-        None,
-        None,
+        &mut NoHooks,
     )
     .unwrap_err();
     assert!(e.to_string().contains("grad_accumulation = 4"), "{e}");

@@ -4,7 +4,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use dmdpipe::nn::weights::{load_into, read_safetensors};
+use dmdpipe::artifact::tensors::read_safetensors;
+use dmdpipe::nn::weights::load_into;
 use dmdpipe::nn::{Denoiser, NetworkConfig};
 use tch::{Device, Kind, Tensor};
 

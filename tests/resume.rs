@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use common::fixtures::{pairs_and_real, tiny_images, tiny_unet};
 use dmdpipe::nn::Denoiser;
 use dmdpipe::train::device_data::DeviceImages;
-use dmdpipe::train::dmd::{DmdOptions, dmd_train_with_grids};
+use dmdpipe::train::dmd::{DmdData, DmdNets, DmdOptions, NoHooks, train_dmd};
 use dmdpipe::train::teacher::{TrainOptions, train};
 use tch::{Device, Tensor};
 
@@ -60,18 +60,21 @@ fn dmd_resumed_after_a_checkpoint_is_bit_identical() {
         let mut last = None;
         for &n in segments {
             last = Some(
-                dmd_train_with_grids(
-                    &teacher,
-                    &g,
-                    &f,
-                    Some(&e),
-                    Some(&pairs),
+                train_dmd(
+                    DmdNets {
+                        real: &teacher,
+                        generator: &g,
+                        fake: &f,
+                        ema: Some(&e),
+                    },
+                    DmdData {
+                        pairs: Some(&pairs),
+                        lpips: None,
+                        real_images: Some(&real),
+                    },
                     &opts(n),
                     work.path(),
-                    |_| {},
-                    None,
-                    None,
-                    Some(&real),
+                    &mut NoHooks,
                 )
                 .unwrap(),
             );

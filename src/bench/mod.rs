@@ -135,7 +135,7 @@ pub(crate) fn bench_dmd_gan(
     cuda_graph: bool,
     gan: bool,
 ) -> Result<f64> {
-    use crate::train::dmd::{DmdOptions, Pairs, RealImages, dmd_train_with_grids};
+    use crate::train::dmd::{DmdData, DmdNets, DmdOptions, NoHooks, Pairs, RealImages, train_dmd};
     let mut cfg = cfg.clone();
     cfg.set_dropout(0.0);
     tch::manual_seed(0);
@@ -161,19 +161,18 @@ pub(crate) fn bench_dmd_gan(
         images: (Tensor::rand([1024, 3, 32, 32], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8),
         labels: Some(Tensor::eye(10, (Kind::Float, device)).index_select(0, &Tensor::randint(10, [1024], (Kind::Int64, device)))),
     });
-    let summary = dmd_train_with_grids(
-        &teacher,
-        &g,
-        &f,
-        None,
-        Some(&pairs),
-        &opts,
-        work.path(),
-        |_| {},
-        None,
-        None,
-        real.as_ref(),
-    )?;
+    let nets = DmdNets {
+        real: &teacher,
+        generator: &g,
+        fake: &f,
+        ema: None,
+    };
+    let data = DmdData {
+        pairs: Some(&pairs),
+        real_images: real.as_ref(),
+        ..Default::default()
+    };
+    let summary = train_dmd(nets, data, &opts, work.path(), &mut NoHooks)?;
     let timed: Vec<f64> = summary.log.iter().skip(1).map(|r| r.iterations_per_second).collect();
     Ok(timed.len() as f64 / timed.iter().map(|r| 1.0 / r).sum::<f64>())
 }

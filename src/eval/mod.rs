@@ -1,5 +1,6 @@
 //! Evaluation: the TF Inception-v3 feature network, FID statistics, KID and precision/recall.
 
+pub mod energy;
 pub mod fid;
 pub mod inception;
 pub mod inception_import;

@@ -130,134 +130,156 @@ impl Stage for TeacherParams {
             }
             _ => None,
         };
-        let (dataset, classes) = match (&self.dataset, &points) {
-            (Some(_), None) => {
-                let ds = ImageDataset::read(ctx.upstream_dir("dataset")?)?;
-                let classes = ds.classes.clone();
-                (Some(ds), classes)
-            }
-            _ => (None, Vec::new()),
+        let dataset = match (&self.dataset, &points) {
+            (Some(_), None) => Some(ImageDataset::read(ctx.upstream_dir("dataset")?)?),
+            _ => None,
         };
+        let classes = dataset.as_ref().map(|d| d.classes.clone()).unwrap_or_default();
         let mut metrics = serde_json::Map::new();
-        let ema = match self.mode {
-            TeacherMode::Import => {
+        let ema = match (&self.mode, &self.network, &points, &dataset) {
+            (TeacherMode::Import, ..) => {
                 let path = ctx.input("weights")?.to_path_buf();
-                let net = crate::nn::import::load_denoiser(&path, self.network.as_ref(), device)?;
-                metrics.insert(
-                    "imported_from".into(),
-                    path.file_name()
-                        .map(|f| f.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                        .into(),
-                );
-                net
+                let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                metrics.insert("imported_from".into(), name.into());
+                crate::nn::import::load_denoiser(&path, self.network.as_ref(), device)?
             }
-            TeacherMode::Train => {
-                let config = self.network.clone().expect("validated");
-                if let Some(pts) = &points {
-                    tch::manual_seed(self.train.seed as i64);
-                    let net = Denoiser::new(&config, device);
-                    let ema = net.duplicate()?;
-                    let data = crate::train::device_data::DevicePoints::new(pts, device);
-                    let summary = train(&net, &ema, &data, &self.train, &ctx.work_dir, |_, images, _, _| {
-                        ctx.progress.set_position(images)
-                    })?;
-                    let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
-                    crate::render::line_plot("teacher loss vs samples", &[("loss", curve)], true)
-                        .save_png(&ctx.out_dir.join("loss.png"))?;
-                    metrics.insert("steps".into(), summary.steps.into());
-                    metrics.insert("final_loss".into(), summary.final_loss.into());
-                    metrics.insert("train_seconds".into(), summary.seconds.into());
-                    weights::save_safetensors(&ema, &ctx.out_dir.join(WEIGHTS_FILE)).context("saving the teacher")?;
-                    metrics.insert("parameters".into(), ema.num_params().into());
-                    return Ok(serde_json::Value::Object(metrics));
-                }
-                let ds = dataset.as_ref().expect("validated");
-                if ds.height as i64 != config.img_resolution() || ds.channels as i64 != config.img_channels() {
-                    bail!(
-                        "dataset images are {}x{}x{}, the network expects {}x{}x{}",
-                        ds.height,
-                        ds.width,
-                        ds.channels,
-                        config.img_resolution(),
-                        config.img_resolution(),
-                        config.img_channels()
-                    );
-                }
-                if config.label_dim() > 0 && config.label_dim() != ds.classes.len() as i64 {
-                    bail!(
-                        "the network has label_dim {} but the dataset has {} classes",
-                        config.label_dim(),
-                        ds.classes.len()
-                    );
-                }
-                let device = crate::dist::local_device(device);
-                tch::manual_seed(self.train.seed as i64);
-                let net = Denoiser::new(&config, device);
-                let mut ema = Denoiser::new(&config, device);
-                ema.copy_from(&net)?;
-                let data = DeviceImages::new(ds, device);
-                ctx.progress.set_length(self.train.images);
-                let bar = ctx.progress.clone();
-                let mut log = String::from("step,images,loss,images_per_second\n");
-                let progress_dir = ctx.out_dir.join("progress");
-                let names: Vec<String> = classes.iter().take(10).cloned().collect();
-                let (res, ch, ld) = (config.img_resolution(), config.img_channels(), config.label_dim());
-                let mut hook = |step: u64, ema: &Denoiser| -> anyhow::Result<()> {
-                    std::fs::create_dir_all(&progress_dir)?;
-                    let grid = class_grid(res, ch, ld, &names, self.grid.columns, self.grid.seed, device, |z, y| {
-                        let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
-                        sample(ema, z, y, &self.grid.sampler)
-                    });
-                    grid.save_png(&progress_dir.join(format!("grid-step{step:07}.png")))
-                };
-                let grids = self
-                    .grid
-                    .every_steps
-                    .map(|n| (n, &mut hook as &mut dyn FnMut(u64, &Denoiser) -> anyhow::Result<()>));
-                let summary = train_with_grids(
-                    &net,
-                    &ema,
-                    &data,
-                    &self.train,
-                    &ctx.work_dir,
-                    |step, images, loss, rate| {
-                        bar.set_position(images);
-                        bar.set_message(format!("loss {loss:.4} {rate:.0} img/s"));
-                        tracing::info!(step, images, loss, rate, "train");
-                        log.push_str(&format!("{step},{images},{loss},{rate}\n"));
-                    },
-                    grids,
-                )?;
-                if !crate::dist::is_main() {
-                    return Ok(serde_json::json!({})); // a worker: rank 0 writes the outputs
-                }
-                std::fs::write(ctx.measurements_dir()?.join("training.csv"), log)?;
-                let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
-                crate::render::line_plot("teacher loss vs images", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
-                metrics.insert("steps".into(), summary.steps.into());
-                metrics.insert("images_seen".into(), summary.images.into());
-                metrics.insert("final_loss".into(), summary.final_loss.into());
-                metrics.insert("train_seconds".into(), summary.seconds.into());
-                metrics.insert("images_per_second".into(), summary.images_per_second.into());
-                metrics.insert("resumed_from_step".into(), summary.resumed_from_step.into());
-                ema
-            }
+            (TeacherMode::Train, Some(config), Some(pts), _) => return self.train_points(ctx, pts, config, device),
+            (TeacherMode::Train, Some(config), None, Some(ds)) => match self.train_images(ctx, ds, config, device, &mut metrics)? {
+                Some(ema) => ema,
+                None => return Ok(serde_json::json!({})), // a worker: rank 0 writes the outputs
+            },
+            (TeacherMode::Train, ..) => bail!("mode = \"train\" needs `network` and `dataset`"),
         };
         weights::save_safetensors(&ema, &ctx.out_dir.join(WEIGHTS_FILE)).context("saving the teacher")?;
         metrics.insert("parameters".into(), ema.num_params().into());
+        ctx.progress.set_message("sample grid");
+        self.save_grid(&ema, &classes, device, &ctx.out_dir.join("grid.png"))?;
+        metrics.insert("grid_sampler_calls".into(), self.grid.sampler.network_calls().into());
+        Ok(serde_json::Value::Object(metrics))
+    }
+}
+
+impl TeacherParams {
+    /// A 2-D toy teacher: trained, saved with its loss plot, no grid.
+    fn train_points(
+        &self,
+        ctx: &mut StageContext,
+        pts: &crate::data::artifact::PointsDataset,
+        config: &NetworkConfig,
+        device: tch::Device,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut metrics = serde_json::Map::new();
+        tch::manual_seed(self.train.seed as i64);
+        let net = Denoiser::new(config, device);
+        let ema = net.duplicate()?;
+        let data = crate::train::device_data::DevicePoints::new(pts, device);
+        let summary = train(&net, &ema, &data, &self.train, &ctx.work_dir, |_, images, _, _| {
+            ctx.progress.set_position(images)
+        })?;
+        let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
+        crate::render::line_plot("teacher loss vs samples", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
+        metrics.insert("steps".into(), summary.steps.into());
+        metrics.insert("final_loss".into(), summary.final_loss.into());
+        metrics.insert("train_seconds".into(), summary.seconds.into());
+        weights::save_safetensors(&ema, &ctx.out_dir.join(WEIGHTS_FILE)).context("saving the teacher")?;
+        metrics.insert("parameters".into(), ema.num_params().into());
+        return Ok(serde_json::Value::Object(metrics));
+    }
+
+    /// An image teacher, trained (data-parallel when the runner started a group) with progress
+    /// grids; None on a worker rank.
+    fn train_images(
+        &self,
+        ctx: &mut StageContext,
+        ds: &ImageDataset,
+        config: &NetworkConfig,
+        device: tch::Device,
+        metrics: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> anyhow::Result<Option<Denoiser>> {
+        if ds.height as i64 != config.img_resolution() || ds.channels as i64 != config.img_channels() {
+            bail!(
+                "dataset images are {}x{}x{}, the network expects {}x{}x{}",
+                ds.height,
+                ds.width,
+                ds.channels,
+                config.img_resolution(),
+                config.img_resolution(),
+                config.img_channels()
+            );
+        }
+        if config.label_dim() > 0 && config.label_dim() != ds.classes.len() as i64 {
+            bail!(
+                "the network has label_dim {} but the dataset has {} classes",
+                config.label_dim(),
+                ds.classes.len()
+            );
+        }
+        let device = crate::dist::local_device(device);
+        tch::manual_seed(self.train.seed as i64);
+        let net = Denoiser::new(config, device);
+        let mut ema = Denoiser::new(config, device);
+        ema.copy_from(&net)?;
+        let data = DeviceImages::new(ds, device);
+        ctx.progress.set_length(self.train.images);
+        let bar = ctx.progress.clone();
+        let mut log = String::from("step,images,loss,images_per_second\n");
+        let progress_dir = ctx.out_dir.join("progress");
+        let names: Vec<String> = ds.classes.iter().take(10).cloned().collect();
+        let (res, ch, ld) = (config.img_resolution(), config.img_channels(), config.label_dim());
+        let mut hook = |step: u64, ema: &Denoiser| -> anyhow::Result<()> {
+            std::fs::create_dir_all(&progress_dir)?;
+            let grid = class_grid(res, ch, ld, &names, self.grid.columns, self.grid.seed, device, |z, y| {
+                let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
+                sample(ema, z, y, &self.grid.sampler)
+            });
+            grid.save_png(&progress_dir.join(format!("grid-step{step:07}.png")))
+        };
+        let grids = self
+            .grid
+            .every_steps
+            .map(|n| (n, &mut hook as &mut dyn FnMut(u64, &Denoiser) -> anyhow::Result<()>));
+        let summary = train_with_grids(
+            &net,
+            &ema,
+            &data,
+            &self.train,
+            &ctx.work_dir,
+            |step, images, loss, rate| {
+                bar.set_position(images);
+                bar.set_message(format!("loss {loss:.4} {rate:.0} img/s"));
+                tracing::info!(step, images, loss, rate, "train");
+                log.push_str(&format!("{step},{images},{loss},{rate}\n"));
+            },
+            grids,
+        )?;
+        if !crate::dist::is_main() {
+            return Ok(None);
+        }
+        std::fs::write(ctx.measurements_dir()?.join("training.csv"), log)?;
+        let curve: Vec<(f64, f64)> = summary.loss_curve.iter().map(|&(i, l)| (i as f64, l)).collect();
+        crate::render::line_plot("teacher loss vs images", &[("loss", curve)], true).save_png(&ctx.out_dir.join("loss.png"))?;
+        metrics.insert("steps".into(), summary.steps.into());
+        metrics.insert("images_seen".into(), summary.images.into());
+        metrics.insert("final_loss".into(), summary.final_loss.into());
+        metrics.insert("train_seconds".into(), summary.seconds.into());
+        metrics.insert("images_per_second".into(), summary.images_per_second.into());
+        metrics.insert("resumed_from_step".into(), summary.resumed_from_step.into());
+        Ok(Some(ema))
+    }
+
+    /// The final grid: a row per class (at most 10), the stage's own sampler.
+    fn save_grid(&self, ema: &Denoiser, classes: &[String], device: tch::Device, path: &std::path::Path) -> anyhow::Result<()> {
         let cfg = &ema.config;
         let names: Vec<String> = if cfg.label_dim() > 0 {
             if classes.len() as i64 == cfg.label_dim() {
                 // At most 10 labelled rows (the first classes) for models with many classes.
-                classes.into_iter().take(10).collect()
+                classes.iter().take(10).cloned().collect()
             } else {
                 (0..cfg.label_dim().min(10)).map(|i| format!("class {i}")).collect()
             }
         } else {
             Vec::new()
         };
-        ctx.progress.set_message("sample grid");
         let grid = class_grid(
             cfg.img_resolution(),
             cfg.img_channels(),
@@ -268,11 +290,9 @@ impl Stage for TeacherParams {
             device,
             |z, y| {
                 let _ac = crate::torch_shim::AutocastBf16::new(device.is_cuda() && self.train.bf16).expect("autocast");
-                sample(&ema, z, y, &self.grid.sampler)
+                sample(ema, z, y, &self.grid.sampler)
             },
         );
-        grid.save_png(&ctx.out_dir.join("grid.png"))?;
-        metrics.insert("grid_sampler_calls".into(), self.grid.sampler.network_calls().into());
-        Ok(serde_json::Value::Object(metrics))
+        grid.save_png(path)
     }
 }

@@ -179,23 +179,10 @@ pub fn train_with_grids(
     )?;
     let ema_names: Vec<String> = sorted_names(ema);
     let ckpt_path = work_dir.join("checkpoint.safetensors");
-    let mut step = 0u64;
-    let mut images = 0u64;
-    let mut curve = Vec::new();
-    if ckpt_path.exists() {
-        let (t, meta) = crate::artifact::tensors::read_safetensors(&ckpt_path)?;
-        checkpoint::restore(&t, "net.", &opt.names, &opt.params)?;
-        checkpoint::restore(&t, "adam_m.", &opt.names, &opt.exp_avg)?;
-        checkpoint::restore(&t, "adam_v.", &opt.names, &opt.exp_avg_sq)?;
-        checkpoint::restore(&t, "adam_step.", &opt.names, &opt.steps)?;
-        let ev = ema.vs.variables();
-        let ema_t: Vec<Tensor> = ema_names.iter().map(|n| ev[n].shallow_clone()).collect();
-        checkpoint::restore(&t, "ema.", &ema_names, &ema_t)?;
-        step = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
-        images = meta.get("images").and_then(|s| s.parse().ok()).unwrap_or(0);
-        curve = meta.get("curve").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
-        tracing::info!(step, images, "resumed from checkpoint");
-    }
+    let (mut step, mut images, mut curve) = match ckpt_path.exists() {
+        true => restore_checkpoint(&ckpt_path, &opt, ema, &ema_names)?,
+        false => (0, 0, Vec::new()),
+    };
     let resumed_from_step = step;
     let start = Instant::now();
     let mut window = Vec::new();
@@ -258,15 +245,7 @@ pub fn train_with_grids(
                     crate::dist::check_identical(&opt.params, "teacher parameters")?;
                 }
             }
-            let losses = Vec::<f64>::try_from(crate::dist::mean_over_ranks(&Tensor::stack(&window, 0))?.to_kind(Kind::Double))?;
-            if let Some(i) = losses.iter().position(|l| !l.is_finite()) {
-                let bad = step - losses.len() as u64 + i as u64 + 1;
-                bail!(
-                    "non-finite loss ({}) at step {bad}; the last good checkpoint is kept in {}",
-                    losses[i],
-                    ckpt_path.display()
-                );
-            }
+            let losses = window_losses(&window, step, &ckpt_path)?;
             last_loss = losses.iter().sum::<f64>() / losses.len() as f64;
             let rate = (images - window_start.1) as f64 / window_start.0.elapsed().as_secs_f64().max(1e-9);
             curve.push((images, last_loss));
@@ -289,6 +268,38 @@ pub fn train_with_grids(
         loss_curve: curve,
         resumed_from_step,
     })
+}
+
+/// Restores what `save_checkpoint` wrote: returns the step, the images seen and the loss curve.
+fn restore_checkpoint(path: &Path, opt: &AdamW, ema: &Denoiser, ema_names: &[String]) -> Result<(u64, u64, Vec<(u64, f64)>)> {
+    let (t, meta) = checkpoint::load(path)?;
+    checkpoint::restore(&t, "net.", &opt.names, &opt.params)?;
+    checkpoint::restore(&t, "adam_m.", &opt.names, &opt.exp_avg)?;
+    checkpoint::restore(&t, "adam_v.", &opt.names, &opt.exp_avg_sq)?;
+    checkpoint::restore(&t, "adam_step.", &opt.names, &opt.steps)?;
+    let ev = ema.vs.variables();
+    let ema_t: Vec<Tensor> = ema_names.iter().map(|n| ev[n].shallow_clone()).collect();
+    checkpoint::restore(&t, "ema.", ema_names, &ema_t)?;
+    let step = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let images = meta.get("images").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let curve = meta.get("curve").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+    tracing::info!(step, images, "resumed from checkpoint");
+    Ok((step, images, curve))
+}
+
+/// The mean losses of the steps since the last log (averaged over ranks); a non-finite one is an
+/// error naming its step.
+fn window_losses(window: &[Tensor], step: u64, ckpt_path: &Path) -> Result<Vec<f64>> {
+    let losses = Vec::<f64>::try_from(crate::dist::mean_over_ranks(&Tensor::stack(window, 0))?.to_kind(Kind::Double))?;
+    if let Some(i) = losses.iter().position(|l| !l.is_finite()) {
+        let bad = step - losses.len() as u64 + i as u64 + 1;
+        bail!(
+            "non-finite loss ({}) at step {bad}; the last good checkpoint is kept in {}",
+            losses[i],
+            ckpt_path.display()
+        );
+    }
+    Ok(losses)
 }
 
 fn sorted_names(net: &Denoiser) -> Vec<String> {
