@@ -114,31 +114,44 @@ pub fn bench_gpu(
         return Ok(Value::Object(out));
     }
     if let Some(w) = inception.filter(|w| w.exists()) {
-        use crate::eval::inception::Layout;
-        let mut net = crate::eval::inception::Inception::load(w, device)?;
-        let n = if quick { 8 } else { 250 };
-        let imgs = (Tensor::rand([n, 32, 32, 3], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8);
-        // bf16 (autocast) is a throughput figure only: FID is defined with fp32 features.
-        for (prec, tf32, bf16) in [("tf32", true, false), ("fp32", false, false), ("bf16", true, true)] {
-            torch_shim::set_tf32(tf32);
-            // The unsuffixed figure is the layout the FID stages use for this precision.
-            for (lay, layout) in [
-                ("", Layout::fastest_for(prec == "fp32")),
-                ("_nchw", Layout::Nchw),
-                ("_nhwc", Layout::Nhwc),
-            ] {
-                net.layout = layout;
-                // Features to the host in f64, as the FID stages (and the PyTorch script) take them.
-                let per = timed(device, 2, if quick { 1 } else { 20 }, || {
-                    let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
-                    let _ = net.features(&imgs).to_kind(Kind::Double).to_device(tch::Device::Cpu);
-                    Ok(())
-                })?;
-                out.insert(format!("inception_{prec}{lay}_img_s"), (n as f64 / per).into());
-            }
-        }
-        torch_shim::set_tf32(true);
+        bench_inception_layouts(&mut out, w, device, quick)?;
     }
+    bench_dmd_rows(&mut out, device, quick)?;
+    add_tflops(&mut out, peak);
+    Ok(Value::Object(out))
+}
+
+/// Inception feature throughput in each precision and layout.
+fn bench_inception_layouts(out: &mut Map<String, Value>, w: &std::path::Path, device: tch::Device, quick: bool) -> Result<()> {
+    use crate::eval::inception::Layout;
+    let mut net = crate::eval::inception::Inception::load(w, device)?;
+    let n = if quick { 8 } else { 250 };
+    let imgs = (Tensor::rand([n, 32, 32, 3], (Kind::Float, device)) * 255.0).to_kind(Kind::Uint8);
+    // bf16 (autocast) is a throughput figure only: FID is defined with fp32 features.
+    for (prec, tf32, bf16) in [("tf32", true, false), ("fp32", false, false), ("bf16", true, true)] {
+        torch_shim::set_tf32(tf32);
+        // The unsuffixed figure is the layout the FID stages use for this precision.
+        for (lay, layout) in [
+            ("", Layout::fastest_for(prec == "fp32")),
+            ("_nchw", Layout::Nchw),
+            ("_nhwc", Layout::Nhwc),
+        ] {
+            net.layout = layout;
+            // Features to the host in f64, as the FID stages (and the PyTorch script) take them.
+            let per = timed(device, 2, if quick { 1 } else { 20 }, || {
+                let _ac = AutocastBf16::new(bf16 && device.is_cuda())?;
+                let _ = net.features(&imgs).to_kind(Kind::Double).to_device(tch::Device::Cpu);
+                Ok(())
+            })?;
+            out.insert(format!("inception_{prec}{lay}_img_s"), (n as f64 / per).into());
+        }
+    }
+    torch_shim::set_tf32(true);
+    Ok(())
+}
+
+/// DMD iterations per second (captured and eager) of both networks at batches 56 and 128.
+fn bench_dmd_rows(out: &mut Map<String, Value>, device: tch::Device, quick: bool) -> Result<()> {
     if !quick {
         for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
             for batch in [56usize, 128] {
@@ -154,8 +167,7 @@ pub fn bench_gpu(
             bench_dmd(&ddpmpp(64, 2), device, 4, 2, true)?.into(),
         );
     }
-    add_tflops(&mut out, peak);
-    Ok(Value::Object(out))
+    Ok(())
 }
 
 /// The bf16 training step (without the EMA) and the one-step sampling call, each captured as a

@@ -58,100 +58,8 @@ impl DhariwalUNet {
                 Init::new(InitMode::KaimingNormal, (c.label_dim as f64).sqrt(), 0.0),
             )
         });
-        let pe = p / "enc";
-        let mut enc = Vec::new();
-        let mut skips = Vec::new();
-        let mut cout = c.img_channels;
-        for (level, &mult) in c.channel_mult.iter().enumerate() {
-            let res = c.img_resolution >> level;
-            if level == 0 {
-                let cin = cout;
-                cout = c.model_channels * mult;
-                enc.push(Layer::Conv(Conv2d::new(
-                    &(&pe / format!("{res}x{res}_conv")),
-                    cin,
-                    cout,
-                    ConvSpec::default(),
-                    init,
-                )));
-            } else {
-                enc.push(Layer::Block(UNetBlock::new(
-                    &(&pe / format!("{res}x{res}_down")),
-                    cout,
-                    cout,
-                    false,
-                    true,
-                    false,
-                    &bk,
-                )));
-            }
-            skips.push(cout);
-            for idx in 0..c.num_blocks {
-                let cin = cout;
-                cout = c.model_channels * mult;
-                let attn = c.attn_resolutions.contains(&res);
-                enc.push(Layer::Block(UNetBlock::new(
-                    &(&pe / format!("{res}x{res}_block{idx}")),
-                    cin,
-                    cout,
-                    false,
-                    false,
-                    attn,
-                    &bk,
-                )));
-                skips.push(cout);
-            }
-        }
-        let pd = p / "dec";
-        let mut dec = Vec::new();
-        let levels = c.channel_mult.len();
-        for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
-            let res = c.img_resolution >> level;
-            if level == levels - 1 {
-                dec.push(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_in0")),
-                    cout,
-                    cout,
-                    false,
-                    false,
-                    true,
-                    &bk,
-                ));
-                dec.push(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_in1")),
-                    cout,
-                    cout,
-                    false,
-                    false,
-                    false,
-                    &bk,
-                ));
-            } else {
-                dec.push(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_up")),
-                    cout,
-                    cout,
-                    true,
-                    false,
-                    false,
-                    &bk,
-                ));
-            }
-            for idx in 0..=c.num_blocks {
-                let cin = cout + skips.pop().expect("one skip per encoder layer");
-                cout = c.model_channels * mult;
-                let attn = c.attn_resolutions.contains(&res);
-                dec.push(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_block{idx}")),
-                    cin,
-                    cout,
-                    false,
-                    false,
-                    attn,
-                    &bk,
-                ));
-            }
-        }
+        let (enc, skips, cout) = Self::encoder(&(p / "enc"), c, &bk, init);
+        let (dec, cout) = Self::decoder(&(p / "dec"), c, &bk, skips, cout);
         let out_norm = GroupNorm::new(&(p / "out_norm"), cout, 1e-5, c.bf16_group_norm);
         let out_conv = Conv2d::new(&(p / "out_conv"), cout, c.img_channels, ConvSpec::default(), init_zero);
         DhariwalUNet {
@@ -166,6 +74,108 @@ impl DhariwalUNet {
             out_conv,
             label_dropout: c.label_dropout,
         }
+    }
+
+    /// The encoder: its layers, the channels of each skip connection, and its output channels.
+    fn encoder(pe: &Path, c: &DhariwalUNetConfig, bk: &BlockConfig, init: Init) -> (Vec<Layer>, Vec<i64>, i64) {
+        let mut enc = Vec::new();
+        let mut skips = Vec::new();
+        let mut cout = c.img_channels;
+        for (level, &mult) in c.channel_mult.iter().enumerate() {
+            let res = c.img_resolution >> level;
+            if level == 0 {
+                let cin = cout;
+                cout = c.model_channels * mult;
+                enc.push(Layer::Conv(Conv2d::new(
+                    &(pe / format!("{res}x{res}_conv")),
+                    cin,
+                    cout,
+                    ConvSpec::default(),
+                    init,
+                )));
+            } else {
+                enc.push(Layer::Block(UNetBlock::new(
+                    &(pe / format!("{res}x{res}_down")),
+                    cout,
+                    cout,
+                    false,
+                    true,
+                    false,
+                    bk,
+                )));
+            }
+            skips.push(cout);
+            for idx in 0..c.num_blocks {
+                let cin = cout;
+                cout = c.model_channels * mult;
+                let attn = c.attn_resolutions.contains(&res);
+                enc.push(Layer::Block(UNetBlock::new(
+                    &(pe / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    bk,
+                )));
+                skips.push(cout);
+            }
+        }
+        (enc, skips, cout)
+    }
+
+    /// The decoder, consuming the encoder's skips, and its output channels.
+    fn decoder(pd: &Path, c: &DhariwalUNetConfig, bk: &BlockConfig, mut skips: Vec<i64>, mut cout: i64) -> (Vec<UNetBlock>, i64) {
+        let mut dec = Vec::new();
+        let levels = c.channel_mult.len();
+        for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
+            let res = c.img_resolution >> level;
+            if level == levels - 1 {
+                dec.push(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_in0")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    true,
+                    bk,
+                ));
+                dec.push(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_in1")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    false,
+                    bk,
+                ));
+            } else {
+                dec.push(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_up")),
+                    cout,
+                    cout,
+                    true,
+                    false,
+                    false,
+                    bk,
+                ));
+            }
+            for idx in 0..=c.num_blocks {
+                let cin = cout + skips.pop().expect("one skip per encoder layer");
+                cout = c.model_channels * mult;
+                let attn = c.attn_resolutions.contains(&res);
+                dec.push(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    bk,
+                ));
+            }
+        }
+        (dec, cout)
     }
 
     pub fn forward(

@@ -57,7 +57,6 @@ impl SongUNet {
             init_zero,
             init_attn,
         };
-        let filt = &c.resample_filter;
         let fourier_freqs = (c.embedding_type == Embedding::Fourier).then(|| {
             buffer(
                 &(p / "map_noise"),
@@ -70,179 +69,8 @@ impl SongUNet {
         let map_layer0 = Linear::new(&(p / "map_layer0"), noise_channels, emb_channels, true, init);
         let map_layer1 = Linear::new(&(p / "map_layer1"), emb_channels, emb_channels, true, init);
 
-        let pe = p / "enc";
-        let mut enc = Vec::new();
-        let mut skips = Vec::new();
-        let mut cout = c.img_channels;
-        let mut caux = c.img_channels;
-        for (level, &mult) in c.channel_mult.iter().enumerate() {
-            let res = c.img_resolution >> level;
-            if level == 0 {
-                let cin = cout;
-                cout = c.model_channels;
-                enc.push(Enc::Conv(Conv2d::new(
-                    &(&pe / format!("{res}x{res}_conv")),
-                    cin,
-                    cout,
-                    ConvSpec::default(),
-                    init,
-                )));
-                skips.push(cout);
-            } else {
-                enc.push(Enc::Block(UNetBlock::new(
-                    &(&pe / format!("{res}x{res}_down")),
-                    cout,
-                    cout,
-                    false,
-                    true,
-                    false,
-                    &bk,
-                )));
-                skips.push(cout);
-                match c.encoder_type {
-                    EncoderType::Skip => {
-                        let down = ConvSpec {
-                            kernel: 0,
-                            down: true,
-                            resample_filter: filt,
-                            ..Default::default()
-                        };
-                        enc.push(Enc::AuxDown(Conv2d::new(
-                            &(&pe / format!("{res}x{res}_aux_down")),
-                            caux,
-                            caux,
-                            down,
-                            init,
-                        )));
-                        let one = ConvSpec {
-                            kernel: 1,
-                            ..Default::default()
-                        };
-                        enc.push(Enc::AuxSkip(Conv2d::new(
-                            &(&pe / format!("{res}x{res}_aux_skip")),
-                            caux,
-                            cout,
-                            one,
-                            init,
-                        )));
-                    }
-                    EncoderType::Residual => {
-                        let spec = ConvSpec {
-                            kernel: 3,
-                            down: true,
-                            resample_filter: filt,
-                            fused_resample: true,
-                            ..Default::default()
-                        };
-                        enc.push(Enc::AuxResidual(Conv2d::new(
-                            &(&pe / format!("{res}x{res}_aux_residual")),
-                            caux,
-                            cout,
-                            spec,
-                            init,
-                        )));
-                        caux = cout;
-                    }
-                    EncoderType::Standard => {}
-                }
-            }
-            for idx in 0..c.num_blocks {
-                let cin = cout;
-                cout = c.model_channels * mult;
-                let attn = c.attn_resolutions.contains(&res);
-                enc.push(Enc::Block(UNetBlock::new(
-                    &(&pe / format!("{res}x{res}_block{idx}")),
-                    cin,
-                    cout,
-                    false,
-                    false,
-                    attn,
-                    &bk,
-                )));
-                skips.push(cout);
-            }
-        }
-
-        let pd = p / "dec";
-        let mut dec = Vec::new();
-        let levels = c.channel_mult.len();
-        for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
-            let res = c.img_resolution >> level;
-            if level == levels - 1 {
-                dec.push(Dec::Block(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_in0")),
-                    cout,
-                    cout,
-                    false,
-                    false,
-                    true,
-                    &bk,
-                )));
-                dec.push(Dec::Block(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_in1")),
-                    cout,
-                    cout,
-                    false,
-                    false,
-                    false,
-                    &bk,
-                )));
-            } else {
-                dec.push(Dec::Block(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_up")),
-                    cout,
-                    cout,
-                    true,
-                    false,
-                    false,
-                    &bk,
-                )));
-            }
-            for idx in 0..=c.num_blocks {
-                let cin = cout + skips.pop().expect("one skip per encoder layer");
-                cout = c.model_channels * mult;
-                let attn = idx == c.num_blocks && c.attn_resolutions.contains(&res);
-                dec.push(Dec::Block(UNetBlock::new(
-                    &(&pd / format!("{res}x{res}_block{idx}")),
-                    cin,
-                    cout,
-                    false,
-                    false,
-                    attn,
-                    &bk,
-                )));
-            }
-            if c.decoder_type == DecoderType::Skip || level == 0 {
-                if c.decoder_type == DecoderType::Skip && level < levels - 1 {
-                    let up = ConvSpec {
-                        kernel: 0,
-                        up: true,
-                        resample_filter: filt,
-                        ..Default::default()
-                    };
-                    dec.push(Dec::AuxUp(Conv2d::new(
-                        &(&pd / format!("{res}x{res}_aux_up")),
-                        c.img_channels,
-                        c.img_channels,
-                        up,
-                        init,
-                    )));
-                }
-                dec.push(Dec::AuxNorm(GroupNorm::new(
-                    &(&pd / format!("{res}x{res}_aux_norm")),
-                    cout,
-                    1e-6,
-                    c.bf16_group_norm,
-                )));
-                dec.push(Dec::AuxConv(Conv2d::new(
-                    &(&pd / format!("{res}x{res}_aux_conv")),
-                    cout,
-                    c.img_channels,
-                    ConvSpec::default(),
-                    init_zero,
-                )));
-            }
-        }
+        let (enc, skips, cout) = Self::encoder(&(p / "enc"), c, &bk);
+        let dec = Self::decoder(&(p / "dec"), c, &bk, skips, cout);
         SongUNet {
             embedding: c.embedding_type,
             noise_channels,
@@ -255,6 +83,200 @@ impl SongUNet {
             dec,
             label_dropout: c.label_dropout,
         }
+    }
+
+    /// The encoder: its layers, the channels of each skip connection, and its output channels.
+    fn encoder(pe: &Path, c: &SongUNetConfig, bk: &BlockConfig) -> (Vec<Enc>, Vec<i64>, i64) {
+        let init = Init::new(InitMode::XavierUniform, 1.0, 0.0);
+        let mut enc = Vec::new();
+        let mut skips = Vec::new();
+        let mut cout = c.img_channels;
+        let mut caux = c.img_channels;
+        for (level, &mult) in c.channel_mult.iter().enumerate() {
+            let res = c.img_resolution >> level;
+            if level == 0 {
+                let cin = cout;
+                cout = c.model_channels;
+                enc.push(Enc::Conv(Conv2d::new(
+                    &(pe / format!("{res}x{res}_conv")),
+                    cin,
+                    cout,
+                    ConvSpec::default(),
+                    init,
+                )));
+                skips.push(cout);
+            } else {
+                enc.push(Enc::Block(UNetBlock::new(
+                    &(pe / format!("{res}x{res}_down")),
+                    cout,
+                    cout,
+                    false,
+                    true,
+                    false,
+                    bk,
+                )));
+                skips.push(cout);
+                caux = Self::encoder_aux(pe, c, res, caux, cout, &mut enc);
+            }
+            for idx in 0..c.num_blocks {
+                let cin = cout;
+                cout = c.model_channels * mult;
+                let attn = c.attn_resolutions.contains(&res);
+                enc.push(Enc::Block(UNetBlock::new(
+                    &(pe / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    bk,
+                )));
+                skips.push(cout);
+            }
+        }
+        (enc, skips, cout)
+    }
+
+    /// The encoder's auxiliary path into level `res` (`encoder_type` skip or residual); returns
+    /// the auxiliary path's channels after it.
+    fn encoder_aux(pe: &Path, c: &SongUNetConfig, res: i64, caux: i64, cout: i64, enc: &mut Vec<Enc>) -> i64 {
+        let init = Init::new(InitMode::XavierUniform, 1.0, 0.0);
+        let filt = &c.resample_filter;
+        let mut caux = caux;
+        match c.encoder_type {
+            EncoderType::Skip => {
+                let down = ConvSpec {
+                    kernel: 0,
+                    down: true,
+                    resample_filter: filt,
+                    ..Default::default()
+                };
+                enc.push(Enc::AuxDown(Conv2d::new(
+                    &(pe / format!("{res}x{res}_aux_down")),
+                    caux,
+                    caux,
+                    down,
+                    init,
+                )));
+                let one = ConvSpec {
+                    kernel: 1,
+                    ..Default::default()
+                };
+                enc.push(Enc::AuxSkip(Conv2d::new(
+                    &(pe / format!("{res}x{res}_aux_skip")),
+                    caux,
+                    cout,
+                    one,
+                    init,
+                )));
+            }
+            EncoderType::Residual => {
+                let spec = ConvSpec {
+                    kernel: 3,
+                    down: true,
+                    resample_filter: filt,
+                    fused_resample: true,
+                    ..Default::default()
+                };
+                enc.push(Enc::AuxResidual(Conv2d::new(
+                    &(pe / format!("{res}x{res}_aux_residual")),
+                    caux,
+                    cout,
+                    spec,
+                    init,
+                )));
+                caux = cout;
+            }
+            EncoderType::Standard => {}
+        }
+        caux
+    }
+
+    /// The decoder, consuming the encoder's skips.
+    fn decoder(pd: &Path, c: &SongUNetConfig, bk: &BlockConfig, mut skips: Vec<i64>, mut cout: i64) -> Vec<Dec> {
+        let init = Init::new(InitMode::XavierUniform, 1.0, 0.0);
+        let init_zero = Init::new(InitMode::XavierUniform, 1e-5, 0.0);
+        let filt = &c.resample_filter;
+        let mut dec = Vec::new();
+        let levels = c.channel_mult.len();
+        for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
+            let res = c.img_resolution >> level;
+            if level == levels - 1 {
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_in0")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    true,
+                    bk,
+                )));
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_in1")),
+                    cout,
+                    cout,
+                    false,
+                    false,
+                    false,
+                    bk,
+                )));
+            } else {
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_up")),
+                    cout,
+                    cout,
+                    true,
+                    false,
+                    false,
+                    bk,
+                )));
+            }
+            for idx in 0..=c.num_blocks {
+                let cin = cout + skips.pop().expect("one skip per encoder layer");
+                cout = c.model_channels * mult;
+                let attn = idx == c.num_blocks && c.attn_resolutions.contains(&res);
+                dec.push(Dec::Block(UNetBlock::new(
+                    &(pd / format!("{res}x{res}_block{idx}")),
+                    cin,
+                    cout,
+                    false,
+                    false,
+                    attn,
+                    bk,
+                )));
+            }
+            if c.decoder_type == DecoderType::Skip || level == 0 {
+                if c.decoder_type == DecoderType::Skip && level < levels - 1 {
+                    let up = ConvSpec {
+                        kernel: 0,
+                        up: true,
+                        resample_filter: filt,
+                        ..Default::default()
+                    };
+                    dec.push(Dec::AuxUp(Conv2d::new(
+                        &(pd / format!("{res}x{res}_aux_up")),
+                        c.img_channels,
+                        c.img_channels,
+                        up,
+                        init,
+                    )));
+                }
+                dec.push(Dec::AuxNorm(GroupNorm::new(
+                    &(pd / format!("{res}x{res}_aux_norm")),
+                    cout,
+                    1e-6,
+                    c.bf16_group_norm,
+                )));
+                dec.push(Dec::AuxConv(Conv2d::new(
+                    &(pd / format!("{res}x{res}_aux_conv")),
+                    cout,
+                    c.img_channels,
+                    ConvSpec::default(),
+                    init_zero,
+                )));
+            }
+        }
+        dec
     }
 
     pub fn forward(

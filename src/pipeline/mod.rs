@@ -7,6 +7,7 @@ pub mod config_error;
 pub mod fsutil;
 pub mod graph;
 pub mod hash;
+pub mod key;
 pub mod overrides;
 pub mod report;
 pub mod runner;

@@ -1,7 +1,7 @@
 //! Decides which stages are stale, runs them in dependency order and commits their outputs.
 //! The runner never knows what a stage computes; stages never touch the cache.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,11 +13,11 @@ use serde_json::{Value, json};
 
 use super::cache::{Cache, Entry, LockMode, PipelineRecord};
 use super::config::{Pipeline, StageDecl};
-use super::hash::{StatCache, sha256_bytes};
+use super::hash::StatCache;
 use crate::stages::StageContext;
 
-/// Version of the key manifest layout; bumping it invalidates every cache entry.
-pub const KEY_FORMAT: u32 = 1;
+use super::key::{Artifact, manifest_for};
+pub use super::key::{KEY_FORMAT, canonical_json, diff_manifests};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -79,143 +79,6 @@ impl RunReport {
     }
 }
 
-/// Sorted-key JSON, so that a manifest hashes the same whatever order its maps were built in.
-pub fn canonical_json(v: &Value) -> String {
-    match v {
-        Value::Object(map) => {
-            let sorted: BTreeMap<&String, &Value> = map.iter().collect();
-            let items: Vec<String> = sorted
-                .iter()
-                .map(|(k, v)| format!("{}:{}", Value::String((*k).clone()), canonical_json(v)))
-                .collect();
-            format!("{{{}}}", items.join(","))
-        }
-        Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
-        other => other.to_string(),
-    }
-}
-
-/// The key manifest of a stage. Upstream outputs not known yet (they will re-run first) appear
-/// as `null`; such a manifest has no key.
-/// An accepted output: where it lives (`tree`) and what downstream keys see of it (`content`,
-/// which leaves out run-to-run measurements).
-struct Artifact {
-    tree: String,
-    content: String,
-}
-
-impl Artifact {
-    fn of(entry: &Entry) -> Self {
-        Artifact {
-            tree: entry.tree.clone(),
-            content: entry.content.clone().unwrap_or_else(|| entry.tree.clone()),
-        }
-    }
-}
-
-fn manifest_for(
-    p: &Pipeline,
-    stage: &StageDecl,
-    trees: &HashMap<String, Artifact>,
-    stat: &mut StatCache,
-    missing: &mut Vec<String>,
-) -> Result<(Value, Option<String>)> {
-    let s = stage.spec.stage();
-    let mut upstream = serde_json::Map::new();
-    let mut complete = true;
-    for up in s.upstream() {
-        match trees.get(&up.stage) {
-            Some(a) => upstream.insert(up.role.to_string(), json!(a.content)),
-            None => {
-                complete = false;
-                upstream.insert(up.role.to_string(), Value::Null)
-            }
-        };
-    }
-    let mut inputs = serde_json::Map::new();
-    for input in s.input_paths() {
-        let path = p.resolve(&input.path);
-        match stat.path_digest(&path) {
-            Ok(digest) => {
-                inputs.insert(input.role.to_string(), json!(digest));
-            }
-            Err(e) => {
-                complete = false;
-                missing.push(format!("input `{}` ({}) cannot be read: {e:#}", input.role, path.display()));
-                inputs.insert(input.role.to_string(), Value::Null);
-            }
-        }
-    }
-    let manifest = json!({
-        "key_format": KEY_FORMAT,
-        "kind": stage.spec.kind(),
-        "kind_version": s.version(),
-        "params": stage.spec.key_params(),
-        "upstream": upstream,
-        "inputs": inputs,
-    });
-    let key = complete.then(|| sha256_bytes(canonical_json(&manifest).as_bytes()));
-    Ok((manifest, key))
-}
-
-/// Human-readable differences between an old and a new key manifest.
-pub fn diff_manifests(old: &Value, new: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    if old["key_format"] != new["key_format"] {
-        out.push(format!("cache key format changed ({} -> {})", old["key_format"], new["key_format"]));
-    }
-    if old["kind"] != new["kind"] {
-        out.push(format!("kind changed: {} -> {}", old["kind"], new["kind"]));
-    } else if old["kind_version"] != new["kind_version"] {
-        out.push(format!(
-            "implementation of {} changed: version {} -> {}",
-            new["kind"], old["kind_version"], new["kind_version"]
-        ));
-    }
-    diff_values("param", "", &old["params"], &new["params"], &mut out);
-    for (section, label) in [("upstream", "upstream"), ("inputs", "input")] {
-        let empty = serde_json::Map::new();
-        let o = old[section].as_object().unwrap_or(&empty);
-        let n = new[section].as_object().unwrap_or(&empty);
-        let roles: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
-        for role in roles {
-            match (o.get(role), n.get(role)) {
-                (_, Some(Value::Null)) if section == "upstream" => out.push(format!("upstream `{role}` is stale and runs first")),
-                (Some(a), Some(b)) if a != b => out.push(format!("{label} `{role}` changed: {} -> {}", short(a), short(b))),
-                (None, Some(b)) => out.push(format!("{label} `{role}` added: {}", short(b))),
-                (Some(_), None) => out.push(format!("{label} `{role}` removed")),
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
-fn short(v: &Value) -> String {
-    v.as_str()
-        .map(|s| s.chars().take(12).collect::<String>() + "…")
-        .unwrap_or_else(|| v.to_string())
-}
-
-fn diff_values(label: &str, path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
-    match (old, new) {
-        (Value::Object(o), Value::Object(n)) => {
-            let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
-            for k in keys {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                match (o.get(k), n.get(k)) {
-                    (Some(a), Some(b)) => diff_values(label, &p, a, b, out),
-                    (None, Some(b)) => out.push(format!("{label} `{p}` added: {b}")),
-                    (Some(a), None) => out.push(format!("{label} `{p}` removed (was {a})")),
-                    (None, None) => {}
-                }
-            }
-        }
-        (a, b) if a != b => out.push(format!("{label} `{path}`: {a} -> {b}")),
-        _ => {}
-    }
-}
-
 enum Mode {
     Run,
     DryRun,
@@ -267,26 +130,13 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     }
     let mut stat = cache.stat_cache();
     let mut record = cache.read_record(&p.name);
-    let graph = p.graph();
-    let selected: BTreeSet<String> = match &opts.until {
-        Some(u) => graph.ancestors_and_self(u),
-        None => p.stages.iter().map(|s| s.name.clone()).collect(),
-    };
-    let order: Vec<usize> = graph
-        .topo_order()
-        .into_iter()
-        .filter(|&i| selected.contains(&p.stages[i].name))
-        .collect();
+    let order = selected_order(p, opts);
     let multi = MultiProgress::with_draw_target(if opts.progress {
         indicatif::ProgressDrawTarget::stderr()
     } else {
         indicatif::ProgressDrawTarget::hidden()
     });
-    let overall = multi.add(ProgressBar::new(order.len() as u64));
-    overall.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} stages {msg}").expect("valid template"),
-    );
-    overall.set_prefix(p.name.clone());
+    let overall = overall_bar(&multi, order.len(), &p.name);
     let device = opts.device.clone().or(p.settings.device.clone()).unwrap_or_else(|| "auto".into());
     let devices: Vec<usize> = match opts.devices.as_ref().or(p.settings.devices.as_ref()) {
         Some(d) => d.resolve(crate::stages::cuda_device_count()),
@@ -339,29 +189,8 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
                 }
             }
         }
-        report.reasons = if !missing.is_empty() {
-            missing.clone()
-        } else if forced {
-            vec!["forced with --force".into()]
-        } else if let Some(problem) = corrupted {
-            vec![format!("cached output is corrupted ({problem})")]
-        } else {
-            match &previous {
-                Some(prev) => {
-                    let d = diff_manifests(&prev.manifest, &manifest);
-                    if d.is_empty() {
-                        vec!["the last accepted output is gone (gc or deleted)".into()]
-                    } else {
-                        d
-                    }
-                }
-                None if record.stages.contains_key(&stage.name) => vec!["the last accepted entry is gone (gc or deleted)".into()],
-                None => {
-                    report.outcome = Outcome::NeverRun;
-                    vec!["never run".into()]
-                }
-            }
-        };
+        let seen_before = record.stages.contains_key(&stage.name);
+        (report.reasons, report.outcome) = why_stale(&missing, forced, corrupted, previous.as_ref(), seen_before, &manifest);
         if matches!(mode, Mode::DryRun) {
             reports.push(report);
             overall.inc(1);
@@ -387,6 +216,85 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
         }
     }
     overall.finish_and_clear();
+    let report = RunReport {
+        pipeline: p.name.clone(),
+        stages: reports,
+        seconds: started.elapsed().as_secs_f64(),
+        bytes_hashed: stat.bytes_hashed,
+    };
+    save_run(&cache, p, mode, stat, &record, &report, failure.is_none())?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// The selected stages (all, or `--until`'s ancestors) in dependency order.
+fn selected_order(p: &Pipeline, opts: &RunOptions) -> Vec<usize> {
+    let graph = p.graph();
+    let selected: BTreeSet<String> = match &opts.until {
+        Some(u) => graph.ancestors_and_self(u),
+        None => p.stages.iter().map(|s| s.name.clone()).collect(),
+    };
+    graph
+        .topo_order()
+        .into_iter()
+        .filter(|&i| selected.contains(&p.stages[i].name))
+        .collect()
+}
+
+fn overall_bar(multi: &MultiProgress, stages: usize, pipeline: &str) -> ProgressBar {
+    let overall = multi.add(ProgressBar::new(stages as u64));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} stages {msg}").expect("valid template"),
+    );
+    overall.set_prefix(pipeline.to_string());
+    overall
+}
+
+/// Why a stage that is not served from the cache must run, and whether it ever ran.
+fn why_stale(
+    missing: &[String],
+    forced: bool,
+    corrupted: Option<String>,
+    previous: Option<&Entry>,
+    seen_before: bool,
+    manifest: &Value,
+) -> (Vec<String>, Outcome) {
+    if !missing.is_empty() {
+        return (missing.to_vec(), Outcome::Stale);
+    }
+    let reasons = if forced {
+        vec!["forced with --force".into()]
+    } else if let Some(problem) = corrupted {
+        vec![format!("cached output is corrupted ({problem})")]
+    } else {
+        match previous {
+            Some(prev) => {
+                let d = diff_manifests(&prev.manifest, manifest);
+                if d.is_empty() {
+                    vec!["the last accepted output is gone (gc or deleted)".into()]
+                } else {
+                    d
+                }
+            }
+            None if seen_before => vec!["the last accepted entry is gone (gc or deleted)".into()],
+            None => return (vec!["never run".into()], Outcome::NeverRun),
+        }
+    };
+    (reasons, Outcome::Stale)
+}
+
+/// Saves the stat cache, and after a run the pipeline's record and a line of its history.
+fn save_run(
+    cache: &Cache,
+    p: &Pipeline,
+    mode: Mode,
+    mut stat: StatCache,
+    record: &PipelineRecord,
+    report: &RunReport,
+    ok: bool,
+) -> Result<()> {
     match mode {
         Mode::Run => stat.save()?,
         // The stat cache only saves re-reading: a reader of a read-only cache goes without.
@@ -396,28 +304,20 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
             }
         }
     }
-    let report = RunReport {
-        pipeline: p.name.clone(),
-        stages: reports,
-        seconds: started.elapsed().as_secs_f64(),
-        bytes_hashed: stat.bytes_hashed,
-    };
     if matches!(mode, Mode::Run) {
-        cache.write_record(&p.name, &record)?;
+        cache.write_record(&p.name, record)?;
         let stages: Vec<Value> = report
             .stages
             .iter()
             .map(|s| json!({"stage": s.name, "outcome": s.outcome, "key": s.key, "seconds": s.seconds, "metrics": s.metrics}))
             .collect();
+        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         cache.append_history(
             &p.name,
-            &json!({"time": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(), "ok": failure.is_none(), "seconds": report.seconds, "stages": stages}),
+            &json!({"time": time, "ok": ok, "seconds": report.seconds, "stages": stages}),
         )?;
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(report),
-    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -74,14 +74,7 @@ impl Stage for FidRefParams {
         ArtifactType::FidStats
     }
     fn upstream(&self) -> Vec<Upstream> {
-        self.dataset
-            .iter()
-            .map(|d| Upstream {
-                role: "dataset",
-                stage: d.clone(),
-                accepts: &[ArtifactType::Images],
-            })
-            .collect()
+        super::references(&[("dataset", self.dataset.as_ref(), &[ArtifactType::Images])])
     }
     fn input_paths(&self) -> Vec<InputPath> {
         let mut v = vec![InputPath {
@@ -191,26 +184,11 @@ impl Stage for FidParams {
         ArtifactType::Report
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream {
-            role: "reference",
-            stage: self.reference.clone(),
-            accepts: &[ArtifactType::FidStats],
-        }];
-        if let Some(i) = &self.images {
-            v.push(Upstream {
-                role: "images",
-                stage: i.clone(),
-                accepts: &[ArtifactType::Images],
-            });
-        }
-        if let Some(g) = &self.generator {
-            v.push(Upstream {
-                role: "generator",
-                stage: g.clone(),
-                accepts: &[ArtifactType::Denoiser],
-            });
-        }
-        v
+        super::references(&[
+            ("reference", Some(&self.reference), &[ArtifactType::FidStats]),
+            ("images", self.images.as_ref(), &[ArtifactType::Images]),
+            ("generator", self.generator.as_ref(), &[ArtifactType::Denoiser]),
+        ])
     }
     fn input_paths(&self) -> Vec<InputPath> {
         vec![InputPath {

@@ -72,6 +72,17 @@ pub struct Upstream {
     pub accepts: &'static [ArtifactType],
 }
 
+/// The references of a stage's fields that name other stages: (field, the stage it names if
+/// set, the artifact types it accepts).
+pub type Reference<'a> = (&'static str, Option<&'a String>, &'static [ArtifactType]);
+
+pub fn references(fields: &[Reference]) -> Vec<Upstream> {
+    fields
+        .iter()
+        .filter_map(|&(role, stage, accepts)| stage.map(|s| Upstream { role, stage: s.clone(), accepts }))
+        .collect()
+}
+
 /// A file or directory a stage reads, hashed into its key (the path itself is not).
 #[derive(Debug, Clone)]
 pub struct InputPath {

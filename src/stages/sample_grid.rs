@@ -39,19 +39,10 @@ impl Stage for SampleGridParams {
         ArtifactType::Report
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream {
-            role: "generator",
-            stage: self.generator.clone(),
-            accepts: &[ArtifactType::Denoiser],
-        }];
-        if let Some(c) = &self.classes_from {
-            v.push(Upstream {
-                role: "classes_from",
-                stage: c.clone(),
-                accepts: &[ArtifactType::Images],
-            });
-        }
-        v
+        super::references(&[
+            ("generator", Some(&self.generator), &[ArtifactType::Denoiser]),
+            ("classes_from", self.classes_from.as_ref(), &[ArtifactType::Images]),
+        ])
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if let Err(e) = self.sampler.check() {

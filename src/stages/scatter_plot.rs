@@ -33,19 +33,10 @@ impl Stage for ScatterPlotParams {
         ArtifactType::Report
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream {
-            role: "points",
-            stage: self.points.clone(),
-            accepts: &[ArtifactType::Points2d],
-        }];
-        if let Some(c) = &self.compare {
-            v.push(Upstream {
-                role: "compare",
-                stage: c.clone(),
-                accepts: &[ArtifactType::Points2d],
-            });
-        }
-        v
+        super::references(&[
+            ("points", Some(&self.points), &[ArtifactType::Points2d]),
+            ("compare", self.compare.as_ref(), &[ArtifactType::Points2d]),
+        ])
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if !(64..=4096).contains(&self.size) {

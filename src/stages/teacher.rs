@@ -78,14 +78,7 @@ impl Stage for TeacherParams {
         ArtifactType::Denoiser
     }
     fn upstream(&self) -> Vec<Upstream> {
-        self.dataset
-            .iter()
-            .map(|d| Upstream {
-                role: "dataset",
-                stage: d.clone(),
-                accepts: &[ArtifactType::Images, ArtifactType::Points2d],
-            })
-            .collect()
+        super::references(&[("dataset", self.dataset.as_ref(), &[ArtifactType::Images, ArtifactType::Points2d])])
     }
     fn input_paths(&self) -> Vec<InputPath> {
         self.weights

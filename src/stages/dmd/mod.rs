@@ -78,33 +78,12 @@ impl Stage for DmdParams {
         ArtifactType::Denoiser
     }
     fn upstream(&self) -> Vec<Upstream> {
-        let mut v = vec![Upstream {
-            role: "teacher",
-            stage: self.teacher.clone(),
-            accepts: &[ArtifactType::Denoiser],
-        }];
-        if let Some(p) = &self.pairs {
-            v.push(Upstream {
-                role: "pairs",
-                stage: p.clone(),
-                accepts: &[ArtifactType::Pairs],
-            });
-        }
-        if let Some(d) = &self.dataset {
-            v.push(Upstream {
-                role: "dataset",
-                stage: d.clone(),
-                accepts: &[ArtifactType::Images, ArtifactType::Points2d],
-            });
-        }
-        if let Some(e) = &self.eval {
-            v.push(Upstream {
-                role: "fid_reference",
-                stage: e.reference.clone(),
-                accepts: &[ArtifactType::FidStats],
-            });
-        }
-        v
+        super::references(&[
+            ("teacher", Some(&self.teacher), &[ArtifactType::Denoiser]),
+            ("pairs", self.pairs.as_ref(), &[ArtifactType::Pairs]),
+            ("dataset", self.dataset.as_ref(), &[ArtifactType::Images, ArtifactType::Points2d]),
+            ("fid_reference", self.eval.as_ref().map(|e| &e.reference), &[ArtifactType::FidStats]),
+        ])
     }
     fn input_paths(&self) -> Vec<super::InputPath> {
         let mut v: Vec<super::InputPath> = self
