@@ -17,6 +17,7 @@ fn libtorch_dir() -> Option<PathBuf> {
 fn main() {
     println!("cargo:rerun-if-changed=src/shim/shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/cuda_graph.cpp");
+    println!("cargo:rerun-if-changed=src/shim/store.cpp");
     println!("cargo::rustc-check-cfg=cfg(dmd_cuda_graph)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -27,6 +28,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("src/shim/shim.cpp")
+        .file("src/shim/store.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

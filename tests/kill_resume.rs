@@ -1,5 +1,7 @@
 //! SIGKILL a training stage after its first checkpoint, run it again: the result equals an
-//! uninterrupted run's byte for byte (CPU), for `teacher` and `dmd`.
+//! uninterrupted run's byte for byte (CPU), for `teacher` and `dmd`. SIGTERM (a cluster's
+//! preemption) instead: the stage saves a checkpoint, the run exits with code 75, and the same
+//! command resumes to the same bytes.
 
 mod common;
 
@@ -39,14 +41,15 @@ fn weights(dir: &Path, stage: &str) -> Vec<u8> {
     std::fs::read(dir.join(path.trim()).join("denoiser.safetensors")).unwrap()
 }
 
-/// Starts `run`, waits until `checkpoint` exists in some work folder, kills the process.
-fn kill_after_checkpoint(dir: &Path, checkpoint: &str) {
+/// Starts `run`, waits until `checkpoint` exists in some work folder, sends `signal`; returns
+/// the exit status and what the run printed on stderr.
+fn signal_after_checkpoint(dir: &Path, checkpoint: &str, signal: i32) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dmdpipe"))
         .args(["run", "p.toml"])
         .current_dir(dir)
         .env("OMP_NUM_THREADS", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let work = dir.join("cache/work");
@@ -65,20 +68,25 @@ fn kill_after_checkpoint(dir: &Path, checkpoint: &str) {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let out = child.wait_with_output().unwrap();
     assert!(found, "no {checkpoint} appeared before the run ended");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Weights of `stage` from an uninterrupted run and from a run killed after `checkpoint` was
 /// written and started again (whose log must say `resumed`).
-fn first_and_resumed(checkpoint: &str, stage: &str, resumed: &str) -> (Vec<u8>, Vec<u8>) {
+fn first_and_resumed(checkpoint: &str, stage: &str, resumed: &str, signal: i32) -> (Vec<u8>, Vec<u8>) {
     let whole = tempfile::tempdir().unwrap();
     pipeline(whole.path());
     dmdpipe(whole.path(), &["run", "p.toml"]);
     let killed = tempfile::tempdir().unwrap();
     pipeline(killed.path());
-    kill_after_checkpoint(killed.path(), checkpoint);
+    let (status, stderr) = signal_after_checkpoint(killed.path(), checkpoint, signal);
+    if signal == libc::SIGTERM {
+        assert_eq!(status.code(), Some(75), "a preempted run exits with 75:\n{stderr}");
+        assert!(stderr.contains("preempted at step"), "{stderr}");
+    }
     let out = dmdpipe(killed.path(), &["run", "p.toml", "-v"]);
     assert!(out.contains(resumed), "the second run did not resume from the checkpoint:\n{out}");
     (weights(whole.path(), stage), weights(killed.path(), stage))
@@ -86,12 +94,24 @@ fn first_and_resumed(checkpoint: &str, stage: &str, resumed: &str) -> (Vec<u8>, 
 
 #[test]
 fn teacher_killed_after_a_checkpoint_resumes_to_the_same_bytes() {
-    let (a, b) = first_and_resumed("checkpoint.safetensors", "teacher", "resumed from checkpoint");
+    let (a, b) = first_and_resumed("checkpoint.safetensors", "teacher", "resumed from checkpoint", libc::SIGKILL);
     assert!(a == b, "the resumed teacher's weights differ from the uninterrupted one's");
 }
 
 #[test]
 fn dmd_killed_after_a_checkpoint_resumes_to_the_same_bytes() {
-    let (a, b) = first_and_resumed("dmd_checkpoint.safetensors", "dmd", "resumed DMD from checkpoint");
+    let (a, b) = first_and_resumed("dmd_checkpoint.safetensors", "dmd", "resumed DMD from checkpoint", libc::SIGKILL);
     assert!(a == b, "the resumed generator's weights differ from the uninterrupted one's");
+}
+
+#[test]
+fn teacher_preempted_by_sigterm_saves_exits_75_and_resumes_to_the_same_bytes() {
+    let (a, b) = first_and_resumed("checkpoint.safetensors", "teacher", "resumed from checkpoint", libc::SIGTERM);
+    assert!(a == b, "the preempted teacher's weights differ from the uninterrupted one's");
+}
+
+#[test]
+fn dmd_preempted_by_sigterm_saves_exits_75_and_resumes_to_the_same_bytes() {
+    let (a, b) = first_and_resumed("dmd_checkpoint.safetensors", "dmd", "resumed DMD from checkpoint", libc::SIGTERM);
+    assert!(a == b, "the preempted generator's weights differ from the uninterrupted one's");
 }

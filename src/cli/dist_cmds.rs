@@ -14,7 +14,7 @@ pub fn stage_worker(g: Globals, job: &Path) -> Result<ExitCode> {
 }
 
 pub fn dist_check(dir: &Path) -> Result<ExitCode> {
-    let env = crate::dist::rendezvous::Env::from_process()?.context("no WORLD_SIZE > 1 in the environment")?;
+    let env = crate::dist::rendezvous::Env::from_process()?.context("no launcher environment: WORLD_SIZE > 1 (torchrun) or SLURM_NTASKS > 1 (srun)")?;
     let id: Option<[u8; crate::dist::nccl::UNIQUE_ID_BYTES]> = (env.rank == 0).then(|| {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -22,7 +22,9 @@ pub fn dist_check(dir: &Path) -> Result<ExitCode> {
             .unwrap_or(0);
         std::array::from_fn(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add(i as u128 * 1442695040888963407) >> 64) as u8)
     });
-    let got = crate::dist::rendezvous::exchange_id(&env, id, std::time::Duration::from_secs(60))?;
+    let timeout = std::time::Duration::from_secs(60);
+    let store = crate::dist::rendezvous::open_store(&env, 0, timeout)?;
+    let got = crate::dist::rendezvous::exchange_id(&store, &env, id, timeout)?;
     std::fs::write(
         dir.join(format!("rank{}.txt", env.rank)),
         format!("{} {} {}", env.world, env.local_rank, hex::encode(&got[..16])),

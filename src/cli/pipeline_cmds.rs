@@ -35,7 +35,25 @@ pub struct RunArgs {
     pub devices: Option<crate::pipeline::config::Devices>,
 }
 
+/// `dmdpipe run`. Started by a launcher (torchrun, srun, `dmdpipe launch`), every rank joins the
+/// group; rank 0 runs the pipeline and hands data-parallel stages to the others.
 pub fn run(g: Globals, args: RunArgs) -> Result<ExitCode> {
+    if !args.dry_run
+        && let Some(group) = crate::dist::init_from_env()?
+    {
+        if group.rank != 0 {
+            init_logging(g.verbose, None);
+            crate::pipeline::workers::serve_jobs()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let result = run_pipeline(g, args);
+        crate::pipeline::workers::release_workers()?;
+        return result;
+    }
+    run_pipeline(g, args)
+}
+
+fn run_pipeline(g: Globals, args: RunArgs) -> Result<ExitCode> {
     let RunArgs {
         pipeline,
         force,

@@ -1,8 +1,9 @@
 //! Data-parallel training on several GPUs: one process per GPU, the same model on each,
 //! gradients averaged through NCCL before every optimiser step.
 //!
-//! A process joins the group with [`init_from_env`] (torchrun's variables: RANK, WORLD_SIZE,
-//! LOCAL_RANK, MASTER_ADDR, MASTER_PORT); `dmdpipe launch` sets them for N local processes. The
+//! A process joins the group with [`init_from_env`] (torchrun's or Slurm's variables; `dmdpipe
+//! launch` sets torchrun's for N local processes); the ranks meet at a c10d store
+//! ([`rendezvous`]), which stays open while the group lives and carries the runner's jobs. The
 //! group is process-global, like PyTorch's default process group: the training loops ask it for
 //! the rank (seeds, batch share, who writes) and the optimiser all-reduces through it. Without a
 //! group every call here is a no-op and training is single-process.
@@ -11,6 +12,7 @@ pub mod bucket;
 pub mod launch;
 pub mod nccl;
 pub mod rendezvous;
+pub mod store;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,6 +24,11 @@ pub struct Group {
     pub rank: usize,
     pub world: usize,
     pub local_rank: usize,
+    /// Formed from the launcher's environment at start-up (torchrun, Slurm, `dmdpipe launch`),
+    /// rather than by the runner for one stage.
+    pub launched: bool,
+    /// The rendezvous store (rank 0 may be serving it: it lives as long as the group).
+    pub store: store::Store,
     comm: nccl::Communicator,
 }
 
@@ -34,20 +41,22 @@ pub fn init_from_env() -> Result<Option<Arc<Group>>> {
         return Ok(Some(g));
     }
     match rendezvous::Env::from_process()? {
-        Some(env) => join(&env).map(Some),
+        Some(env) => join(&env, true).map(Some),
         None => Ok(None),
     }
 }
 
 /// Joins the group `env` describes (rendezvous with rank 0, then an NCCL communicator) and makes
 /// it this process's group until [`leave`].
-pub fn join(env: &rendezvous::Env) -> Result<Arc<Group>> {
+pub fn join(env: &rendezvous::Env, launched: bool) -> Result<Arc<Group>> {
     if !crate::torch_shim::init_cuda() {
         bail!("WORLD_SIZE={} asks for data parallelism, which needs CUDA and NCCL", env.world);
     }
     crate::cuda_graph::set_device(env.local_rank)?;
     let id = if env.rank == 0 { Some(nccl::unique_id()?.internal) } else { None };
-    let id = rendezvous::exchange_id(env, id, Duration::from_secs(300))?;
+    let timeout = Duration::from_secs(300);
+    let store = rendezvous::open_store(env, rendezvous::next_generation(), timeout)?;
+    let id = rendezvous::exchange_id(&store, env, id, timeout)?;
     let comm = nccl::Communicator::new(env.world, env.rank, nccl::UniqueId { internal: id })
         .with_context(|| format!("rank {} of {}", env.rank, env.world))?;
     tracing::info!(
@@ -60,6 +69,8 @@ pub fn join(env: &rendezvous::Env) -> Result<Arc<Group>> {
         rank: env.rank,
         world: env.world,
         local_rank: env.local_rank,
+        launched,
+        store,
         comm,
     });
     *GROUP.write().expect("group lock") = Some(g.clone());

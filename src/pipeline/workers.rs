@@ -1,5 +1,8 @@
 //! Data parallelism for a pipeline stage (the runner's, for any stage whose kind says it can run
-//! data-parallel): the runner's process is rank 0; it writes a job file
+//! data-parallel), in one of two ways. Launched: `dmdpipe run` started by torchrun, srun or
+//! `dmdpipe launch` on every rank; rank 0 runs the pipeline and hands each data-parallel stage to
+//! the other ranks through the group's store ([`serve_jobs`] is their loop). Local: `run
+//! --devices` in one process; the runner's process is rank 0; it writes a job file
 //! (the stage's kind and params, its upstream and input paths) and starts one `dmdpipe
 //! stage-worker JOB` per further GPU. Every rank runs the same stage code (resuming from rank 0's
 //! checkpoint when there is one); only rank 0 writes checkpoints, metrics and outputs into the
@@ -8,11 +11,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::dist::rendezvous::Env;
+use crate::dist::rendezvous::{Env, Launcher};
 use crate::stages::{StageContext, StageSpec};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,13 +38,28 @@ pub struct Job {
 pub struct StageGroup {
     children: Vec<(usize, Child)>,
     ok: bool,
+    /// The job number, when the stage went to launched ranks.
+    launched_job: Option<u64>,
+}
+
+/// Jobs rank 0 has handed to launched ranks so far.
+static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
+
+fn job_key(seq: u64) -> String {
+    format!("job/{seq}")
 }
 
 impl StageGroup {
     /// Starts data parallelism for `spec` when `ctx.devices` names several GPUs and the stage
     /// runs on CUDA. None: a single process (inside a worker, too: it joined at start-up).
     pub fn start(ctx: &StageContext, spec: &StageSpec) -> Result<Option<StageGroup>> {
-        if !spec.stage().data_parallel() || crate::dist::group().is_some() {
+        if !spec.stage().data_parallel() {
+            return Ok(None);
+        }
+        if let Some(g) = crate::dist::group() {
+            if g.launched && g.rank == 0 {
+                return Ok(Some(Self::dispatch(&g, ctx, spec)?));
+            }
             return Ok(None); // a worker: joined at start-up
         }
         if ctx.devices.len() <= 1 {
@@ -49,16 +69,7 @@ impl StageGroup {
             tracing::warn!(devices = ?ctx.devices, "data parallelism needs CUDA; training in one process");
             return Ok(None);
         }
-        let job = Job {
-            kind: spec.kind().to_string(),
-            params: spec.params_json(),
-            stage_name: ctx.stage_name.clone(),
-            upstream: ctx.upstream.clone(),
-            inputs: ctx.inputs.clone(),
-            device: ctx.device.clone(),
-            devices: ctx.devices.clone(),
-            work_dir: ctx.work_dir.clone(),
-        };
+        let job = Job::of(ctx, spec);
         let job_path = ctx.work_dir.join("data-parallel-job.json");
         std::fs::write(&job_path, serde_json::to_vec_pretty(&job)?)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -74,20 +85,54 @@ impl StageGroup {
                 .with_context(|| format!("starting data-parallel rank {rank}"))?;
             children.push((rank, child));
         }
-        let mut guard = StageGroup { children, ok: false };
+        let mut guard = StageGroup {
+            children,
+            ok: false,
+            launched_job: None,
+        };
         let env = Env {
             rank: 0,
             world,
             local_rank: ctx.devices[0],
             master: format!("127.0.0.1:{port}"),
+            agent_store: false,
+            attempt: 0,
+            launcher: Launcher::Torchrun,
         };
-        crate::dist::join(&env)?;
+        crate::dist::join(&env, false)?;
         guard.ok = true;
         Ok(Some(guard))
     }
 
+    /// Hands the stage to the launched ranks waiting in [`serve_jobs`].
+    fn dispatch(g: &crate::dist::Group, ctx: &StageContext, spec: &StageSpec) -> Result<StageGroup> {
+        let seq = NEXT_JOB.fetch_add(1, Ordering::Relaxed);
+        g.store.set(&job_key(seq), &serde_json::to_vec(&Job::of(ctx, spec))?)?;
+        Ok(StageGroup {
+            children: Vec::new(),
+            ok: true,
+            launched_job: Some(seq),
+        })
+    }
+
+    /// Waits for the launched ranks to report job `seq` done; an error when any failed.
+    fn finish_launched(seq: u64) -> Result<()> {
+        let g = crate::dist::group().context("the launched group is gone")?;
+        let done = format!("{}/done", job_key(seq));
+        while (g.store.add(&done, 0)? as usize) < g.world - 1 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match g.store.add(&format!("{}/failures", job_key(seq)), 0)? {
+            0 => Ok(()),
+            n => bail!("{n} launched rank(s) failed the stage (their own logs say why)"),
+        }
+    }
+
     /// Waits for every worker to finish; an error names the first that failed.
     pub fn finish(mut self) -> Result<()> {
+        if let Some(seq) = self.launched_job {
+            return Self::finish_launched(seq);
+        }
         crate::dist::leave();
         let mut first_err = None;
         for (rank, mut c) in std::mem::take(&mut self.children) {
@@ -105,6 +150,9 @@ impl StageGroup {
 
 impl Drop for StageGroup {
     fn drop(&mut self) {
+        if self.launched_job.is_some() {
+            return; // the group outlives the stage
+        }
         crate::dist::leave();
         for (_, c) in self.children.iter_mut() {
             if !self.ok || std::thread::panicking() {
@@ -130,29 +178,82 @@ pub fn worker_env(rank: usize, world: usize, device: usize, port: u16) -> Vec<(S
     ]
 }
 
-/// `dmdpipe stage-worker JOB`: joins the group from the environment and runs the job's stage
-/// with scratch output directories.
+impl Job {
+    fn of(ctx: &StageContext, spec: &StageSpec) -> Job {
+        Job {
+            kind: spec.kind().to_string(),
+            params: spec.params_json(),
+            stage_name: ctx.stage_name.clone(),
+            upstream: ctx.upstream.clone(),
+            inputs: ctx.inputs.clone(),
+            device: ctx.device.clone(),
+            devices: ctx.devices.clone(),
+            work_dir: ctx.work_dir.clone(),
+        }
+    }
+
+    /// Runs the job's stage on this rank with scratch output directories (rank 0 writes the
+    /// real outputs).
+    fn run(self) -> Result<()> {
+        let spec = StageSpec::parse(&self.kind, self.params.clone()).with_context(|| format!("unknown stage kind `{}`", self.kind))??;
+        let scratch = tempfile::tempdir()?;
+        let mut ctx = StageContext {
+            stage_name: self.stage_name,
+            out_dir: scratch.path().join("out"),
+            work_dir: self.work_dir,
+            downloads_dir: scratch.path().join("downloads"),
+            upstream: self.upstream,
+            inputs: self.inputs,
+            progress: indicatif::ProgressBar::hidden(),
+            device: self.device,
+            devices: self.devices,
+        };
+        for d in [&ctx.out_dir, &ctx.downloads_dir] {
+            std::fs::create_dir_all(d)?;
+        }
+        spec.run(&mut ctx)?;
+        Ok(())
+    }
+}
+
+/// `dmdpipe stage-worker JOB`: joins the group from the environment and runs the job's stage.
 pub fn run_worker(job_path: &Path) -> Result<()> {
     let job: Job = serde_json::from_slice(&std::fs::read(job_path).with_context(|| format!("reading {}", job_path.display()))?)?;
-    let spec = StageSpec::parse(&job.kind, job.params.clone()).with_context(|| format!("unknown stage kind `{}`", job.kind))??;
     crate::dist::init_from_env()?.context("stage-worker runs under a data-parallel environment (RANK, WORLD_SIZE, ...)")?;
-    let scratch = tempfile::tempdir()?;
-    let mut ctx = StageContext {
-        stage_name: job.stage_name.clone(),
-        out_dir: scratch.path().join("out"),
-        work_dir: job.work_dir.clone(),
-        downloads_dir: scratch.path().join("downloads"),
-        upstream: job.upstream,
-        inputs: job.inputs,
-        progress: indicatif::ProgressBar::hidden(),
-        device: job.device,
-        devices: job.devices,
-    };
-    for d in [&ctx.out_dir, &ctx.downloads_dir] {
-        std::fs::create_dir_all(d)?;
-    }
-    spec.run(&mut ctx)?;
+    let result = job.run();
     crate::dist::leave();
+    result
+}
+
+/// A launched rank other than 0 under `dmdpipe run`: runs each data-parallel stage rank 0 hands
+/// it, until rank 0 says the pipeline is done.
+pub fn serve_jobs() -> Result<()> {
+    let g = crate::dist::group().context("serve_jobs needs the launched group")?;
+    // The next job may come after hours of stages that run on rank 0 alone.
+    g.store.set_timeout(Duration::from_secs(30 * 24 * 3600))?;
+    for seq in 0.. {
+        let msg = g.store.get(&job_key(seq))?;
+        if msg == b"exit" {
+            return Ok(());
+        }
+        let job: Job = serde_json::from_slice(&msg).context("a job from rank 0")?;
+        tracing::info!(rank = g.rank, stage = %job.stage_name, "data-parallel job");
+        let result = job.run();
+        if let Err(e) = &result {
+            tracing::error!(rank = g.rank, "{e:#}");
+            g.store.add(&format!("{}/failures", job_key(seq)), 1)?;
+        }
+        g.store.add(&format!("{}/done", job_key(seq)), 1)?;
+        result?;
+    }
+    Ok(())
+}
+
+/// Rank 0 of a launched `run`: tells the waiting ranks there are no more jobs.
+pub fn release_workers() -> Result<()> {
+    if let Some(g) = crate::dist::group().filter(|g| g.launched && g.rank == 0) {
+        g.store.set(&job_key(NEXT_JOB.load(Ordering::Relaxed)), b"exit")?;
+    }
     Ok(())
 }
 

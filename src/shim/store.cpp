@@ -76,6 +76,13 @@ int dmd_store_get(void* handle, const char* key, unsigned char* buf, long cap, l
   });
 }
 
+int dmd_store_set_timeout(void* handle, long timeout_ms) {
+  return guarded([&] {
+    auto& s = *static_cast<c10::intrusive_ptr<c10d::Store>*>(handle);
+    s->setTimeout(std::chrono::milliseconds(timeout_ms));
+  });
+}
+
 int dmd_store_add(void* handle, const char* key, long delta, long* value) {
   return guarded([&] {
     auto& s = *static_cast<c10::intrusive_ptr<c10d::Store>*>(handle);

@@ -4,5 +4,6 @@ pub mod device_data;
 pub mod dmd;
 pub mod gan;
 pub mod optim;
+pub mod preempt;
 pub mod rng;
 pub mod teacher;

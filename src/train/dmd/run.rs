@@ -134,8 +134,12 @@ pub fn train_dmd(nets: DmdNets, data: DmdData, opts: &DmdOptions, work_dir: &Pat
             let row = window.close(it, lr, &ckpt)?;
             hooks.on_log(&row);
             log.push(row);
-            if it % opts.checkpoint_every < opts.log_every && crate::dist::is_main() {
+            let preempted = crate::train::preempt::agreed()?;
+            if (preempted || it % opts.checkpoint_every < opts.log_every) && crate::dist::is_main() {
                 trainer.save(&ckpt, it, &log)?;
+            }
+            if preempted {
+                return Err(crate::train::preempt::Preempted { at: Some(it) }.into());
             }
         }
     }
