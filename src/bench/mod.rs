@@ -3,11 +3,13 @@
 //! `scaling`/`data-parallel`: several GPUs). Shared here: the benchmarked networks, timing and
 //! the DMD iteration bench.
 
+mod allreduce;
 mod gpu;
 mod inception;
 mod profile;
 mod scaling;
 
+pub use allreduce::bench_all_reduce;
 pub use gpu::bench_gpu;
 pub use inception::bench_inception;
 pub use profile::{ProfileSpec, bench_profile, summarize_trace, summary_json};

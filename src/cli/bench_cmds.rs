@@ -10,6 +10,18 @@ use super::{Globals, init_logging, print_json};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// All-reduce bandwidth of dmdpipe's NCCL path (run under torchrun, srun or `launch`).
+    AllReduce {
+        /// Message sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256,1024")]
+        mib: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// sha256 throughput over a file or directory (default: 256 MB of generated data).
     Hash { path: Option<PathBuf> },
     /// Inception feature throughput and FID(train, test) on the 60,000 CIFAR-10 images.
@@ -103,6 +115,15 @@ pub enum BenchCommand {
 
 pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
     match what {
+        BenchCommand::AllReduce { mib, warmup, iters, out } => {
+            init_logging(g.verbose, None);
+            let sizes: Vec<usize> = mib.iter().map(|m| m << 20).collect();
+            let v = crate::bench::bench_all_reduce(&sizes, warmup, iters)?;
+            if !v.is_null() {
+                print_json(&v, out.as_deref())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Hash { path } => {
             crate::pipeline::hash::bench(path.as_deref())?;
             Ok(ExitCode::SUCCESS)

@@ -156,6 +156,17 @@ pub fn all_reduce_mean(ts: &[Tensor]) -> Result<()> {
     })
 }
 
+/// Sums one contiguous f32 CUDA tensor over the group in place, as one NCCL call (no buckets:
+/// what a bandwidth measurement wants).
+pub fn all_reduce_sum_flat(t: &Tensor) -> Result<()> {
+    let Some(g) = group() else { return Ok(()) };
+    if !t.is_contiguous() || t.kind() != Kind::Float {
+        bail!("all_reduce_sum_flat needs a contiguous f32 tensor");
+    }
+    // SAFETY: `t` is a live contiguous f32 CUDA tensor of `numel` values, used on this stream.
+    unsafe { g.comm.all_reduce_f32(t.data_ptr(), t.numel(), nccl::SUM, stream()?) }
+}
+
 /// Copies rank 0's values of `ts` to every rank (no-op without a group).
 pub fn broadcast_from_main(ts: &[Tensor]) -> Result<()> {
     let Some(g) = group() else { return Ok(()) };
