@@ -234,7 +234,12 @@ fn no_stage_file_imports_another_stage() {
 fn the_pipeline_layer_names_no_tensor_library() {
     let mut wrong = Vec::new();
     for f in source_files().iter().filter(|f| f.module[0] == "pipeline") {
-        let code: String = f.code.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+        let code: String = f
+            .code
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
         for needle in ["tch::", "torch_sys", "torch_shim", "cuda_graph"] {
             if code.contains(needle) {
                 wrong.push(format!("{} uses {needle}", f.module.join("/")));

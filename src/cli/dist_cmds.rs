@@ -14,7 +14,8 @@ pub fn stage_worker(g: Globals, job: &Path) -> Result<ExitCode> {
 }
 
 pub fn dist_check(dir: &Path) -> Result<ExitCode> {
-    let env = crate::dist::rendezvous::Env::from_process()?.context("no launcher environment: WORLD_SIZE > 1 (torchrun) or SLURM_NTASKS > 1 (srun)")?;
+    let env = crate::dist::rendezvous::Env::from_process()?
+        .context("no launcher environment: WORLD_SIZE > 1 (torchrun) or SLURM_NTASKS > 1 (srun)")?;
     let id: Option<[u8; crate::dist::nccl::UNIQUE_ID_BYTES]> = (env.rank == 0).then(|| {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -130,14 +130,14 @@ pub fn main() -> ExitCode {
         eprintln!("warning: DMDPIPE_BF16_GROUP_NORM is no longer read: set `bf16_group_norm` in the network config");
     }
     if matches!(cli.command, Command::Run(_) | Command::StageWorker { .. }) {
-        crate::train::preempt::install();
+        crate::dist::preempt::install();
     }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            if let Some(p) = e.downcast_ref::<crate::train::preempt::Preempted>() {
+            if let Some(p) = e.downcast_ref::<crate::dist::preempt::Preempted>() {
                 eprintln!("{p}");
-                return ExitCode::from(crate::train::preempt::EXIT_CODE);
+                return ExitCode::from(crate::dist::preempt::EXIT_CODE);
             }
             if let Some(ce) = e.downcast_ref::<ConfigError>() {
                 eprint!("{ce}");

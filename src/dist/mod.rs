@@ -11,6 +11,7 @@
 pub mod bucket;
 pub mod launch;
 pub mod nccl;
+pub mod preempt;
 pub mod rendezvous;
 pub mod store;
 
@@ -51,6 +52,14 @@ pub fn init_from_env() -> Result<Option<Arc<Group>>> {
 pub fn join(env: &rendezvous::Env, launched: bool) -> Result<Arc<Group>> {
     if !crate::torch_shim::init_cuda() {
         bail!("WORLD_SIZE={} asks for data parallelism, which needs CUDA and NCCL", env.world);
+    }
+    let visible = tch::Cuda::device_count() as usize;
+    if env.local_rank >= visible {
+        bail!(
+            "rank {} has local rank {} but this host shows {visible} CUDA device(s): one GPU per rank on each host (nproc_per_node <= GPUs)",
+            env.rank,
+            env.local_rank
+        );
     }
     crate::cuda_graph::set_device(env.local_rank)?;
     let id = if env.rank == 0 { Some(nccl::unique_id()?.internal) } else { None };

@@ -71,12 +71,20 @@ impl Env {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Env>> {
         let num = |k: &str| -> Result<Option<usize>> {
             get(k)
-                .map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v} is not a non-negative integer")))
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("{k}={v} is not a non-negative integer"))
+                })
                 .transpose()
         };
         let (launcher, rank, world, local_rank) = if get("WORLD_SIZE").is_some() {
             let world = num("WORLD_SIZE")?.unwrap_or(1);
-            let rank = if world > 1 { num("RANK")?.context("WORLD_SIZE is set but RANK is not")? } else { 0 };
+            let rank = if world > 1 {
+                num("RANK")?.context("WORLD_SIZE is set but RANK is not")?
+            } else {
+                0
+            };
             (Launcher::Torchrun, rank, world, num("LOCAL_RANK")?.unwrap_or(rank))
         } else if get("SLURM_NTASKS").is_some() && get("SLURM_PROCID").is_some() {
             let world = num("SLURM_NTASKS")?.unwrap_or(1);
@@ -100,7 +108,10 @@ impl Env {
                 let nodes = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST"));
                 let addr = match get("MASTER_ADDR") {
                     Some(a) => a,
-                    None => nodes.as_deref().and_then(first_host).context("Slurm: no MASTER_ADDR and no SLURM_JOB_NODELIST")?,
+                    None => nodes
+                        .as_deref()
+                        .and_then(first_host)
+                        .context("Slurm: no MASTER_ADDR and no SLURM_JOB_NODELIST")?,
                 };
                 let port = match num("MASTER_PORT")? {
                     Some(p) => p,
@@ -128,7 +139,10 @@ impl Env {
     }
 
     fn host_port(&self) -> Result<(String, u16)> {
-        let (host, port) = self.master.rsplit_once(':').with_context(|| format!("`{}` is not host:port", self.master))?;
+        let (host, port) = self
+            .master
+            .rsplit_once(':')
+            .with_context(|| format!("`{}` is not host:port", self.master))?;
         Ok((host.trim_matches(|c| c == '[' || c == ']').to_string(), port.parse()?))
     }
 }
@@ -159,8 +173,11 @@ pub fn exchange_id(store: &Store, env: &Env, id: Option<[u8; UNIQUE_ID_BYTES]>, 
         store.set("nccl_unique_id", &id)?;
         id
     } else {
-        let got = store.get("nccl_unique_id").with_context(|| format!("rank {} waiting for rank 0 at {}", env.rank, env.master))?;
-        got.try_into().map_err(|v: Vec<u8>| anyhow::anyhow!("rank 0 sent a {}-byte id", v.len()))?
+        let got = store
+            .get("nccl_unique_id")
+            .with_context(|| format!("rank {} waiting for rank 0 at {}", env.rank, env.master))?;
+        got.try_into()
+            .map_err(|v: Vec<u8>| anyhow::anyhow!("rank 0 sent a {}-byte id", v.len()))?
     };
     store.add("joined", 1)?;
     if env.rank == 0 {
@@ -172,6 +189,9 @@ pub fn exchange_id(store: &Store, env: &Env, id: Option<[u8; UNIQUE_ID_BYTES]>, 
             }
             if Instant::now() > deadline {
                 bail!("rendezvous timed out on {}: {joined} of {} ranks joined", env.master, env.world);
+            }
+            if super::preempt::requested() {
+                return Err(super::preempt::Preempted { at: None }.into());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -234,17 +254,31 @@ mod tests {
         assert_eq!(e.master, format!("gpu07:{}", slurm_port(123456)));
         assert!(!e.agent_store);
         // MASTER_ADDR / MASTER_PORT, when the batch script exports them, win.
-        let e = env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("MASTER_ADDR", "head"), ("MASTER_PORT", "4000")])
-            .unwrap()
-            .unwrap();
+        let e = env_of(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("MASTER_ADDR", "head"),
+            ("MASTER_PORT", "4000"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!(e.master, "head:4000");
         // torchrun inside a Slurm allocation: torchrun's variables win.
-        let e = env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"), ("WORLD_SIZE", "4"), ("RANK", "2"), ("MASTER_PORT", "1")])
-            .unwrap()
-            .unwrap();
+        let e = env_of(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("WORLD_SIZE", "4"),
+            ("RANK", "2"),
+            ("MASTER_PORT", "1"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!((e.rank, e.world, e.launcher), (2, 4, Launcher::Torchrun));
         assert_eq!(env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(), None);
-        assert!(env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]).is_err(), "no address to meet at");
+        assert!(
+            env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]).is_err(),
+            "no address to meet at"
+        );
     }
 
     #[test]

@@ -146,8 +146,8 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     let mut reports = Vec::new();
     let mut failure = None;
     for i in order {
-        if matches!(mode, Mode::Run) && crate::train::preempt::requested() {
-            failure = Some(crate::train::preempt::Preempted { at: None }.into());
+        if matches!(mode, Mode::Run) && crate::dist::preempt::requested() {
+            failure = Some(crate::dist::preempt::Preempted { at: None }.into());
             break;
         }
         let stage = &p.stages[i];

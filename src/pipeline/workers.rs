@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::dist::rendezvous::{Env, Launcher};
+use crate::dist::store::Store;
 use crate::stages::{StageContext, StageSpec};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -106,8 +107,7 @@ impl StageGroup {
 
     /// Hands the stage to the launched ranks waiting in [`serve_jobs`].
     fn dispatch(g: &crate::dist::Group, ctx: &StageContext, spec: &StageSpec) -> Result<StageGroup> {
-        let seq = NEXT_JOB.fetch_add(1, Ordering::Relaxed);
-        g.store.set(&job_key(seq), &serde_json::to_vec(&Job::of(ctx, spec))?)?;
+        let seq = JobQueue(&g.store).push(&Job::of(ctx, spec))?;
         Ok(StageGroup {
             children: Vec::new(),
             ok: true,
@@ -115,23 +115,11 @@ impl StageGroup {
         })
     }
 
-    /// Waits for the launched ranks to report job `seq` done; an error when any failed.
-    fn finish_launched(seq: u64) -> Result<()> {
-        let g = crate::dist::group().context("the launched group is gone")?;
-        let done = format!("{}/done", job_key(seq));
-        while (g.store.add(&done, 0)? as usize) < g.world - 1 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match g.store.add(&format!("{}/failures", job_key(seq)), 0)? {
-            0 => Ok(()),
-            n => bail!("{n} launched rank(s) failed the stage (their own logs say why)"),
-        }
-    }
-
     /// Waits for every worker to finish; an error names the first that failed.
     pub fn finish(mut self) -> Result<()> {
         if let Some(seq) = self.launched_job {
-            return Self::finish_launched(seq);
+            let g = crate::dist::group().context("the launched group is gone")?;
+            return JobQueue(&g.store).wait_done(seq, g.world - 1);
         }
         crate::dist::leave();
         let mut first_err = None;
@@ -225,25 +213,72 @@ pub fn run_worker(job_path: &Path) -> Result<()> {
     result
 }
 
+/// The jobs rank 0 hands to launched ranks, in the group's store: `job/N` holds job N (or
+/// `exit`), `job/N/done` counts the ranks that finished it, `job/N/failures` those that failed.
+pub struct JobQueue<'a>(pub &'a Store);
+
+impl JobQueue<'_> {
+    /// Publishes the next job; returns its number.
+    pub fn push(&self, job: &Job) -> Result<u64> {
+        let seq = NEXT_JOB.fetch_add(1, Ordering::Relaxed);
+        self.0.set(&job_key(seq), &serde_json::to_vec(job)?)?;
+        Ok(seq)
+    }
+
+    /// Tells the ranks there are no more jobs.
+    pub fn close(&self) -> Result<()> {
+        self.0.set(&job_key(NEXT_JOB.load(Ordering::Relaxed)), b"exit")
+    }
+
+    /// Job `seq` for a serving rank (None: no more jobs), waiting as long as the store allows.
+    pub fn take(&self, seq: u64) -> Result<Option<Job>> {
+        let msg = self.0.get(&job_key(seq))?;
+        if msg == b"exit" {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_slice(&msg).context("a job from rank 0")?))
+    }
+
+    /// A serving rank's report on job `seq`.
+    pub fn report(&self, seq: u64, ok: bool) -> Result<()> {
+        if !ok {
+            self.0.add(&format!("{}/failures", job_key(seq)), 1)?;
+        }
+        self.0.add(&format!("{}/done", job_key(seq)), 1)?;
+        Ok(())
+    }
+
+    /// Waits until `workers` ranks reported job `seq`; an error when any failed.
+    pub fn wait_done(&self, seq: u64, workers: usize) -> Result<()> {
+        let done = format!("{}/done", job_key(seq));
+        while (self.0.add(&done, 0)? as usize) < workers {
+            if crate::dist::preempt::requested() {
+                return Err(crate::dist::preempt::Preempted { at: None }.into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match self.0.add(&format!("{}/failures", job_key(seq)), 0)? {
+            0 => Ok(()),
+            n => bail!("{n} launched rank(s) failed the stage (their own logs say why)"),
+        }
+    }
+}
+
 /// A launched rank other than 0 under `dmdpipe run`: runs each data-parallel stage rank 0 hands
 /// it, until rank 0 says the pipeline is done.
 pub fn serve_jobs() -> Result<()> {
     let g = crate::dist::group().context("serve_jobs needs the launched group")?;
     // The next job may come after hours of stages that run on rank 0 alone.
     g.store.set_timeout(Duration::from_secs(30 * 24 * 3600))?;
+    let queue = JobQueue(&g.store);
     for seq in 0.. {
-        let msg = g.store.get(&job_key(seq))?;
-        if msg == b"exit" {
-            return Ok(());
-        }
-        let job: Job = serde_json::from_slice(&msg).context("a job from rank 0")?;
+        let Some(job) = queue.take(seq)? else { return Ok(()) };
         tracing::info!(rank = g.rank, stage = %job.stage_name, "data-parallel job");
         let result = job.run();
         if let Err(e) = &result {
             tracing::error!(rank = g.rank, "{e:#}");
-            g.store.add(&format!("{}/failures", job_key(seq)), 1)?;
         }
-        g.store.add(&format!("{}/done", job_key(seq)), 1)?;
+        queue.report(seq, result.is_ok())?;
         result?;
     }
     Ok(())
@@ -251,10 +286,10 @@ pub fn serve_jobs() -> Result<()> {
 
 /// Rank 0 of a launched `run`: tells the waiting ranks there are no more jobs.
 pub fn release_workers() -> Result<()> {
-    if let Some(g) = crate::dist::group().filter(|g| g.launched && g.rank == 0) {
-        g.store.set(&job_key(NEXT_JOB.load(Ordering::Relaxed)), b"exit")?;
+    match crate::dist::group().filter(|g| g.launched && g.rank == 0) {
+        Some(g) => JobQueue(&g.store).close(),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -279,6 +314,49 @@ mod tests {
         let spec = StageSpec::parse(&back.kind, back.params.clone()).unwrap().unwrap();
         assert_eq!(spec.kind(), "dmd");
         assert_eq!(spec.params_json()["train"]["batch"], 112);
+    }
+
+    #[test]
+    fn launched_ranks_take_each_job_report_it_and_stop_at_exit() {
+        let server = Store::open("127.0.0.1", 0, true, "q/", std::time::Duration::from_secs(20)).unwrap();
+        let port = server.port();
+        let job = |name: &str| Job {
+            kind: "dmd".into(),
+            params: serde_json::json!({ "teacher": "t" }),
+            stage_name: name.into(),
+            upstream: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            device: "cuda".into(),
+            devices: vec![],
+            work_dir: PathBuf::from("/w"),
+        };
+        let serving: Vec<_> = (1..3)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let store = Store::open("127.0.0.1", port, false, "q/", std::time::Duration::from_secs(20)).unwrap();
+                    let q = JobQueue(&store);
+                    let mut seen = Vec::new();
+                    let mut seq = 0;
+                    while let Some(j) = q.take(seq).unwrap() {
+                        seen.push(j.stage_name.clone());
+                        // Rank 2 fails the second job.
+                        q.report(seq, !(rank == 2 && seq == 1)).unwrap();
+                        seq += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let q = JobQueue(&server);
+        let first = q.push(&job("teacher")).unwrap();
+        q.wait_done(first, 2).unwrap();
+        let second = q.push(&job("dmd")).unwrap();
+        let e = q.wait_done(second, 2).unwrap_err();
+        assert!(e.to_string().contains("1 launched rank(s) failed"), "{e}");
+        q.close().unwrap();
+        for h in serving {
+            assert_eq!(h.join().unwrap(), vec!["teacher".to_string(), "dmd".to_string()]);
+        }
     }
 
     #[test]

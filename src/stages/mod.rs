@@ -79,7 +79,13 @@ pub type Reference<'a> = (&'static str, Option<&'a String>, &'static [ArtifactTy
 pub fn references(fields: &[Reference]) -> Vec<Upstream> {
     fields
         .iter()
-        .filter_map(|&(role, stage, accepts)| stage.map(|s| Upstream { role, stage: s.clone(), accepts }))
+        .filter_map(|&(role, stage, accepts)| {
+            stage.map(|s| Upstream {
+                role,
+                stage: s.clone(),
+                accepts,
+            })
+        })
         .collect()
 }
 

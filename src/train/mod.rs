@@ -4,6 +4,5 @@ pub mod device_data;
 pub mod dmd;
 pub mod gan;
 pub mod optim;
-pub mod preempt;
 pub mod rng;
 pub mod teacher;

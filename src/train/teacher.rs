@@ -252,12 +252,12 @@ pub fn train_with_grids(
             on_log(step, images, last_loss, rate);
             window.clear();
             window_start = (Instant::now(), images);
-            let preempted = super::preempt::agreed()?;
+            let preempted = crate::dist::preempt::agreed()?;
             if (preempted || step % opts.checkpoint_every < opts.log_every) && crate::dist::is_main() {
                 save_checkpoint(&ckpt_path, &opt, ema, &ema_names, step, images, &curve)?;
             }
             if preempted {
-                return Err(super::preempt::Preempted { at: Some(step) }.into());
+                return Err(crate::dist::preempt::Preempted { at: Some(step) }.into());
             }
         }
     }

@@ -134,12 +134,12 @@ pub fn train_dmd(nets: DmdNets, data: DmdData, opts: &DmdOptions, work_dir: &Pat
             let row = window.close(it, lr, &ckpt)?;
             hooks.on_log(&row);
             log.push(row);
-            let preempted = crate::train::preempt::agreed()?;
+            let preempted = crate::dist::preempt::agreed()?;
             if (preempted || it % opts.checkpoint_every < opts.log_every) && crate::dist::is_main() {
                 trainer.save(&ckpt, it, &log)?;
             }
             if preempted {
-                return Err(crate::train::preempt::Preempted { at: Some(it) }.into());
+                return Err(crate::dist::preempt::Preempted { at: Some(it) }.into());
             }
         }
     }

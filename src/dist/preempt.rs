@@ -48,7 +48,10 @@ pub struct Preempted {
 impl std::fmt::Display for Preempted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.at {
-            Some(n) => write!(f, "preempted at step {n}: the checkpoint is saved; run the same command again to resume"),
+            Some(n) => write!(
+                f,
+                "preempted at step {n}: the checkpoint is saved; run the same command again to resume"
+            ),
             None => write!(f, "preempted between stages: run the same command again to continue"),
         }
     }
@@ -58,5 +61,5 @@ impl std::error::Error for Preempted {}
 
 /// At a log step: whether every rank has been asked to stop (in a group, whether any has).
 pub fn agreed() -> anyhow::Result<bool> {
-    crate::dist::agree(requested())
+    super::agree(requested())
 }
