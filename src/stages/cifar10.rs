@@ -26,9 +26,6 @@ fn default_split() -> Split {
 fn default_archive_md5() -> String {
     cifar::ARCHIVE_MD5.to_string()
 }
-fn default_true() -> bool {
-    true
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -44,7 +41,7 @@ pub struct Cifar10Params {
     #[serde(default = "default_split")]
     pub split: Split,
     /// Check each file's md5 (the official ones unless `md5` overrides them).
-    #[serde(default = "default_true")]
+    #[serde(default = "super::yes")]
     pub verify_md5: bool,
     /// Expected md5 per file name, overriding the official values.
     #[serde(default)]

@@ -28,9 +28,6 @@ fn default_max_side() -> u32 {
 fn default_extensions() -> Vec<String> {
     ["png", "jpg", "jpeg"].iter().map(|s| s.to_string()).collect()
 }
-fn default_true() -> bool {
-    true
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -42,7 +39,7 @@ pub struct ImageFolderParams {
     /// Class folders in label order; default: every subfolder, sorted by name.
     pub classes: Option<Vec<String>>,
     /// Keep class labels (false: an unconditional dataset, every label 0).
-    #[serde(default = "default_true")]
+    #[serde(default = "super::yes")]
     pub labels: bool,
     #[serde(default)]
     pub transform: Transform,

@@ -32,6 +32,11 @@ pub use scatter_plot::ScatterPlotParams;
 pub use subset::SubsetParams;
 pub use teacher::TeacherParams;
 
+/// `#[serde(default = "super::yes")]`: a flag that is on unless the file turns it off.
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// Whether `device` (a stage's `device` setting) names a CUDA device here.
 pub fn device_is_cuda(device: &str) -> anyhow::Result<bool> {
     Ok(crate::torch_shim::device(device)?.is_cuda())
