@@ -177,21 +177,22 @@ impl Cache {
         Self::locked(root, file, mode)
     }
 
-    /// Readers (`status`, `verify`, `path`, `why`) also work on a cache they cannot write (a
-    /// read-only mount, another user's folder): what cannot be created is gone without, and the
-    /// shared lock is taken on a read-only handle, or skipped when no lock file can exist there.
+    /// Readers (`status`, `verify`, `path`, `why`) create nothing: a missing cache reads as an
+    /// empty one, and they also work on a cache they cannot write (a read-only mount, another
+    /// user's folder): the shared lock is taken on a read-only handle, or skipped when there is
+    /// no lock file.
     fn open_for_reading(root: &Path) -> Result<Cache> {
-        if claim(root).is_err() {
-            check_claimable(root)?;
-            tracing::debug!("{} is not writable; reading it as it is", root.display());
+        let unlocked = || Cache {
+            root: root.to_path_buf(),
+            _lock: None,
+        };
+        if !root.exists() {
+            return Ok(unlocked());
         }
-        let _ = create_layout(root);
-        match open_lock_file(root).or_else(|_| File::open(root.join("lock"))) {
+        check_claimable(root)?;
+        match File::open(root.join("lock")) {
             Ok(f) => Self::locked(root, f, LockMode::Shared),
-            Err(_) => Ok(Cache {
-                root: root.to_path_buf(),
-                _lock: None,
-            }),
+            Err(_) => Ok(unlocked()),
         }
     }
 
