@@ -250,6 +250,32 @@ pub fn tf32_enabled() -> bool {
     unsafe { dmd_tf32_enabled() != 0 }
 }
 
+/// libtorch's CPU threads: as many as the cores this process may use and nobody else is busy on
+/// (scheduler affinity and cgroup quota, less the 1-minute load average), unless OMP_NUM_THREADS
+/// or MKL_NUM_THREADS says otherwise; one inter-op thread (dmdpipe runs no parallel ops). On a
+/// loaded machine libtorch's default (every core) spins against the other work. Returns the count.
+pub fn configure_cpu_threads() -> usize {
+    if std::env::var_os("OMP_NUM_THREADS").is_some() || std::env::var_os("MKL_NUM_THREADS").is_some() {
+        return tch::get_num_threads().max(1) as usize;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    let threads = cpu_threads_for(cores, busy);
+    tch::set_num_threads(threads as i32);
+    // Inter-op threads can only be set once, before any parallel work.
+    let _ = std::panic::catch_unwind(|| tch::set_num_interop_threads(1));
+    threads
+}
+
+/// The intra-op thread count for `cores` usable cores with `load` of them busy.
+pub fn cpu_threads_for(cores: usize, load: f64) -> usize {
+    let idle = cores as f64 - load.max(0.0);
+    (idle.round() as usize).clamp(1, cores.max(1))
+}
+
 /// A process-wide override of every GroupNorm's mode on bf16 activations (0: each network's
 /// own setting, 1: native bf16, 2: fp32 as autocast runs it): `bench gpu` times both modes,
 /// a `NumericsScope` resets it. Never set while a cached stage runs: a
@@ -356,6 +382,15 @@ impl<'a> From<&'a Tensor> for Lr<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_threads_leave_busy_cores_alone() {
+        assert_eq!(cpu_threads_for(8, 0.0), 8);
+        assert_eq!(cpu_threads_for(8, 3.2), 5);
+        assert_eq!(cpu_threads_for(2, 2.0), 1, "a fully loaded machine still gets one thread");
+        assert_eq!(cpu_threads_for(2, 9.0), 1);
+        assert_eq!(cpu_threads_for(4, -1.0), 4);
+    }
     use tch::Kind;
 
     #[test]
