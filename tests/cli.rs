@@ -167,6 +167,64 @@ fn run_writes_an_html_report_with_pictures() {
     let html = std::fs::read_to_string(p.cache().join("reports/p/index.html")).unwrap();
     assert!(html.contains("<h2>a <small>(gmm2d") && html.contains("<h2>pic <small>(scatter-plot"));
     assert!(html.contains("scatter.png") && html.contains("component_fractions"));
+    // Self-contained: relative links to copies beside the page.
+    assert!(!html.contains("file://"), "absolute links in the report");
+    assert!(html.contains("src=\"pic/scatter.png\"") && p.cache().join("reports/p/pic/scatter.png").is_file());
+    // A no-op re-run keeps what the stages cost and when they were made.
+    let again = dmdpipe().arg("run").arg(p.path().join("p.toml")).output().unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("cached (made 20"));
+    let html = std::fs::read_to_string(p.cache().join("reports/p/index.html")).unwrap();
+    assert!(html.contains("0 ran in this run") && html.contains("cached: made 20"), "{html}");
+}
+
+#[test]
+fn a_dry_run_names_each_missing_input_once_and_fails_unless_allowed() {
+    let p = Project::new();
+    p.write(
+        "p.toml",
+        "[stages.a]\nkind = \"image-folder\"\nsource = \"absent\"\nresolution = 8\n\n[stages.b]\nkind = \"image-folder\"\nsource = \"absent\"\nresolution = 16\n",
+    );
+    let out = dmdpipe().args(["run", "--dry-run"]).arg(p.path().join("p.toml")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(text.matches("absent").count(), 1, "the path once:\n{text}");
+    assert!(text.contains("needed by a, b") && text.contains("README"), "{text}");
+    let ok = dmdpipe()
+        .args(["run", "--dry-run", "--allow-missing"])
+        .arg(p.path().join("p.toml"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    assert!(!p.cache().exists(), "a dry run creates nothing");
+}
+
+#[test]
+fn why_names_the_pipeline_that_computed_an_identical_stage() {
+    let p = Project::new();
+    p.write("one.toml", &format!("[pipeline]\nname = \"one\"\n{}", gmm_stage("a", 1, 100)));
+    p.write("two.toml", &format!("[pipeline]\nname = \"two\"\n{}", gmm_stage("a", 1, 100)));
+    assert!(
+        dmdpipe()
+            .arg("run")
+            .arg(p.path().join("one.toml"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let out = dmdpipe().arg("why").arg(p.path().join("two.toml")).arg("a").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("computed by pipeline `one`"), "{text}");
+}
+
+#[test]
+fn help_describes_every_command_and_argument() {
+    let top = String::from_utf8_lossy(&dmdpipe().arg("--help").output().unwrap().stdout).into_owned();
+    assert!(top.contains("all-reduce") && top.contains("profiles"), "{top}");
+    let gc = String::from_utf8_lossy(&dmdpipe().args(["gc", "--help"]).output().unwrap().stdout).into_owned();
+    assert!(gc.contains("Say what would be removed"), "{gc}");
+    let status = String::from_utf8_lossy(&dmdpipe().args(["status", "--help"]).output().unwrap().stdout).into_owned();
+    assert!(status.contains("Pipeline file"), "{status}");
 }
 
 /// The multi-process launch path without GPUs: `launch` starts two processes with torchrun's

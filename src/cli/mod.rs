@@ -51,16 +51,24 @@ enum Command {
     Run(pipeline_cmds::RunArgs),
     /// Fresh / stale / never run, per stage.
     Status {
+        /// Pipeline file (default: pipelines/toy2d.toml, else the built-in toy pipeline).
         pipeline: Option<PathBuf>,
         /// Exit with code 1 when any stage is not fresh.
         #[arg(long)]
         exit_code: bool,
     },
     /// Why a stage is stale: what in its key changed since its last accepted run.
-    Why { pipeline: PathBuf, stage: String },
+    Why {
+        /// Pipeline file.
+        pipeline: PathBuf,
+        /// Stage name.
+        stage: String,
+    },
     /// Print the stage graph.
     Dag {
+        /// Pipeline file (default: pipelines/toy2d.toml, else the built-in toy pipeline).
         pipeline: Option<PathBuf>,
+        /// text, dot (Graphviz) or mermaid.
         #[arg(long, value_enum, default_value = "text")]
         format: DagFormat,
     },
@@ -68,6 +76,7 @@ enum Command {
     Gc {
         /// Pipeline whose cache to collect (its cache_dir); or give --cache.
         pipeline: Option<PathBuf>,
+        /// Say what would be removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -77,8 +86,12 @@ enum Command {
         out: PathBuf,
     },
     /// Check that every cache entry's outputs are present and unchanged.
-    Verify { pipeline: Option<PathBuf> },
-    /// Benchmarks: `hash` (input hashing throughput, cold and through the stat cache).
+    Verify {
+        /// Pipeline file (default: pipelines/toy2d.toml, else the built-in toy pipeline).
+        pipeline: Option<PathBuf>,
+    },
+    /// Benchmarks: networks and DMD on a GPU, Inception, all-reduce, scaling over GPUs, kernel
+    /// profiles, trace summaries, input hashing (`dmdpipe bench --help`).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
@@ -95,7 +108,12 @@ enum Command {
         inception: bool,
     },
     /// Print the output directory of a fresh stage.
-    Path { pipeline: PathBuf, stage: String },
+    Path {
+        /// Pipeline file.
+        pipeline: PathBuf,
+        /// Stage name.
+        stage: String,
+    },
     /// One data-parallel rank of a teacher or dmd stage (started by `run` with several devices,
     /// or by hand on another host with torchrun's variables and the job file).
     StageWorker { job: PathBuf },
@@ -175,7 +193,12 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
-        .with_filter(EnvFilter::try_from_env("DMDPIPE_LOG").unwrap_or_else(|_| EnvFilter::new(level)));
+        .with_filter(
+            EnvFilter::try_from_env("DMDPIPE_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(level))
+                // Failures the command prints as `error:` go to the log file only.
+                .add_directive("log_file=off".parse().expect("a valid directive")),
+        );
     let file_layer = log_file.and_then(|path| std::fs::File::create(path).ok()).map(|f| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::sync::Mutex::new(f))

@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Print what would run and why; run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: exit 0 even when inputs are missing.
+    #[arg(long, requires = "dry_run")]
+    pub allow_missing: bool,
     /// Compute device override: auto, cpu, cuda, cuda:N.
     #[arg(long)]
     pub device: Option<String>,
@@ -59,6 +62,7 @@ fn run_pipeline(g: Globals, args: RunArgs) -> Result<ExitCode> {
         force,
         until,
         dry_run,
+        allow_missing,
         device,
         devices,
     } = args;
@@ -93,6 +97,9 @@ fn run_pipeline(g: Globals, args: RunArgs) -> Result<ExitCode> {
     if dry_run {
         let gpus = estimate_gpu_count(opts.devices.as_ref().or(p.settings.devices.as_ref()));
         print_estimates(&p, &report, gpus);
+        if print_missing(&report) && !allow_missing {
+            return Ok(ExitCode::from(1));
+        }
     }
     if !dry_run {
         let html = crate::pipeline::report::write_report(&cache_dir, &report)?;
@@ -200,27 +207,19 @@ pub fn path(g: Globals, pipeline: PathBuf, stage: String) -> Result<ExitCode> {
 }
 
 fn brief(metrics: &serde_json::Value) -> String {
+    use crate::pipeline::report::human_value;
     let Some(map) = metrics.as_object() else { return String::new() };
     let mut parts = Vec::new();
     for (k, v) in map {
-        let text = match v {
-            serde_json::Value::Number(n) => n
-                .as_f64()
-                .map(|f| if f.fract() == 0.0 { format!("{f}") } else { format!("{f:.4}") })
-                .unwrap_or_default(),
-            serde_json::Value::Array(a) if a.len() <= 4 && a.iter().all(|x| x.is_number()) => {
-                format!(
-                    "[{}]",
-                    a.iter()
-                        .map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-            serde_json::Value::String(s) if s.len() < 40 => s.clone(),
-            _ => continue,
+        let shown = match v {
+            serde_json::Value::Number(_) => true,
+            serde_json::Value::Array(a) => a.len() <= 4 && a.iter().all(|x| x.is_number()),
+            serde_json::Value::String(s) => s.len() < 40,
+            _ => false,
         };
-        parts.push(format!("{k}={text}"));
+        if shown {
+            parts.push(format!("{k}={}", human_value(v)));
+        }
     }
     parts.join(" ")
 }
@@ -272,6 +271,25 @@ fn print_estimates(p: &Pipeline, report: &RunReport, gpus: usize) {
     }
 }
 
+/// The inputs a dry run found missing, each once with the stages that need it; whether any.
+fn print_missing(report: &RunReport) -> bool {
+    let mut needed: std::collections::BTreeMap<&std::path::Path, Vec<&str>> = Default::default();
+    for s in &report.stages {
+        for path in &s.missing_inputs {
+            needed.entry(path.as_path()).or_default().push(&s.name);
+        }
+    }
+    if needed.is_empty() {
+        return false;
+    }
+    println!("\nmissing inputs ({}):", runner::MISSING_HELP);
+    for (path, stages) in &needed {
+        println!("  {}  (needed by {})", path.display(), stages.join(", "));
+    }
+    println!("(exit code 1; --allow-missing to plan anyway)");
+    true
+}
+
 fn print_report(report: &RunReport, dry_run: bool) {
     let mut ran = 0;
     let mut cached = 0;
@@ -279,12 +297,16 @@ fn print_report(report: &RunReport, dry_run: bool) {
         let what = match s.outcome {
             Outcome::Cached => {
                 cached += 1;
-                "cached".to_string()
+                match &s.made {
+                    Some(m) => format!("cached (made {} by {})", m.created, m.pipeline),
+                    None => "cached".to_string(),
+                }
             }
             Outcome::Ran => {
                 ran += 1;
                 format!("ran in {:.2}s", s.seconds)
             }
+            _ if dry_run && !s.missing_inputs.is_empty() => "would run, once its inputs exist (below)".to_string(),
             Outcome::Stale | Outcome::NeverRun if dry_run => format!("would run: {}", s.reasons.join("; ")),
             _ => format!("stale: {}", s.reasons.join("; ")),
         };

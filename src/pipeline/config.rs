@@ -138,15 +138,11 @@ impl Pipeline {
     }
 
     pub fn cache_dir(&self) -> PathBuf {
-        self.root.join(self.settings.cache_dir.clone().unwrap_or_else(|| "cache".into()))
+        super::fsutil::clean_path(&self.root.join(self.settings.cache_dir.clone().unwrap_or_else(|| "cache".into())))
     }
 
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            self.root.join(path)
-        }
+        super::fsutil::clean_path(&self.root.join(path))
     }
 
     /// An error located at a stage's field (or the stage's table when the field is absent).

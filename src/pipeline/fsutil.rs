@@ -1,12 +1,33 @@
 //! Filesystem helpers for crash safety.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one:
 /// a temp file in the same directory, fsync, rename, fsync of the directory.
+/// `path` with `.` removed and `dir/..` folded, without touching the file system (as cargo
+/// does): `pipelines/../cache` is `cache`, `./x` is `x`. A leading `..` stays.
+pub fn clean_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            Component::ParentDir if matches!(out.last(), Some(Component::RootDir | Component::Prefix(_))) => {}
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("atomic_write needs a parent directory")?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
@@ -54,4 +75,18 @@ pub fn remove_tree(path: &Path) -> Result<()> {
         }
     }
     std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_paths_fold_dots_lexically() {
+        assert_eq!(clean_path(Path::new("pipelines/../cache")), PathBuf::from("cache"));
+        assert_eq!(clean_path(Path::new("./../cache/x")), PathBuf::from("../cache/x"));
+        assert_eq!(clean_path(Path::new("/a/b/../../..")), PathBuf::from("/"));
+        assert_eq!(clean_path(Path::new("a/./b/")), PathBuf::from("a/b"));
+        assert_eq!(clean_path(Path::new(".")), PathBuf::from("."));
+    }
 }

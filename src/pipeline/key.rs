@@ -22,6 +22,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use serde_json::{Value, json};
 
@@ -71,7 +73,7 @@ pub fn manifest_for(
     stage: &StageDecl,
     trees: &HashMap<String, Artifact>,
     stat: &mut StatCache,
-    missing: &mut Vec<String>,
+    missing: &mut Vec<(String, PathBuf)>,
 ) -> Result<(Value, Option<String>)> {
     let s = stage.spec.stage();
     let mut upstream = serde_json::Map::new();
@@ -94,7 +96,12 @@ pub fn manifest_for(
             }
             Err(e) => {
                 complete = false;
-                missing.push(format!("input `{}` ({}) cannot be read: {e:#}", input.role, path.display()));
+                let why = if path.exists() {
+                    format!("cannot be read: {e:#}")
+                } else {
+                    "does not exist".to_string()
+                };
+                missing.push((format!("input `{}` {} {why}", input.role, path.display()), path.clone()));
                 inputs.insert(input.role.to_string(), Value::Null);
             }
         }

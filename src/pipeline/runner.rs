@@ -19,6 +19,9 @@ use crate::stages::StageContext;
 use super::key::{Artifact, manifest_for};
 pub use super::key::{KEY_FORMAT, canonical_json, diff_manifests};
 
+/// Where a user learns how to get a missing dataset or model.
+pub const MISSING_HELP: &str = "the README's sections on each pipeline say how to get its data and models";
+
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Re-run these stages even when fresh.
@@ -60,6 +63,29 @@ pub struct StageReport {
     pub seconds: f64,
     pub metrics: Value,
     pub output_dir: Option<PathBuf>,
+    /// Inputs it reads that are missing or unreadable.
+    pub missing_inputs: Vec<PathBuf>,
+    /// The run that made its output (a cached stage's may be another pipeline's, earlier).
+    pub made: Option<Made>,
+}
+
+/// Where an accepted output came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Made {
+    pub pipeline: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub seconds: f64,
+}
+
+impl Made {
+    fn of(e: &Entry) -> Self {
+        Made {
+            pipeline: e.pipeline.clone(),
+            created: e.created.clone(),
+            seconds: e.duration_s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,8 +180,9 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
         overall.set_message(stage.name.clone());
         let mut missing = Vec::new();
         let (manifest, key) = manifest_for(p, stage, &trees, &mut stat, &mut missing)?;
+        let (missing, missing_paths): (Vec<String>, Vec<PathBuf>) = missing.into_iter().unzip();
         if !missing.is_empty() && matches!(mode, Mode::Run) {
-            bail!("stage `{}`: {}", stage.name, missing.join("; "));
+            bail!("stage `{}`: {} ({MISSING_HELP})", stage.name, missing.join("; "));
         }
         let previous = record.stages.get(&stage.name).and_then(|k| cache.read_entry(k));
         let mut report = StageReport {
@@ -167,6 +194,8 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
             seconds: 0.0,
             metrics: Value::Null,
             output_dir: None,
+            missing_inputs: missing_paths,
+            made: None,
         };
         let forced = opts.force.contains(&stage.name);
         let mut corrupted = None;
@@ -177,6 +206,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
                 Ok(()) => {
                     tracing::info!(stage = %stage.name, key = %key, "cached");
                     report.outcome = Outcome::Cached;
+                    report.made = Some(Made::of(&entry));
                     report.metrics = entry.metrics.clone();
                     report.output_dir = Some(cache.object_dir(&entry.tree));
                     trees.insert(stage.name.clone(), Artifact::of(&entry));
@@ -204,6 +234,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
         match run_stage(&cache, p, stage, &key, manifest, &trees, &mut stat, &multi, &device, &devices) {
             Ok(entry) => {
                 report.outcome = Outcome::Ran;
+                report.made = Some(Made::of(&entry));
                 report.seconds = entry.duration_s;
                 report.metrics = entry.metrics.clone();
                 report.output_dir = Some(cache.object_dir(&entry.tree));
@@ -381,7 +412,8 @@ fn run_stage(
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
             let _ = super::fsutil::remove_tree(&tmp);
-            tracing::error!("failed after {seconds:.2}s: {e:#}");
+            // Into the log file only: the command prints the error itself.
+            tracing::error!(target: "log_file", "failed after {seconds:.2}s: {e:#}");
             return Err(e.context(format!("stage `{}` (kind `{}`) failed", stage.name, stage.spec.kind())));
         }
         Err(panic) => {
@@ -391,7 +423,7 @@ fn run_stage(
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            tracing::error!("panicked after {seconds:.2}s: {msg}");
+            tracing::error!(target: "log_file", "panicked after {seconds:.2}s: {msg}");
             bail!("stage `{}` (kind `{}`) panicked: {msg}", stage.name, stage.spec.kind());
         }
     };
@@ -446,11 +478,17 @@ fn plan_stage(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Res
 /// `dmdpipe why`: what in the key of `stage` differs from its last accepted run.
 pub fn why(p: &Pipeline, stage_name: &str, cache_dir: Option<PathBuf>) -> Result<Vec<String>> {
     let r = plan_stage(p, stage_name, cache_dir)?;
-    Ok(match r.outcome {
-        Outcome::Cached => vec![format!(
-            "`{stage_name}` is fresh: nothing in its key changed (key {})",
-            r.key.as_deref().unwrap_or("?")
+    let key = r.key.as_deref().unwrap_or("?");
+    Ok(match (r.outcome, &r.made) {
+        (Outcome::Cached, Some(m)) if m.pipeline != p.name => vec![format!(
+            "`{stage_name}` is fresh: an identical stage (same key {key}) was computed by pipeline `{}` on {}",
+            m.pipeline, m.created
         )],
+        (Outcome::Cached, Some(m)) => vec![format!(
+            "`{stage_name}` is fresh: nothing in its key changed since its run on {} (key {key})",
+            m.created
+        )],
+        (Outcome::Cached, None) => vec![format!("`{stage_name}` is fresh (key {key})")],
         _ => r.reasons,
     })
 }
