@@ -83,9 +83,15 @@ fn first_and_resumed(checkpoint: &str, stage: &str, resumed: &str, signal: i32) 
     let killed = tempfile::tempdir().unwrap();
     pipeline(killed.path());
     let (status, stderr) = signal_after_checkpoint(killed.path(), checkpoint, signal);
-    if signal == libc::SIGTERM {
+    if signal != libc::SIGKILL {
         assert_eq!(status.code(), Some(75), "a preempted run exits with 75:\n{stderr}");
         assert!(stderr.contains("preempted at step"), "{stderr}");
+    }
+    if signal == libc::SIGINT {
+        assert!(
+            stderr.contains("run the same command to resume (Ctrl-C again stops at once)"),
+            "{stderr}"
+        );
     }
     let out = dmdpipe(killed.path(), &["run", "p.toml", "-v"]);
     assert!(out.contains(resumed), "the second run did not resume from the checkpoint:\n{out}");
@@ -114,4 +120,10 @@ fn teacher_preempted_by_sigterm_saves_exits_75_and_resumes_to_the_same_bytes() {
 fn dmd_preempted_by_sigterm_saves_exits_75_and_resumes_to_the_same_bytes() {
     let (a, b) = first_and_resumed("dmd_checkpoint.safetensors", "dmd", "resumed DMD from checkpoint", libc::SIGTERM);
     assert!(a == b, "the preempted generator's weights differ from the uninterrupted one's");
+}
+
+#[test]
+fn teacher_interrupted_by_ctrl_c_says_what_is_kept_and_resumes_to_the_same_bytes() {
+    let (a, b) = first_and_resumed("checkpoint.safetensors", "teacher", "resumed from checkpoint", libc::SIGINT);
+    assert!(a == b, "the interrupted teacher's weights differ from the uninterrupted one's");
 }

@@ -15,16 +15,38 @@ extern "C" fn on_signal(_: libc::c_int) {
     REQUESTED.store(true, Ordering::SeqCst);
 }
 
-/// Makes SIGTERM and SIGUSR1 request a stop instead of ending the process.
-pub fn install() {
-    for sig in [libc::SIGTERM, libc::SIGUSR1] {
+const CTRL_C_MESSAGE: &[u8] =
+    b"\nstopping at the next log step: the checkpoint and every finished stage are kept; run the same command to resume (Ctrl-C again stops at once)\n";
+
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    if REQUESTED.swap(true, Ordering::SeqCst) {
+        // The second Ctrl-C: the default action, now.
         unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut());
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
         }
+        return;
+    }
+    // write(2) is async-signal-safe; the message is static.
+    unsafe { libc::write(2, CTRL_C_MESSAGE.as_ptr().cast(), CTRL_C_MESSAGE.len()) };
+}
+
+/// Makes SIGTERM and SIGUSR1 request a stop instead of ending the process, and the first Ctrl-C
+/// (SIGINT) too, saying so; a second Ctrl-C ends the process at once.
+pub fn install() {
+    install_handler(libc::SIGINT, on_interrupt);
+    for sig in [libc::SIGTERM, libc::SIGUSR1] {
+        install_handler(sig, on_signal);
+    }
+}
+
+fn install_handler(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(sig, &action, std::ptr::null_mut());
     }
 }
 

@@ -9,6 +9,7 @@ pub mod graph;
 pub mod hash;
 pub mod key;
 pub mod overrides;
+pub mod progress;
 pub mod report;
 pub mod runner;
 pub mod schema;

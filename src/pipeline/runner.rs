@@ -69,6 +69,13 @@ pub struct StageReport {
     pub made: Option<Made>,
 }
 
+/// The progress bars of a run, and whether a stage prints progress lines when stderr is no
+/// terminal.
+struct Bars {
+    multi: MultiProgress,
+    lines: bool,
+}
+
 /// Where an accepted output came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Made {
@@ -157,11 +164,15 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     let mut stat = cache.stat_cache();
     let mut record = cache.read_record(&p.name);
     let order = selected_order(p, opts);
-    let multi = MultiProgress::with_draw_target(if opts.progress {
-        indicatif::ProgressDrawTarget::stderr()
-    } else {
-        indicatif::ProgressDrawTarget::hidden()
-    });
+    let bars = Bars {
+        multi: MultiProgress::with_draw_target(if opts.progress {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        }),
+        lines: opts.progress,
+    };
+    let multi = &bars.multi;
     let overall = overall_bar(&multi, order.len(), &p.name);
     let device = opts.device.clone().or(p.settings.device.clone()).unwrap_or_else(|| "auto".into());
     let devices: Vec<usize> = match opts.devices.as_ref().or(p.settings.devices.as_ref()) {
@@ -231,7 +242,7 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
             continue;
         }
         let key = key.ok_or_else(|| anyhow!("internal: stage `{}` has no key although its upstream ran", stage.name))?;
-        match run_stage(&cache, p, stage, &key, manifest, &trees, &mut stat, &multi, &device, &devices) {
+        match run_stage(&cache, p, stage, &key, manifest, &trees, &mut stat, &bars, &device, &devices) {
             Ok(entry) => {
                 report.outcome = Outcome::Ran;
                 report.made = Some(Made::of(&entry));
@@ -364,10 +375,11 @@ fn run_stage(
     manifest: Value,
     trees: &HashMap<String, Artifact>,
     stat: &mut StatCache,
-    multi: &MultiProgress,
+    bars: &Bars,
     device: &str,
     devices: &[usize],
 ) -> Result<Entry> {
+    let multi = &bars.multi;
     let s = stage.spec.stage();
     let tmp = cache.new_tmp_dir(&stage.name)?;
     let out_dir = tmp.join("out");
@@ -389,6 +401,11 @@ fn run_stage(
         ProgressStyle::with_template("{prefix:>12} {spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}").expect("valid template"),
     );
     bar.set_prefix(stage.name.clone());
+    let _ticker = if bars.lines {
+        super::progress::Ticker::start(&stage.name, &bar)
+    } else {
+        None
+    };
     let mut ctx = StageContext {
         stage_name: stage.name.clone(),
         out_dir: out_dir.clone(),
