@@ -250,24 +250,39 @@ pub fn tf32_enabled() -> bool {
     unsafe { dmd_tf32_enabled() != 0 }
 }
 
-/// libtorch's CPU threads: as many as the cores this process may use and nobody else is busy on
-/// (scheduler affinity and cgroup quota, less the 1-minute load average), unless OMP_NUM_THREADS
-/// or MKL_NUM_THREADS says otherwise; one inter-op thread (dmdpipe runs no parallel ops). On a
-/// loaded machine libtorch's default (every core) spins against the other work. Returns the count.
+/// libtorch's CPU threads: as many as the cores this process may use (scheduler affinity and
+/// cgroup quota) that other work is not using right now (measured over 100 ms from /proc/stat),
+/// unless OMP_NUM_THREADS or MKL_NUM_THREADS says otherwise; one inter-op thread (dmdpipe runs no
+/// parallel ops). On a loaded machine libtorch's default (every core) spins against the other
+/// work. Returns the count.
 pub fn configure_cpu_threads() -> usize {
     if std::env::var_os("OMP_NUM_THREADS").is_some() || std::env::var_os("MKL_NUM_THREADS").is_some() {
         return tch::get_num_threads().max(1) as usize;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let busy = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
-        .unwrap_or(0.0);
-    let threads = cpu_threads_for(cores, busy);
+    let threads = cpu_threads_for(cores, busy_cores().unwrap_or(0.0));
     tch::set_num_threads(threads as i32);
     // Inter-op threads can only be set once, before any parallel work.
     let _ = std::panic::catch_unwind(|| tch::set_num_interop_threads(1));
     threads
+}
+
+/// (idle, total) jiffies of all CPUs, from /proc/stat.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((idle, fields.iter().take(8).sum()))
+}
+
+/// How many cores other processes keep busy now.
+fn busy_cores() -> Option<f64> {
+    let (idle0, total0) = cpu_jiffies()?;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (idle1, total1) = cpu_jiffies()?;
+    let (idle, total) = (idle1.saturating_sub(idle0) as f64, total1.saturating_sub(total0) as f64);
+    let all = std::fs::read_to_string("/proc/stat").ok()?.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count();
+    (total > 0.0).then(|| (1.0 - idle / total) * all as f64)
 }
 
 /// The intra-op thread count for `cores` usable cores with `load` of them busy.

@@ -150,8 +150,9 @@ pub fn main() -> ExitCode {
     if matches!(cli.command, Command::Run(_) | Command::StageWorker { .. }) {
         crate::dist::preempt::install();
     }
-    let threads = crate::torch_shim::configure_cpu_threads();
-    tracing::debug!(threads, "libtorch CPU threads");
+    if matches!(cli.command, Command::Run(_) | Command::StageWorker { .. } | Command::Bench { .. }) {
+        crate::torch_shim::configure_cpu_threads();
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
