@@ -19,6 +19,7 @@ use tch::{Kind, Tensor};
 use super::pickle::{self, Node, NodeId, Pickle, Value};
 
 /// One storage: element kind and raw little-endian bytes.
+#[derive(Clone)]
 pub struct Storage {
     pub kind: Kind,
     pub bytes: Vec<u8>,
@@ -300,19 +301,25 @@ fn storage_pid(p: &Pickle, pid: &Value) -> Result<(Kind, String)> {
         Some(Node::Tuple(t)) => t.clone(),
         _ => bail!("persistent id is not a tuple: {}", pickle::to_json(p, pid)),
     };
-    if !matches!(items.first(), Some(Value::Str(s)) if s.as_ref() == "storage") || items.len() < 3 {
+    if items.first().and_then(key_text).as_deref() != Some("storage") || items.len() < 3 {
         bail!("persistent id is not a storage: {}", pickle::to_json(p, pid));
     }
     let kind = match p.node(&items[1]) {
         Some(Node::Global { name, .. }) => storage_kind(name)?,
         _ => bail!("storage type is not a class"),
     };
-    let key = match &items[2] {
-        Value::Str(s) => s.to_string(),
-        Value::Int(i) => i.to_string(),
-        other => bail!("storage key {other:?}"),
-    };
+    let key = key_text(&items[2]).ok_or_else(|| anyhow!("storage key {:?}", items[2]))?;
     Ok((kind, key))
+}
+
+/// A storage key as text: a str, an int, or (files Python 2 wrote) a byte string.
+fn key_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Str(s) => Some(s.to_string()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
 }
 
 /// The element count a storage persistent id records (its fifth item), when it does.
@@ -589,6 +596,12 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
         resolve: RefCell::new(Box::new(resolve)),
         storages: RefCell::new(HashMap::new()),
     };
+    checkpoint_tensors(&tp, path)
+}
+
+/// The tensors of a checkpoint's state dict: the root, or a dict under `state_dict` / `model` /
+/// `ema` / `net`.
+fn checkpoint_tensors(tp: &TorchPickle, path: &Path) -> Result<HashMap<String, Tensor>> {
     let root = tp.root().clone();
     let dict = ["state_dict", "model", "ema", "net"]
         .iter()
@@ -596,14 +609,90 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
         .unwrap_or(root);
     let mut out = HashMap::new();
     for (k, v) in tp.items(&dict) {
-        if let Value::Str(name) = &k
+        if let Some(name) = key_text(&k)
             && let Some(t) = tp.tensor(&v).with_context(|| format!("{}: tensor {name}", path.display()))?
         {
-            out.insert(name.to_string(), t);
+            out.insert(name, t);
         }
     }
     if out.is_empty() {
         bail!("{}: no tensors found in the checkpoint", path.display());
     }
     Ok(out)
+}
+
+/// Reads a checkpoint of either `torch.save` format: zip (torch >= 1.6) or the legacy stream
+/// (e.g. torchvision's `vgg16-397923af.pth`, the `lpips` package's heads).
+pub fn read_torch_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+        .and_then(|mut f| Ok(std::io::Read::read(&mut f, &mut magic)?))?;
+    if n == 4 && magic == *b"PK\x03\x04" { read_torch_zip(path) } else { read_legacy_torch(path) }
+}
+
+/// A legacy `torch.save` stream: pickles of the magic number, the protocol (1001), system info,
+/// the object (storages as persistent ids) and the storage keys, then per key an int64 element
+/// count and the raw little-endian data.
+pub fn read_legacy_torch(path: &Path) -> Result<HashMap<String, Tensor>> {
+    crate::data::file::check_regular(path)?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    legacy_torch_from_bytes(&bytes).with_context(|| format!("{}: not a torch checkpoint", path.display()))
+}
+
+pub fn legacy_torch_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
+    let mut pos = 0;
+    let mut next = |what: &str| -> Result<Pickle> {
+        let rest = bytes.get(pos..).ok_or_else(|| anyhow!("truncated before the {what}"))?;
+        let (p, used) = pickle::load(rest).map_err(|e| anyhow!("{what}: {e}"))?;
+        pos += used;
+        Ok(p)
+    };
+    let magic = next("magic number")?;
+    if !matches!(magic.root, Some(Value::BigInt(ref s)) if s.as_ref() == "119547037146038801333356") {
+        bail!("bad magic number (neither a torch zip nor a legacy torch file)");
+    }
+    let protocol = next("protocol")?;
+    if protocol.root != Some(Value::Int(1001)) {
+        bail!("legacy torch protocol {:?}, expected 1001", protocol.root);
+    }
+    next("system info")?;
+    let object = next("object")?;
+    let keys = next("storage keys")?;
+    let kinds: HashMap<String, Kind> = object
+        .nodes
+        .iter()
+        .filter_map(|n| match n {
+            Node::Persistent(pid) => storage_pid(&object, pid).ok().map(|(kind, key)| (key, kind)),
+            _ => None,
+        })
+        .collect();
+    let key_list: Vec<String> = match keys.root.as_ref().and_then(|r| keys.node(r)) {
+        Some(Node::List(l)) => l.iter().map(|k| key_text(k).unwrap_or_else(|| format!("{k:?}"))).collect(),
+        _ => bail!("the storage keys are not a list"),
+    };
+    let mut storages = HashMap::new();
+    for key in key_list {
+        let kind = *kinds.get(&key).ok_or_else(|| anyhow!("storage `{key}` is not referenced by the object"))?;
+        let count = bytes.get(pos..pos + 8).ok_or_else(|| anyhow!("storage `{key}`: size truncated"))?;
+        let numel = u64::from_le_bytes(count.try_into().expect("8 bytes"));
+        pos += 8;
+        let elem = kind.elt_size_in_bytes() as u64;
+        let len = numel
+            .checked_mul(elem)
+            .filter(|&n| n <= (bytes.len() - pos) as u64)
+            .ok_or_else(|| anyhow!("storage `{key}`: {numel} elements of {elem} bytes run past the file"))? as usize;
+        storages.insert(key, Storage { kind, bytes: bytes[pos..pos + len].to_vec() });
+        pos += len;
+    }
+    let resolve = move |p: &Pickle, pid: &Value| -> Result<Storage> {
+        let (_, key) = storage_pid(p, pid)?;
+        storages.get(&key).cloned().ok_or_else(|| anyhow!("storage `{key}` is not in the file"))
+    };
+    let tp = TorchPickle {
+        pickle: object,
+        resolve: RefCell::new(Box::new(resolve)),
+        storages: RefCell::new(HashMap::new()),
+    };
+    checkpoint_tensors(&tp, Path::new("legacy torch file"))
 }

@@ -6,12 +6,14 @@
 mod allreduce;
 mod gpu;
 mod inception;
+mod lpips;
 mod profile;
 mod scaling;
 
 pub use allreduce::bench_all_reduce;
 pub use gpu::bench_gpu;
 pub use inception::bench_inception;
+pub use lpips::bench_lpips;
 pub use profile::{ProfileSpec, bench_profile, summarize_trace, summary_json};
 pub use scaling::{bench_data_parallel, bench_scaling};
 

@@ -22,6 +22,25 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// LPIPS distances of image pairs (`.npy`, [N, 3, H, W] in [-1, 1]) from torchvision's VGG16
+    /// checkpoint and the lpips package's heads.
+    Lpips {
+        #[arg(long)]
+        backbone: PathBuf,
+        #[arg(long)]
+        heads: PathBuf,
+        #[arg(long)]
+        a: PathBuf,
+        #[arg(long)]
+        b: PathBuf,
+        /// Resize to this square size first (DMD: 224); default: as given.
+        #[arg(long)]
+        resize: Option<i64>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// sha256 throughput over a file or directory (default: 256 MB of generated data).
     Hash { path: Option<PathBuf> },
     /// Inception feature throughput and FID(train, test) on the 60,000 CIFAR-10 images.
@@ -115,6 +134,11 @@ pub enum BenchCommand {
 
 pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
     match what {
+        BenchCommand::Lpips { backbone, heads, a, b, resize, device, out } => {
+            let v = crate::bench::bench_lpips(&backbone, &heads, &a, &b, resize, &device)?;
+            print_json(&v, out.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::AllReduce { mib, warmup, iters, out } => {
             init_logging(g.verbose, None);
             let sizes: Vec<usize> = mib.iter().map(|m| m << 20).collect();

@@ -4,12 +4,15 @@
 //! unit-normalised over channels, their squared difference is weighted per channel by the
 //! (non-negative) linear heads, averaged over space and summed over the five layers.
 //!
-//! Weights come from a safetensors file: `vgg.features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.
-//! {weight,bias}` (torchvision's VGG16 indices) and `lin{0..4}.weight` ([1, C, 1, 1]).
+//! Weights come from the files users have: torchvision's VGG16 checkpoint
+//! (`vgg16-397923af.pth`: `features.{0,2,5,...,28}.{weight,bias}`) and the `lpips` package's
+//! v0.1 linear heads (`weights/v0.1/vgg.pth`: `lin{0..4}.model.1.weight`, [1, C, 1, 1]), in
+//! either `torch.save` format; or one safetensors file holding `vgg.features.*` and
+//! `lin{0..4}.weight`.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tch::{Device, Kind, Tensor};
 
 const SHIFT: [f64; 3] = [-0.030, -0.088, -0.188];
@@ -59,6 +62,35 @@ impl Lpips {
             lins,
             resize: Some(224),
         })
+    }
+
+    /// From torchvision's VGG16 checkpoint and the `lpips` package's linear heads (either
+    /// `torch.save` format).
+    pub fn from_torch(backbone: &Path, heads: &Path, device: Device) -> Result<Self> {
+        use crate::artifact::torch_pickle::read_torch_checkpoint;
+        let vgg = read_torch_checkpoint(backbone).with_context(|| format!("LPIPS backbone {}", backbone.display()))?;
+        let lin = read_torch_checkpoint(heads).with_context(|| format!("LPIPS heads {}", heads.display()))?;
+        let take = |t: &std::collections::HashMap<String, Tensor>, names: &[String], file: &Path| {
+            names
+                .iter()
+                .find_map(|n| t.get(n))
+                .map(|x| x.to_kind(Kind::Float).to_device(device).set_requires_grad(false))
+                .with_context(|| format!("{}: no `{}`", file.display(), names[0]))
+        };
+        let conv = |i: usize, what: &str| {
+            take(&vgg, &[format!("features.{i}.{what}"), format!("vgg.features.{i}.{what}")], backbone)
+        };
+        let convs = CONVS.iter().map(|(i, _, _)| Ok((conv(*i, "weight")?, conv(*i, "bias")?))).collect::<Result<Vec<_>>>()?;
+        let lins = (0..5)
+            .map(|k| take(&lin, &[format!("lin{k}.model.1.weight"), format!("lin{k}.weight")], heads))
+            .collect::<Result<Vec<_>>>()?;
+        for (k, (l, tap)) in lins.iter().zip(TAPS).enumerate() {
+            let channels = convs[tap].0.size()[0];
+            if l.size() != [1, channels, 1, 1] {
+                bail!("{}: lin{k} has shape {:?}, the backbone's layer has {channels} channels", heads.display(), l.size());
+            }
+        }
+        Ok(Lpips { convs, lins, resize: Some(224) })
     }
 
     /// Random weights of the right shapes (for tests).

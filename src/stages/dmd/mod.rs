@@ -38,6 +38,11 @@ pub struct DmdParams {
     pub grid_every: Option<u64>,
     /// LPIPS-VGG weights (safetensors, names in `nn::lpips`) for `regression_loss = "lpips"`.
     pub lpips_weights: Option<std::path::PathBuf>,
+    /// torchvision's VGG16 checkpoint (`vgg16-397923af.pth`) for `regression_loss = "lpips"`,
+    /// with `lpips_heads`.
+    pub lpips_backbone: Option<std::path::PathBuf>,
+    /// The `lpips` package's v0.1 linear heads (`lpips/weights/v0.1/vgg.pth`).
+    pub lpips_heads: Option<std::path::PathBuf>,
     /// FID of the one-step generator during training (the FID-vs-iterations curve; with
     /// `train.ema_halflife_images`, also of the EMA generator).
     pub eval: Option<DmdEval>,
@@ -86,13 +91,14 @@ impl Stage for DmdParams {
         ])
     }
     fn input_paths(&self) -> Vec<super::InputPath> {
-        let mut v: Vec<super::InputPath> = self
-            .lpips_weights
-            .iter()
-            .map(|p| super::InputPath {
-                role: "lpips_weights",
-                path: p.clone(),
-            })
+        let files = [
+            ("lpips_weights", &self.lpips_weights),
+            ("lpips_backbone", &self.lpips_backbone),
+            ("lpips_heads", &self.lpips_heads),
+        ];
+        let mut v: Vec<super::InputPath> = files
+            .into_iter()
+            .filter_map(|(role, p)| p.clone().map(|path| super::InputPath { role, path }))
             .collect();
         if let Some(e) = &self.eval {
             v.push(super::InputPath {
@@ -114,9 +120,13 @@ impl Stage for DmdParams {
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         let t = &self.train;
-        if t.regression_loss == crate::train::dmd::RegressionLoss::Lpips && self.lpips_weights.is_none() {
-            return Err(FieldIssue::new("train", "regression_loss = \"lpips\" needs `lpips_weights`")
-                .help("VGG's ImageNet weights are not bundled: give a safetensors file, or use \"l2\" / \"pseudo-huber\""));
+        let torch_files = self.lpips_backbone.is_some() as u8 + self.lpips_heads.is_some() as u8;
+        if torch_files == 1 {
+            return Err(FieldIssue::new("lpips_backbone", "give both `lpips_backbone` and `lpips_heads`"));
+        }
+        if t.regression_loss == crate::train::dmd::RegressionLoss::Lpips && self.lpips_weights.is_none() && torch_files == 0 {
+            return Err(FieldIssue::new("train", "regression_loss = \"lpips\" needs `lpips_backbone` and `lpips_heads` (or `lpips_weights`)")
+                .help("lpips_backbone = torchvision's vgg16-397923af.pth and lpips_heads = the lpips package's weights/v0.1/vgg.pth (or lpips_weights, one safetensors file)"));
         }
         if t.checkpoint_every == 0 || t.log_every == 0 || t.micro_batch == Some(0) {
             return Err(FieldIssue::new(
