@@ -26,6 +26,10 @@ def ensure_packages(wheels):
     except ImportError:
         found = glob.glob(os.path.join(wheels, "*.whl"))
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", "/tmp/pylib", *found], check=True)
+        # The folder did not exist when the path was added: forget that.
+        import importlib
+        sys.path_importer_cache.pop("/tmp/pylib", None)
+        importlib.invalidate_caches()
 
 
 def lpips_math(convs, lins, a, b, resize):
