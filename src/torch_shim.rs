@@ -270,7 +270,13 @@ pub fn configure_cpu_threads() -> usize {
 /// (idle, total) jiffies of all CPUs, from /proc/stat.
 fn cpu_jiffies() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
     Some((idle, fields.iter().take(8).sum()))
 }
@@ -281,7 +287,11 @@ fn busy_cores() -> Option<f64> {
     std::thread::sleep(std::time::Duration::from_millis(100));
     let (idle1, total1) = cpu_jiffies()?;
     let (idle, total) = (idle1.saturating_sub(idle0) as f64, total1.saturating_sub(total0) as f64);
-    let all = std::fs::read_to_string("/proc/stat").ok()?.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count();
+    let all = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count();
     (total > 0.0).then(|| (1.0 - idle / total) * all as f64)
 }
 

@@ -189,3 +189,16 @@ fn a_png_declaring_a_huge_canvas_is_refused_from_its_header() {
     // Under a larger `max_side` the decoder's memory limit still refuses it.
     assert!(dmdpipe::data::image::decode_rgb_bytes(&png, 30_000).is_err());
 }
+
+#[test]
+fn legacy_torch_streams() {
+    let original = std::fs::read(repo("tests/fixtures/lpips/heads_legacy.pth")).unwrap();
+    assert!(dmdpipe::artifact::torch_pickle::legacy_torch_from_bytes(&original).is_ok());
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for _ in 0..1000 {
+        let m = mutate(&mut rng, &original);
+        no_panic("legacy torch", || {
+            dmdpipe::artifact::torch_pickle::legacy_torch_from_bytes(&m).is_ok()
+        });
+    }
+}

@@ -296,3 +296,31 @@ mod hostile {
         assert_eq!(t.size(), vec![0, 4]);
     }
 }
+
+/// LPIPS from checkpoints real torch wrote (a reduced-width VGG16 in torchvision's names, zip
+/// format; heads in the lpips package's names, legacy format) against float64 reference
+/// distances torch computed from the definition.
+#[test]
+fn lpips_from_torch_checkpoints_matches_the_reference() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lpips");
+    let mut net =
+        dmdpipe::nn::lpips::Lpips::from_torch(&dir.join("vgg_tiny.pth"), &dir.join("heads_legacy.pth"), tch::Device::Cpu).unwrap();
+    let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    net.resize = reference["resize"].as_i64();
+    let load = |name: &str| {
+        let a = dmdpipe::data::npy::read_npy(&dir.join(name)).unwrap();
+        let dmdpipe::data::npy::NpyData::F32(v) = a.data else {
+            panic!("f32 images")
+        };
+        tch::Tensor::from_slice(&v).reshape([2, 3, 16, 16])
+    };
+    let d = Vec::<f64>::try_from(net.distance(&load("a.npy"), &load("b.npy")).to_kind(tch::Kind::Double)).unwrap();
+    for (got, want) in d.iter().zip(reference["distances"].as_array().unwrap()) {
+        let want = want.as_f64().unwrap();
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1e-3), "{got} vs {want}");
+    }
+    // The heads file is a legacy stream: a truncated copy is an error naming the storage.
+    let bytes = std::fs::read(dir.join("heads_legacy.pth")).unwrap();
+    let e = dmdpipe::artifact::torch_pickle::legacy_torch_from_bytes(&bytes[..bytes.len() - 10]).unwrap_err();
+    assert!(format!("{e:#}").contains("run past the file"), "{e:#}");
+}

@@ -628,7 +628,11 @@ pub fn read_torch_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
     let n = std::fs::File::open(path)
         .with_context(|| format!("cannot open {}", path.display()))
         .and_then(|mut f| Ok(std::io::Read::read(&mut f, &mut magic)?))?;
-    if n == 4 && magic == *b"PK\x03\x04" { read_torch_zip(path) } else { read_legacy_torch(path) }
+    if n == 4 && magic == *b"PK\x03\x04" {
+        read_torch_zip(path)
+    } else {
+        read_legacy_torch(path)
+    }
 }
 
 /// A legacy `torch.save` stream: pickles of the magic number, the protocol (1001), system info,
@@ -673,7 +677,9 @@ pub fn legacy_torch_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> 
     };
     let mut storages = HashMap::new();
     for key in key_list {
-        let kind = *kinds.get(&key).ok_or_else(|| anyhow!("storage `{key}` is not referenced by the object"))?;
+        let kind = *kinds
+            .get(&key)
+            .ok_or_else(|| anyhow!("storage `{key}` is not referenced by the object"))?;
         let count = bytes.get(pos..pos + 8).ok_or_else(|| anyhow!("storage `{key}`: size truncated"))?;
         let numel = u64::from_le_bytes(count.try_into().expect("8 bytes"));
         pos += 8;
@@ -682,12 +688,21 @@ pub fn legacy_torch_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> 
             .checked_mul(elem)
             .filter(|&n| n <= (bytes.len() - pos) as u64)
             .ok_or_else(|| anyhow!("storage `{key}`: {numel} elements of {elem} bytes run past the file"))? as usize;
-        storages.insert(key, Storage { kind, bytes: bytes[pos..pos + len].to_vec() });
+        storages.insert(
+            key,
+            Storage {
+                kind,
+                bytes: bytes[pos..pos + len].to_vec(),
+            },
+        );
         pos += len;
     }
     let resolve = move |p: &Pickle, pid: &Value| -> Result<Storage> {
         let (_, key) = storage_pid(p, pid)?;
-        storages.get(&key).cloned().ok_or_else(|| anyhow!("storage `{key}` is not in the file"))
+        storages
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| anyhow!("storage `{key}` is not in the file"))
     };
     let tp = TorchPickle {
         pickle: object,

@@ -134,7 +134,15 @@ pub enum BenchCommand {
 
 pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
     match what {
-        BenchCommand::Lpips { backbone, heads, a, b, resize, device, out } => {
+        BenchCommand::Lpips {
+            backbone,
+            heads,
+            a,
+            b,
+            resize,
+            device,
+            out,
+        } => {
             let v = crate::bench::bench_lpips(&backbone, &heads, &a, &b, resize, &device)?;
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)

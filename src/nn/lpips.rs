@@ -78,19 +78,34 @@ impl Lpips {
                 .with_context(|| format!("{}: no `{}`", file.display(), names[0]))
         };
         let conv = |i: usize, what: &str| {
-            take(&vgg, &[format!("features.{i}.{what}"), format!("vgg.features.{i}.{what}")], backbone)
+            take(
+                &vgg,
+                &[format!("features.{i}.{what}"), format!("vgg.features.{i}.{what}")],
+                backbone,
+            )
         };
-        let convs = CONVS.iter().map(|(i, _, _)| Ok((conv(*i, "weight")?, conv(*i, "bias")?))).collect::<Result<Vec<_>>>()?;
+        let convs = CONVS
+            .iter()
+            .map(|(i, _, _)| Ok((conv(*i, "weight")?, conv(*i, "bias")?)))
+            .collect::<Result<Vec<_>>>()?;
         let lins = (0..5)
             .map(|k| take(&lin, &[format!("lin{k}.model.1.weight"), format!("lin{k}.weight")], heads))
             .collect::<Result<Vec<_>>>()?;
         for (k, (l, tap)) in lins.iter().zip(TAPS).enumerate() {
             let channels = convs[tap].0.size()[0];
             if l.size() != [1, channels, 1, 1] {
-                bail!("{}: lin{k} has shape {:?}, the backbone's layer has {channels} channels", heads.display(), l.size());
+                bail!(
+                    "{}: lin{k} has shape {:?}, the backbone's layer has {channels} channels",
+                    heads.display(),
+                    l.size()
+                );
             }
         }
-        Ok(Lpips { convs, lins, resize: Some(224) })
+        Ok(Lpips {
+            convs,
+            lins,
+            resize: Some(224),
+        })
     }
 
     /// Random weights of the right shapes (for tests).

@@ -115,7 +115,11 @@ pub fn run(p: &DmdParams, ctx: &mut StageContext) -> Result<serde_json::Value> {
     let pairs = pairs(p, ctx, &config, device)?;
     let lpips = match (&p.lpips_weights, &p.lpips_backbone) {
         (Some(_), _) => Some(crate::nn::lpips::Lpips::load(ctx.input("lpips_weights")?, device)?),
-        (None, Some(_)) => Some(crate::nn::lpips::Lpips::from_torch(ctx.input("lpips_backbone")?, ctx.input("lpips_heads")?, device)?),
+        (None, Some(_)) => Some(crate::nn::lpips::Lpips::from_torch(
+            ctx.input("lpips_backbone")?,
+            ctx.input("lpips_heads")?,
+            device,
+        )?),
         (None, None) => None,
     };
     let real_images = real_images(p, ctx, &config, device)?;
