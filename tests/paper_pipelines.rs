@@ -23,6 +23,8 @@ struct Paper {
     /// Reference statistics the pipeline reads instead of a dataset.
     stats: Option<&'static str>,
     cifar: bool,
+    /// Reads downsampled ImageNet batches (a stand-in is written).
+    imagenet: bool,
 }
 
 fn papers() -> Vec<Paper> {
@@ -39,6 +41,7 @@ fn papers() -> Vec<Paper> {
             network: song(serde_json::json!({})),
             stats: None,
             cifar: true,
+            imagenet: false,
         },
         Paper {
             file: "cifar10-uncond.toml",
@@ -46,6 +49,7 @@ fn papers() -> Vec<Paper> {
             network: song(serde_json::json!({"label_dim": 0})),
             stats: None,
             cifar: true,
+            imagenet: false,
         },
         Paper {
             file: "imagenet64.toml",
@@ -53,6 +57,15 @@ fn papers() -> Vec<Paper> {
             network: serde_json::json!({"arch": "adm", "model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [32]}),
             stats: Some("models/imagenet-64x64.npz"),
             cifar: false,
+            imagenet: false,
+        },
+        Paper {
+            file: "imagenet64-dmd2.toml",
+            weights: "models/edm-imagenet-64x64-cond-adm.pkl",
+            network: serde_json::json!({"arch": "adm", "model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [32]}),
+            stats: Some("models/imagenet-64x64.npz"),
+            cifar: false,
+            imagenet: true,
         },
         Paper {
             file: "afhq64.toml",
@@ -60,6 +73,7 @@ fn papers() -> Vec<Paper> {
             network: song(serde_json::json!({"img_resolution": 64, "label_dim": 0, "attn_resolutions": [32]})),
             stats: Some("models/afhqv2-64x64.npz"),
             cifar: false,
+            imagenet: false,
         },
     ]
 }
@@ -109,6 +123,22 @@ fn write_cifar(dir: &Path, n: usize) {
 }
 
 /// Statistics of the right shape (2048 features).
+/// A stand-in for one downsampled ImageNet 64x64 batch: `data` [N, 3*64*64] uint8 (planar),
+/// `labels` 1..=1000.
+fn write_imagenet(dir: &Path, n: usize) {
+    use dmdpipe::data::npy::{NpyArray, NpyData, write_npz};
+    std::fs::create_dir_all(dir).unwrap();
+    let data = NpyArray {
+        shape: vec![n, 3 * 64 * 64],
+        data: NpyData::U8((0..n * 3 * 64 * 64).map(|i| (i * 31 % 251) as u8).collect()),
+    };
+    let labels = NpyArray {
+        shape: vec![n],
+        data: NpyData::I64((0..n as i64).map(|i| i % 1000 + 1).collect()),
+    };
+    write_npz(&dir.join("train_data_batch_1.npz"), &[("data", &data), ("labels", &labels)]).unwrap();
+}
+
 fn write_stats(path: &Path) {
     let dim = 2048;
     let mut sigma = vec![0.0; dim * dim];
@@ -157,9 +187,6 @@ fn small_work(p: &Paper, names: &[String]) -> Vec<String> {
         [
             "stages.teacher.grid.columns=2",
             "stages.teacher.grid.sampler.steps=2",
-            "stages.pairs.count=8",
-            "stages.pairs.batch=4",
-            "stages.pairs.sampler.steps=2",
             "stages.dmd.train.iterations=2",
             "stages.dmd.train.batch=8",
             "stages.dmd.train.micro_batch=4",
@@ -169,6 +196,12 @@ fn small_work(p: &Paper, names: &[String]) -> Vec<String> {
         ]
         .map(String::from),
     );
+    if has("pairs") {
+        sets.extend(["stages.pairs.count=8", "stages.pairs.batch=4", "stages.pairs.sampler.steps=2"].map(String::from));
+    }
+    if p.imagenet {
+        sets.push("stages.dataset.files=[\"train_data_batch_1.npz\"]".into());
+    }
     for fid in ["teacher_fid", "student_fid"].into_iter().filter(|s| has(s)) {
         sets.push(format!("stages.{fid}.num_samples=6"));
         sets.push(format!("stages.{fid}.batch=6"));
@@ -199,6 +232,9 @@ fn run_paper(p: &Paper) {
     write_snapshot(&root.join(p.weights), &config);
     if p.cifar {
         write_cifar(&root.join("data/cifar-10-batches-bin"), 8);
+    }
+    if p.imagenet {
+        write_imagenet(&root.join("data/imagenet64"), 16);
     }
     if let Some(s) = p.stats {
         write_stats(&root.join(s));
@@ -276,5 +312,12 @@ fn imagenet64_runs_as_shipped() {
 
 #[test]
 fn afhq64_runs_as_shipped() {
+    run_paper(&papers()[4]);
+}
+
+/// DMD2's ImageNet-64 setting: no pairs, 5 fake updates per generator update, the GAN head on
+/// the ADM fake score's bottleneck, real images from the dataset stage.
+#[test]
+fn imagenet64_dmd2_runs_as_shipped() {
     run_paper(&papers()[3]);
 }

@@ -186,6 +186,51 @@ impl DhariwalUNet {
         augment_labels: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
+        let (emb, mut x, mut skips) = self.encode(x, noise_labels, class_labels, augment_labels, train);
+        for b in &self.dec {
+            if x.size()[1] != b.in_channels {
+                x = Tensor::cat(&[x, skips.pop().expect("skip available")], 1);
+            }
+            x = b.forward(&x, &emb, train);
+        }
+        self.out_conv.forward(&self.out_norm.forward(&x).silu())
+    }
+
+    /// The encoder's last feature map (ImageNet-64's ADM: 768 channels at 8x8), where DMD2
+    /// attaches its GAN classifier.
+    pub fn bottleneck(
+        &self,
+        x: &Tensor,
+        noise_labels: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        self.encode(x, noise_labels, class_labels, augment_labels, train).1
+    }
+
+    /// Channels of [`Self::bottleneck`].
+    pub fn bottleneck_channels(&self) -> i64 {
+        self.enc
+            .iter()
+            .rev()
+            .map(|l| match l {
+                Layer::Conv(c) => c.out_channels,
+                Layer::Block(b) => b.out_channels,
+            })
+            .next()
+            .unwrap_or(self.model_channels)
+    }
+
+    /// Embedding, then the encoder: (embedding, last feature map, skip connections).
+    fn encode(
+        &self,
+        x: &Tensor,
+        noise_labels: &Tensor,
+        class_labels: Option<&Tensor>,
+        augment_labels: Option<&Tensor>,
+        train: bool,
+    ) -> (Tensor, Tensor, Vec<Tensor>) {
         let mut emb = positional_embedding(noise_labels, self.model_channels, 10000.0, false);
         if let (Some(m), Some(a)) = (&self.map_augment, augment_labels) {
             emb = emb + m.forward(a);
@@ -212,12 +257,6 @@ impl DhariwalUNet {
             };
             skips.push(x.shallow_clone());
         }
-        for b in &self.dec {
-            if x.size()[1] != b.in_channels {
-                x = Tensor::cat(&[x, skips.pop().expect("skip available")], 1);
-            }
-            x = b.forward(&x, &emb, train);
-        }
-        self.out_conv.forward(&self.out_norm.forward(&x).silu())
+        (emb, x, skips)
     }
 }

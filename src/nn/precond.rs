@@ -173,18 +173,23 @@ impl Denoiser {
     }
 
     /// The encoder's bottleneck features for input x at noise level sigma (EDM's input scaling),
-    /// for DDPM++ networks; None for the others.
+    /// for the U-Nets (DDPM++/NCSN++ and ADM); None for the MLP.
     pub fn bottleneck(&self, x: &Tensor, sigma: &Tensor, class_labels: Option<&Tensor>, train: bool) -> Option<Tensor> {
-        let UNet::Song(net) = &self.net else { return None };
         let p = self.precondition(x, sigma, class_labels);
-        Some(net.bottleneck(&(&p.c_in * &p.x), &p.c_noise, p.labels.as_ref(), None, train))
+        let x_in = &p.c_in * &p.x;
+        match &self.net {
+            UNet::Song(net) => Some(net.bottleneck(&x_in, &p.c_noise, p.labels.as_ref(), None, train)),
+            UNet::Dhariwal(net) => Some(net.bottleneck(&x_in, &p.c_noise, p.labels.as_ref(), None, train)),
+            UNet::Mlp(_) => None,
+        }
     }
 
     /// Channels of [`Self::bottleneck`], for networks that have one.
     pub fn bottleneck_channels(&self) -> Option<i64> {
         match &self.net {
             UNet::Song(n) => Some(n.bottleneck_channels()),
-            _ => None,
+            UNet::Dhariwal(n) => Some(n.bottleneck_channels()),
+            UNet::Mlp(_) => None,
         }
     }
 

@@ -139,7 +139,7 @@ impl<'a> DmdTrainer<'a> {
         tch::manual_seed(opts.seed as i64);
         let head = match (opts.gan_generator_weight > 0.0, nets.fake.bottleneck_channels(), data.real_images) {
             (false, _, _) => None,
-            (true, None, _) => bail!("the GAN head needs a DDPM++ fake score (its encoder bottleneck)"),
+            (true, None, _) => bail!("the GAN head needs a U-Net fake score (DDPM++ or ADM: its encoder bottleneck)"),
             (true, _, None) => bail!("the GAN head needs real images (a dataset stage)"),
             (true, Some(c), Some(_)) => Some(GanHead::new(c, device)),
         };
@@ -230,7 +230,7 @@ impl<'a> DmdTrainer<'a> {
                 .nets
                 .fake
                 .bottleneck(&xt, sigma, y, train)
-                .context("the GAN head needs a DDPM++ fake score")?,
+                .context("the GAN head needs a U-Net fake score")?,
         ))
     }
 
