@@ -82,6 +82,7 @@ fn imagenet64_pipeline_runs_on_a_fixture() {
         return;
     }
     let p = Project::new();
+    common::lpips_standins(p.path());
     let dir = p.path().join("data/imagenet64");
     std::fs::create_dir_all(&dir).unwrap();
     for b in 1..=10 {
@@ -142,6 +143,7 @@ fn afhq64_pipeline_runs_on_a_fixture() {
         return;
     }
     let p = Project::new();
+    common::lpips_standins(p.path());
     for (c, animal) in ["cat", "dog", "wild"].iter().enumerate() {
         let d = p.path().join("data/afhqv2").join(animal);
         std::fs::create_dir_all(&d).unwrap();

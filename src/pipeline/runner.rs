@@ -76,6 +76,20 @@ struct Bars {
     lines: bool,
 }
 
+impl Bars {
+    fn new(progress: bool) -> Self {
+        let target = if progress {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        };
+        Bars {
+            multi: MultiProgress::with_draw_target(target),
+            lines: progress,
+        }
+    }
+}
+
 /// Where an accepted output came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Made {
@@ -150,28 +164,19 @@ fn execute(p: &Pipeline, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
     let started = Instant::now();
     let cache_dir = opts.cache_dir.clone().unwrap_or_else(|| p.cache_dir());
     super::cache::check_root(&cache_dir)?;
-    let cache = Cache::open(
-        &cache_dir,
-        if matches!(mode, Mode::Run) {
-            LockMode::Exclusive
-        } else {
-            LockMode::Shared
-        },
-    )?;
+    let lock = if matches!(mode, Mode::Run) {
+        LockMode::Exclusive
+    } else {
+        LockMode::Shared
+    };
+    let cache = Cache::open(&cache_dir, lock)?;
     if matches!(mode, Mode::Run) {
         cache.clean_tmp()?;
     }
     let mut stat = cache.stat_cache();
     let mut record = cache.read_record(&p.name);
     let order = selected_order(p, opts);
-    let bars = Bars {
-        multi: MultiProgress::with_draw_target(if opts.progress {
-            indicatif::ProgressDrawTarget::stderr()
-        } else {
-            indicatif::ProgressDrawTarget::hidden()
-        }),
-        lines: opts.progress,
-    };
+    let bars = Bars::new(opts.progress);
     let multi = &bars.multi;
     let overall = overall_bar(&multi, order.len(), &p.name);
     let device = opts.device.clone().or(p.settings.device.clone()).unwrap_or_else(|| "auto".into());

@@ -54,6 +54,15 @@ pub fn ran(r: &RunReport) -> Vec<String> {
         .collect()
 }
 
+/// LPIPS stand-ins under `root/models` with the names the shipped pipelines use: a reduced-width
+/// VGG16 and heads that real torch wrote (tests/fixtures/lpips).
+pub fn lpips_standins(root: &Path) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lpips");
+    std::fs::create_dir_all(root.join("models")).unwrap();
+    std::fs::copy(fixtures.join("vgg_tiny.pth"), root.join("models/vgg16-397923af.pth")).unwrap();
+    std::fs::copy(fixtures.join("heads_legacy.pth"), root.join("models/lpips-vgg-v0.1.pth")).unwrap();
+}
+
 /// A gmm2d stage named `name` with `seed` and `count`.
 pub fn gmm_stage(name: &str, seed: u64, count: usize) -> String {
     format!(
