@@ -183,7 +183,7 @@ def check(golden):
     assert err < 1e-4
 
 
-def bench(out, bf16_only=False):
+def bench(out, bf16_only=False, compile_modes=('none',)):
     dev = torch.device('cuda')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -197,52 +197,67 @@ def bench(out, bf16_only=False):
         params = sum(p.numel() for p in net.parameters() if p.requires_grad and p.grad is None and p.requires_grad)
         results[f'{tag}_parameters'] = sum(p.numel() for p in net.parameters())
         opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-        for bf16 in (True,) if bf16_only else (True, False):
-            b = 512
-            def step():
-                opt.zero_grad(set_to_none=True)
-                y = torch.rand(b, 3, 32, 32, device=dev) * 2 - 1
-                labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
-                sigma = (torch.randn(b, 1, 1, 1, device=dev) * 1.2 - 1.2).exp()
-                weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
-                with torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
-                    d = net(y + torch.randn_like(y) * sigma, sigma, labels)
-                loss = (weight * (d - y) ** 2).sum() / b
-                loss.backward()
-                for p in net.parameters():
-                    if p.grad is not None:
-                        torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-                opt.step()
-                with torch.no_grad():
-                    for pe, pn in zip(ema.parameters(), net.parameters()):
-                        pe.copy_(pn.detach().lerp(pe, 0.999))
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-            n = 20
-            t = time.perf_counter()
-            for _ in range(n):
-                step()
-            torch.cuda.synchronize()
-            results[f'{tag}_train_{"bf16" if bf16 else "tf32"}_img_s'] = n * b / (time.perf_counter() - t)
-            b = 1024
-            z = torch.randn(b, 3, 32, 32, device=dev)
-            labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
-            sig = torch.full((b,), 80.0, device=dev)
-            with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
-                for _ in range(3):
-                    ema(z * 80, sig, labels)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(10):
-                    ema(z * 80, sig, labels)
-                torch.cuda.synchronize()
-            results[f'{tag}_onestep_{"bf16" if bf16 else "tf32"}_img_s'] = 10 * b / (time.perf_counter() - t)
+        for mode in compile_modes:
+            bench_variants(results, tag, net, ema, opt, dev, bf16_only, mode)
         del net, ema, opt
         torch.cuda.empty_cache()
     print(json.dumps(results, indent=1))
     if out:
         json.dump(results, open(out, 'w'), indent=1)
+
+
+def bench_variants(results, tag, net, ema, opt, dev, bf16_only, mode):
+    """Training (batch 512) and one-step sampling (batch 1024) img/s, eager (`mode` none) or
+    through torch.compile(mode); compile time (the first calls) reported apart."""
+    suffix = '' if mode == 'none' else f'_compile_{mode}'
+    run_net = net if mode == 'none' else torch.compile(net, mode=mode)
+    run_ema = ema if mode == 'none' else torch.compile(ema, mode=mode)
+    for bf16 in (True,) if bf16_only else (True, False):
+        b = 512
+        def step():
+            opt.zero_grad(set_to_none=True)
+            y = torch.rand(b, 3, 32, 32, device=dev) * 2 - 1
+            labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
+            sigma = (torch.randn(b, 1, 1, 1, device=dev) * 1.2 - 1.2).exp()
+            weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
+                d = run_net(y + torch.randn_like(y) * sigma, sigma, labels)
+            loss = (weight * (d - y) ** 2).sum() / b
+            loss.backward()
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+            opt.step()
+            with torch.no_grad():
+                for pe, pn in zip(ema.parameters(), net.parameters()):
+                    pe.copy_(pn.detach().lerp(pe, 0.999))
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        results[f'{tag}_train_{"bf16" if bf16 else "tf32"}{suffix}_warmup_s'] = time.perf_counter() - t0
+        n = 20
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        results[f'{tag}_train_{"bf16" if bf16 else "tf32"}{suffix}_img_s'] = n * b / (time.perf_counter() - t)
+        b = 1024
+        z = torch.randn(b, 3, 32, 32, device=dev)
+        labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
+        sig = torch.full((b,), 80.0, device=dev)
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                run_ema(z * 80, sig, labels)
+            torch.cuda.synchronize()
+            results[f'{tag}_onestep_{"bf16" if bf16 else "tf32"}{suffix}_warmup_s'] = time.perf_counter() - t0
+            t = time.perf_counter()
+            for _ in range(10):
+                run_ema(z * 80, sig, labels)
+            torch.cuda.synchronize()
+        results[f'{tag}_onestep_{"bf16" if bf16 else "tf32"}{suffix}_img_s'] = 10 * b / (time.perf_counter() - t)
+        print(json.dumps({k: v for k, v in results.items() if k.startswith(tag)}), flush=True)
 
 
 def profile(out_dir, calls=3):
@@ -298,6 +313,7 @@ if __name__ == '__main__':
     ap.add_argument('--no-bench', action='store_true')
     ap.add_argument('--bf16-only', action='store_true', help='skip the TF32 figures')
     ap.add_argument('--profile', metavar='DIR', help='write profiler traces (no timing run)')
+    ap.add_argument('--compile', default='none', help='comma-separated: none, default, max-autotune, reduce-overhead')
     a = ap.parse_args()
     if a.profile:
         profile(a.profile)
@@ -305,4 +321,4 @@ if __name__ == '__main__':
     if a.check:
         check(a.check)
     if torch.cuda.is_available() and not a.no_bench:
-        bench(a.out, a.bf16_only)
+        bench(a.out, a.bf16_only, tuple(a.compile.split(',')))

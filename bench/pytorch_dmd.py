@@ -16,7 +16,7 @@ def karras(n=1000, smin=0.002, smax=80.0, rho=7.0):
     return ((smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho).float()
 
 
-def bench(mc, nb, batch, iters, dev):
+def bench(mc, nb, batch, iters, dev, mode='none'):
     kw = dict(mc=mc, nb=nb, dropout=0.0, augment_dim=9 if mc == 128 else 0)
     torch.manual_seed(0)
     real = EDMPrecond(**kw).to(dev).eval().requires_grad_(False)
@@ -29,51 +29,64 @@ def bench(mc, nb, batch, iters, dev):
     px = torch.randn(1024, 3, 32, 32, device=dev) * 0.5
     pl = F.one_hot(torch.randint(10, (1024,), device=dev), 10).float()
     s80 = torch.full((batch,), 80.0, device=dev)
+    # torch.compile of each network (the optimiser steps stay eager); reduce-overhead adds CUDA
+    # graphs where Inductor allows.
+    if mode != 'none':
+        gen_c, real_c, fake_c = (torch.compile(m, mode=mode) for m in (gen, real, fake))
+    else:
+        gen_c, real_c, fake_c = gen, real, fake
 
     def step():
         y = F.one_hot(torch.randint(10, (batch,), device=dev), 10).float()
         with torch.autocast('cuda', dtype=torch.bfloat16):
-            x = gen(torch.randn(batch, 3, 32, 32, device=dev) * 80, s80, y)
+            x = gen_c(torch.randn(batch, 3, 32, 32, device=dev) * 80, s80, y)
         with torch.no_grad():
             sig = sched[torch.randint(20, 980, (batch,), device=dev)].reshape(-1, 1, 1, 1)
             xt = x.detach() + torch.randn_like(x) * sig
-            r, f = real(xt, sig, y), fake(xt, sig, y)
+            r, f = real_c(xt, sig, y), fake_c(xt, sig, y)
             w = (x.detach() - r).abs().mean(dim=(1, 2, 3), keepdim=True)
             g = (f - r) / w
         loss = 0.5 * F.mse_loss(x, (x.detach() - g).detach())
         idx = torch.randint(1024, (batch,), device=dev)
         with torch.autocast('cuda', dtype=torch.bfloat16):
-            pred = gen(pz[idx] * 80, s80, pl[idx])
+            pred = gen_c(pz[idx] * 80, s80, pl[idx])
         loss = loss + 0.25 * F.mse_loss(pred.float(), px[idx])
         opt_g.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0); opt_g.step()
         xd = x.detach()
         sig = sched[torch.randint(0, 1000, (batch,), device=dev)].reshape(-1, 1, 1, 1)
         with torch.autocast('cuda', dtype=torch.bfloat16):
-            pf = fake(xd + torch.randn_like(xd) * sig, sig, y)
+            pf = fake_c(xd + torch.randn_like(xd) * sig, sig, y)
         lam = (sig ** 2 + 0.25) / (sig * 0.5) ** 2
         lf = (lam * (pf.float() - xd) ** 2).mean()
         opt_f.zero_grad(set_to_none=True); lf.backward()
         torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0); opt_f.step()
 
+    t0 = time.perf_counter()
     for _ in range(3):
         step()
-    torch.cuda.synchronize(); t = time.perf_counter()
+    torch.cuda.synchronize(); warmup = time.perf_counter() - t0; t = time.perf_counter()
     for _ in range(iters):
         step()
     torch.cuda.synchronize()
-    return iters / (time.perf_counter() - t)
+    return iters / (time.perf_counter() - t), warmup
 
 
 if __name__ == '__main__':
-    ap = argparse.ArgumentParser(); ap.add_argument('--out'); a = ap.parse_args()
+    ap = argparse.ArgumentParser(); ap.add_argument('--out')
+    ap.add_argument('--compile', default='none', help='comma-separated: none, default, max-autotune, reduce-overhead')
+    ap.add_argument('--batches', default='56,128'); ap.add_argument('--nets', default='edm55m,speedrun9m')
+    a = ap.parse_args()
     dev = torch.device('cuda')
     torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True; torch.backends.cudnn.benchmark = True
     res = {'card': torch.cuda.get_device_name(0), 'torch': torch.__version__}
-    for mc, nb, tag in [(128, 4, 'edm55m'), (64, 2, 'speedrun9m')]:
-        for b in (56, 128):
-            res[f'{tag}_dmd_b{b}_it_s'] = bench(mc, nb, b, 20, dev)
-            print(tag, b, res[f'{tag}_dmd_b{b}_it_s'], flush=True)
+    nets = [n for n in [(128, 4, 'edm55m'), (64, 2, 'speedrun9m')] if n[2] in a.nets.split(',')]
+    for mode in a.compile.split(','):
+        suffix = '' if mode == 'none' else f'_compile_{mode}'
+        for mc, nb, tag in nets:
+            for b in map(int, a.batches.split(',')):
+                res[f'{tag}_dmd_b{b}{suffix}_it_s'], res[f'{tag}_dmd_b{b}{suffix}_warmup_s'] = bench(mc, nb, b, 20, dev, mode)
+                print(tag, b, mode, res[f'{tag}_dmd_b{b}{suffix}_it_s'], flush=True)
     print(json.dumps(res, indent=1))
     if a.out:
         json.dump(res, open(a.out, 'w'), indent=1)
