@@ -333,59 +333,74 @@ fn storage_numel(p: &Pickle, pid: &Value) -> Option<u64> {
     }
 }
 
-/// A legacy (pre-zip) `torch.save` stream of one storage, as pickled modules embed them:
-/// magic number, protocol 1001, sys info, the object (a storage persistent id), its keys, then
-/// per key an int64 element count and the raw data.
-pub fn load_legacy_storage(bytes: &[u8]) -> Result<Storage> {
+/// A legacy (pre-zip) `torch.save` stream's pickles: magic number, protocol 1001, system info,
+/// the object (storages as persistent ids) and the storage keys; returns the object, the keys
+/// and where the storages' data starts (per key an int64 element count, then the raw data).
+fn legacy_header(bytes: &[u8]) -> Result<(Pickle, Vec<String>, usize)> {
     let mut pos = 0;
     let mut next = |what: &str| -> Result<Pickle> {
-        let (p, used) = pickle::load(&bytes[pos..]).map_err(|e| anyhow!("legacy storage {what}: {e}"))?;
+        let rest = bytes.get(pos..).ok_or_else(|| anyhow!("truncated before the {what}"))?;
+        let (p, used) = pickle::load(rest).map_err(|e| anyhow!("{what}: {e}"))?;
         pos += used;
         Ok(p)
     };
     let magic = next("magic number")?;
     if !matches!(magic.root, Some(Value::BigInt(ref s)) if s.as_ref() == "119547037146038801333356") {
-        bail!("not a legacy torch storage (bad magic number)");
+        bail!("bad magic number (neither a torch zip nor a legacy torch file)");
     }
     let protocol = next("protocol")?;
     if protocol.root != Some(Value::Int(1001)) {
         bail!("legacy torch protocol {:?}, expected 1001", protocol.root);
     }
-    next("sys info")?;
-    let obj = next("object")?;
+    next("system info")?;
+    let object = next("object")?;
+    let keys = next("storage keys")?;
+    let keys = match keys.root.as_ref().and_then(|r| keys.node(r)) {
+        Some(Node::List(l)) => l.iter().map(|k| key_text(k).unwrap_or_else(|| format!("{k:?}"))).collect(),
+        _ => bail!("the storage keys are not a list"),
+    };
+    Ok((object, keys, pos))
+}
+
+/// The storages of a legacy stream, from `pos` on, in the order of `keys`; `kinds` gives each
+/// key's element type (from the object's persistent ids). Sizes are checked against the file.
+fn legacy_storages(bytes: &[u8], mut pos: usize, keys: Vec<String>, kinds: &HashMap<String, Kind>) -> Result<HashMap<String, Storage>> {
+    let mut storages = HashMap::new();
+    for key in keys {
+        let kind = *kinds
+            .get(&key)
+            .ok_or_else(|| anyhow!("storage `{key}` is not referenced by the object"))?;
+        let count = bytes.get(pos..pos + 8).ok_or_else(|| anyhow!("storage `{key}`: size truncated"))?;
+        let numel = u64::from_le_bytes(count.try_into().expect("8 bytes"));
+        pos += 8;
+        let elem = kind.elt_size_in_bytes() as u64;
+        let len = numel
+            .checked_mul(elem)
+            .filter(|&n| n <= (bytes.len() - pos) as u64)
+            .ok_or_else(|| anyhow!("storage `{key}`: {numel} elements of {elem} bytes run past the file"))? as usize;
+        storages.insert(
+            key,
+            Storage {
+                kind,
+                bytes: bytes[pos..pos + len].to_vec(),
+            },
+        );
+        pos += len;
+    }
+    Ok(storages)
+}
+
+/// A legacy stream of one storage, as pickled modules embed them (`_load_from_bytes`).
+pub fn load_legacy_storage(bytes: &[u8]) -> Result<Storage> {
+    let (obj, keys, pos) = legacy_header(bytes).map_err(|e| anyhow!("legacy storage: {e:#}"))?;
     let (kind, key) = match obj.root.as_ref().and_then(|r| obj.node(r)) {
         Some(Node::Persistent(pid)) => storage_pid(&obj, pid)?,
         _ => bail!("the legacy stream holds something other than one storage"),
     };
-    let keys_pickle = next("keys")?;
-    let keys: Vec<String> = match keys_pickle.root.as_ref().and_then(|r| keys_pickle.node(r)) {
-        Some(Node::List(l)) => l
-            .iter()
-            .map(|k| match k {
-                Value::Str(s) => s.to_string(),
-                other => format!("{other:?}"),
-            })
-            .collect(),
-        _ => bail!("legacy storage keys are not a list"),
-    };
-    let elem = kind.elt_size_in_bytes();
-    for k in keys {
-        let count = bytes.get(pos..pos + 8).ok_or_else(|| anyhow!("legacy storage size truncated"))?;
-        let numel = u64::from_le_bytes(count.try_into().expect("8 bytes"));
-        pos += 8;
-        let len = numel
-            .checked_mul(elem as u64)
-            .filter(|&n| n <= (bytes.len() - pos) as u64)
-            .ok_or_else(|| anyhow!("legacy storage data truncated: {numel} elements of {elem} bytes"))? as usize;
-        if k == key {
-            return Ok(Storage {
-                kind,
-                bytes: bytes[pos..pos + len].to_vec(),
-            });
-        }
-        pos += len;
-    }
-    bail!("legacy storage stream lacks storage `{key}`")
+    let mut storages = legacy_storages(bytes, pos, keys, &HashMap::from([(key.clone(), kind)]))?;
+    storages
+        .remove(&key)
+        .ok_or_else(|| anyhow!("legacy storage stream lacks storage `{key}`"))
 }
 
 const MAX_VIEW_REPEAT: i64 = 4096;
@@ -645,24 +660,7 @@ pub fn read_legacy_torch(path: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 pub fn legacy_torch_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
-    let mut pos = 0;
-    let mut next = |what: &str| -> Result<Pickle> {
-        let rest = bytes.get(pos..).ok_or_else(|| anyhow!("truncated before the {what}"))?;
-        let (p, used) = pickle::load(rest).map_err(|e| anyhow!("{what}: {e}"))?;
-        pos += used;
-        Ok(p)
-    };
-    let magic = next("magic number")?;
-    if !matches!(magic.root, Some(Value::BigInt(ref s)) if s.as_ref() == "119547037146038801333356") {
-        bail!("bad magic number (neither a torch zip nor a legacy torch file)");
-    }
-    let protocol = next("protocol")?;
-    if protocol.root != Some(Value::Int(1001)) {
-        bail!("legacy torch protocol {:?}, expected 1001", protocol.root);
-    }
-    next("system info")?;
-    let object = next("object")?;
-    let keys = next("storage keys")?;
+    let (object, keys, pos) = legacy_header(bytes)?;
     let kinds: HashMap<String, Kind> = object
         .nodes
         .iter()
@@ -671,32 +669,7 @@ pub fn legacy_torch_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> 
             _ => None,
         })
         .collect();
-    let key_list: Vec<String> = match keys.root.as_ref().and_then(|r| keys.node(r)) {
-        Some(Node::List(l)) => l.iter().map(|k| key_text(k).unwrap_or_else(|| format!("{k:?}"))).collect(),
-        _ => bail!("the storage keys are not a list"),
-    };
-    let mut storages = HashMap::new();
-    for key in key_list {
-        let kind = *kinds
-            .get(&key)
-            .ok_or_else(|| anyhow!("storage `{key}` is not referenced by the object"))?;
-        let count = bytes.get(pos..pos + 8).ok_or_else(|| anyhow!("storage `{key}`: size truncated"))?;
-        let numel = u64::from_le_bytes(count.try_into().expect("8 bytes"));
-        pos += 8;
-        let elem = kind.elt_size_in_bytes() as u64;
-        let len = numel
-            .checked_mul(elem)
-            .filter(|&n| n <= (bytes.len() - pos) as u64)
-            .ok_or_else(|| anyhow!("storage `{key}`: {numel} elements of {elem} bytes run past the file"))? as usize;
-        storages.insert(
-            key,
-            Storage {
-                kind,
-                bytes: bytes[pos..pos + len].to_vec(),
-            },
-        );
-        pos += len;
-    }
+    let storages = legacy_storages(bytes, pos, keys, &kinds)?;
     let resolve = move |p: &Pickle, pid: &Value| -> Result<Storage> {
         let (_, key) = storage_pid(p, pid)?;
         storages
