@@ -99,16 +99,29 @@ mod tests {
             },
         ];
         let g = GmmDenoiser::new(&comps, Device::Cpu);
-        let ys = crate::stages::Gmm2dParams {
-            seed: 1,
-            count: 400_000,
-            components: comps.to_vec(),
-        }
-        .sample();
+        // Monte-Carlo reference from samples of the mixture (drawn here: nn knows no stages).
+        let ys = {
+            use rand::{Rng, SeedableRng};
+            use rand_distr::{Distribution, StandardNormal};
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+            let total: f64 = comps.iter().map(|c| c.weight).sum();
+            (0..400_000)
+                .map(|_| {
+                    let mut u = rng.random::<f64>() * total;
+                    let c = comps.iter().find(|c| {
+                        u -= c.weight;
+                        u <= 0.0
+                    });
+                    let c = c.unwrap_or(&comps[comps.len() - 1]);
+                    let (a, b): (f64, f64) = (StandardNormal.sample(&mut rng), StandardNormal.sample(&mut rng));
+                    [(c.mean[0] + c.std * a) as f32, (c.mean[1] + c.std * b) as f32]
+                })
+                .collect::<Vec<[f32; 2]>>()
+        };
         let sigma = 0.8f64;
         let x0 = [0.5f64, 0.4];
         let (mut num, mut den) = ([0.0f64; 2], 0.0f64);
-        for p in &ys.points {
+        for p in &ys {
             let d2 = (x0[0] - p[0] as f64).powi(2) + (x0[1] - p[1] as f64).powi(2);
             let w = (-d2 / (2.0 * sigma * sigma)).exp();
             num[0] += w * p[0] as f64;
