@@ -19,14 +19,13 @@ use tch::{Kind, Tensor};
 use super::pickle::{self, Node, NodeId, Pickle, Value};
 
 /// One storage: element kind and raw little-endian bytes.
-#[derive(Clone)]
 pub struct Storage {
     pub kind: Kind,
     pub bytes: Vec<u8>,
 }
 
 /// Resolves a persistent id (a zip checkpoint's `('storage', type, key, location, numel)`).
-type ResolvePersistent<'a> = dyn FnMut(&Pickle, &Value) -> Result<Storage> + 'a;
+type ResolvePersistent<'a> = dyn FnMut(&Pickle, &Value) -> Result<Rc<Storage>> + 'a;
 
 /// Interprets tensors, parameters and modules of one loaded pickle.
 pub struct TorchPickle<'a> {
@@ -38,7 +37,7 @@ pub struct TorchPickle<'a> {
 /// Module trees deeper than this are refused (real networks are a few tens of levels).
 const MAX_MODULE_DEPTH: usize = 256;
 
-fn no_persistent_ids(_: &Pickle, pid: &Value) -> Result<Storage> {
+fn no_persistent_ids(_: &Pickle, pid: &Value) -> Result<Rc<Storage>> {
     bail!("unexpected persistent id {pid:?}: this pickle should embed its storages")
 }
 
@@ -167,13 +166,12 @@ impl<'a> TorchPickle<'a> {
                 if pickle::global_name(&self.pickle, callable).as_deref() == Some("torch.storage._load_from_bytes") =>
             {
                 match args.first() {
-                    Some(Value::Bytes(b)) => load_legacy_storage(b)?,
+                    Some(Value::Bytes(b)) => Rc::new(load_legacy_storage(b)?),
                     _ => bail!("_load_from_bytes without bytes"),
                 }
             }
             _ => bail!("tensor storage is not a storage: {}", pickle::to_json(&self.pickle, v)),
         };
-        let storage = Rc::new(storage);
         self.storages.borrow_mut().insert(*id, storage.clone());
         Ok(storage)
     }
@@ -581,7 +579,7 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
     zip.by_name(&pkl_name)?.read_to_end(&mut pkl)?;
     let pickle = pickle::load_all(&pkl).map_err(|e| anyhow!("{}: data.pkl: {e}", path.display()))?;
     let file_len = std::fs::metadata(path)?.len();
-    let resolve = move |p: &Pickle, pid: &Value| -> Result<Storage> {
+    let resolve = move |p: &Pickle, pid: &Value| -> Result<Rc<Storage>> {
         let (kind, key) = storage_pid(p, pid)?;
         let name = format!("{prefix}data/{key}");
         let entry = zip.by_name(&name).with_context(|| format!("missing storage {name}"))?;
@@ -604,7 +602,7 @@ pub fn read_torch_zip(path: &Path) -> Result<HashMap<String, Tensor>> {
         if bytes.len() as u64 != declared {
             bail!("storage {name}: {} of {declared} bytes", bytes.len());
         }
-        Ok(Storage { kind, bytes })
+        Ok(Rc::new(Storage { kind, bytes }))
     };
     let tp = TorchPickle {
         pickle,
@@ -669,8 +667,12 @@ pub fn legacy_torch_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> 
             _ => None,
         })
         .collect();
-    let storages = legacy_storages(bytes, pos, keys, &kinds)?;
-    let resolve = move |p: &Pickle, pid: &Value| -> Result<Storage> {
+    let storages: HashMap<String, Rc<Storage>> = legacy_storages(bytes, pos, keys, &kinds)?
+        .into_iter()
+        .map(|(k, v)| (k, Rc::new(v)))
+        .collect();
+    // Tensors sharing a storage share one copy of its bytes.
+    let resolve = move |p: &Pickle, pid: &Value| -> Result<Rc<Storage>> {
         let (_, key) = storage_pid(p, pid)?;
         storages
             .get(&key)

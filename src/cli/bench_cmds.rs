@@ -12,9 +12,10 @@ use super::{Globals, init_logging, print_json};
 pub enum BenchCommand {
     /// All-reduce bandwidth of dmdpipe's NCCL path (run under torchrun, srun or `launch`).
     AllReduce {
-        /// Message sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256,1024")]
-        mib: Vec<usize>,
+        /// Message sizes in MB (default: the fp32 gradients of the 8.8M and 55.7M networks, as
+        /// bench/nccl_bandwidth.py measures torch.distributed's).
+        #[arg(long, value_delimiter = ',', default_value = "35.2,222.9")]
+        mb: Vec<f64>,
         #[arg(long, default_value_t = 5)]
         warmup: usize,
         #[arg(long, default_value_t = 20)]
@@ -147,9 +148,9 @@ pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::AllReduce { mib, warmup, iters, out } => {
+        BenchCommand::AllReduce { mb, warmup, iters, out } => {
             init_logging(g.verbose, None);
-            let sizes: Vec<usize> = mib.iter().map(|m| m << 20).collect();
+            let sizes: Vec<usize> = mb.iter().map(|m| (m * 1e6 / 4.0) as usize * 4).collect();
             let v = crate::bench::bench_all_reduce(&sizes, warmup, iters)?;
             if !v.is_null() {
                 print_json(&v, out.as_deref())?;

@@ -198,15 +198,8 @@ impl DhariwalUNet {
 
     /// The encoder's last feature map (ImageNet-64's ADM: 768 channels at 8x8), where DMD2
     /// attaches its GAN classifier.
-    pub fn bottleneck(
-        &self,
-        x: &Tensor,
-        noise_labels: &Tensor,
-        class_labels: Option<&Tensor>,
-        augment_labels: Option<&Tensor>,
-        train: bool,
-    ) -> Tensor {
-        self.encode(x, noise_labels, class_labels, augment_labels, train).1
+    pub fn bottleneck(&self, x: &Tensor, noise_labels: &Tensor, class_labels: Option<&Tensor>, train: bool) -> Tensor {
+        self.encode(x, noise_labels, class_labels, None, train).1
     }
 
     /// Channels of [`Self::bottleneck`].

@@ -178,8 +178,8 @@ impl Denoiser {
         let p = self.precondition(x, sigma, class_labels);
         let x_in = &p.c_in * &p.x;
         match &self.net {
-            UNet::Song(net) => Some(net.bottleneck(&x_in, &p.c_noise, p.labels.as_ref(), None, train)),
-            UNet::Dhariwal(net) => Some(net.bottleneck(&x_in, &p.c_noise, p.labels.as_ref(), None, train)),
+            UNet::Song(net) => Some(net.bottleneck(&x_in, &p.c_noise, p.labels.as_ref(), train)),
+            UNet::Dhariwal(net) => Some(net.bottleneck(&x_in, &p.c_noise, p.labels.as_ref(), train)),
             UNet::Mlp(_) => None,
         }
     }

@@ -292,15 +292,8 @@ impl SongUNet {
     }
 
     /// The encoder's last feature map (the lowest resolution): DMD2's GAN head reads it.
-    pub fn bottleneck(
-        &self,
-        x: &Tensor,
-        noise_labels: &Tensor,
-        class_labels: Option<&Tensor>,
-        augment_labels: Option<&Tensor>,
-        train: bool,
-    ) -> Tensor {
-        self.encode(x, noise_labels, class_labels, augment_labels, train).1
+    pub fn bottleneck(&self, x: &Tensor, noise_labels: &Tensor, class_labels: Option<&Tensor>, train: bool) -> Tensor {
+        self.encode(x, noise_labels, class_labels, None, train).1
     }
 
     /// Channels of [`Self::bottleneck`].
