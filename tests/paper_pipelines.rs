@@ -23,7 +23,7 @@ struct Paper {
     /// Reference statistics the pipeline reads instead of a dataset.
     stats: Option<&'static str>,
     cifar: bool,
-    /// Reads downsampled ImageNet batches (a stand-in is written).
+    /// Reads the ILSVRC class folders (a stand-in of real JPEGs is written).
     imagenet: bool,
 }
 
@@ -125,18 +125,18 @@ fn write_cifar(dir: &Path, n: usize) {
 /// Statistics of the right shape (2048 features).
 /// A stand-in for one downsampled ImageNet 64x64 batch: `data` [N, 3*64*64] uint8 (planar),
 /// `labels` 1..=1000.
-fn write_imagenet(dir: &Path, n: usize) {
-    use dmdpipe::data::npy::{NpyArray, NpyData, write_npz};
-    std::fs::create_dir_all(dir).unwrap();
-    let data = NpyArray {
-        shape: vec![n, 3 * 64 * 64],
-        data: NpyData::U8((0..n * 3 * 64 * 64).map(|i| (i * 31 % 251) as u8).collect()),
-    };
-    let labels = NpyArray {
-        shape: vec![n],
-        data: NpyData::I64((0..n as i64).map(|i| i % 1000 + 1).collect()),
-    };
-    write_npz(&dir.join("train_data_batch_1.npz"), &[("data", &data), ("labels", &labels)]).unwrap();
+/// ILSVRC-style class folders holding the Pillow-written JPEGs and PNGs of the EDM fixture.
+fn write_ilsvrc(dir: &Path, repo: &Path) {
+    let fixture = repo.join("tests/fixtures/edm_dataset/source");
+    for class in std::fs::read_dir(&fixture).unwrap() {
+        let class = class.unwrap().path();
+        let to = dir.join(class.file_name().unwrap());
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&class).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
 }
 
 fn write_stats(path: &Path) {
@@ -199,9 +199,6 @@ fn small_work(p: &Paper, names: &[String]) -> Vec<String> {
     if has("pairs") {
         sets.extend(["stages.pairs.count=8", "stages.pairs.batch=4", "stages.pairs.sampler.steps=2"].map(String::from));
     }
-    if p.imagenet {
-        sets.push("stages.dataset.files=[\"train_data_batch_1.npz\"]".into());
-    }
     for fid in ["teacher_fid", "student_fid"].into_iter().filter(|s| has(s)) {
         sets.push(format!("stages.{fid}.num_samples=6"));
         sets.push(format!("stages.{fid}.batch=6"));
@@ -234,7 +231,7 @@ fn run_paper(p: &Paper) {
         write_cifar(&root.join("data/cifar-10-batches-bin"), 8);
     }
     if p.imagenet {
-        write_imagenet(&root.join("data/imagenet64"), 16);
+        write_ilsvrc(&root.join("data/ILSVRC/Data/CLS-LOC/train"), &repo);
     }
     if let Some(s) = p.stats {
         write_stats(&root.join(s));

@@ -1,5 +1,6 @@
 //! Decoding user image files (PNG, JPEG) with bounded memory: a small file that declares a huge
-//! canvas is refused from its header, before any pixel is decoded.
+//! canvas is refused from its header, before any pixel is decoded. JPEGs go through
+//! libjpeg-turbo's decoder (`super::jpeg`), everything else through the `image` crate.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -18,6 +19,9 @@ fn limits(max_side: u32) -> image::Limits {
 
 /// Decodes image bytes (format guessed from the content) to 8-bit RGB.
 pub fn decode_rgb_bytes(bytes: &[u8], max_side: u32) -> Result<RgbImage> {
+    if super::jpeg::is_jpeg(bytes) {
+        return super::jpeg::decode_rgb(bytes, max_side);
+    }
     let mut reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
     reader.limits(limits(max_side));
     Ok(reader.decode()?.to_rgb8())

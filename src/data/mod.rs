@@ -5,4 +5,6 @@ pub mod cifar10;
 pub mod download;
 pub mod file;
 pub mod image;
+pub mod jpeg;
 pub mod npy;
+pub mod resample;

@@ -1,10 +1,14 @@
 //! `image-folder`: one subfolder per class of image files, resized to a square resolution
-//! (how AFHQ and most custom datasets arrive).
+//! (how AFHQ, ILSVRC-2012 and most custom datasets arrive). The transforms are EDM's dataset
+//! tool's, bit for bit: JPEGs decoded by libjpeg-turbo as PIL decodes them, the centred square
+//! cropped at the same offsets, Pillow's Lanczos resampling (`data::resample`), so an ImageNet-64
+//! made from the ILSVRC class folders equals EDM's `imagenet-64x64.zip`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use image::imageops::FilterType;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -14,10 +18,12 @@ use crate::data::artifact::ImageDataset;
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transform {
-    /// Crop the largest centred square, then resize (keeps the aspect ratio).
+    /// Crop the largest centred square, then resize (keeps the aspect ratio): EDM's
+    /// `--transform=center-crop`, used for its ImageNet-64.
     #[default]
     CenterCrop,
-    /// Resize the whole image to a square (distorts non-square images).
+    /// Resize the whole image to a square (distorts non-square images): EDM's dataset tool
+    /// without `--transform`.
     Resize,
 }
 
@@ -91,19 +97,42 @@ impl ImageFolderParams {
             Transform::CenterCrop => crate::data::image::center_square(&img),
             Transform::Resize => img,
         };
-        let r = self.resolution;
-        let out = if img.dimensions() == (r, r) {
-            img
-        } else {
-            image::imageops::resize(&img, r, r, FilterType::Lanczos3)
+        let (w, h) = img.dimensions();
+        let r = self.resolution as usize;
+        Ok(crate::data::resample::lanczos_rgb(img.as_raw(), w as usize, h as usize, r, r))
+    }
+
+    /// Every file decoded and resized, in order, on as many threads as libtorch may use.
+    fn load_all(&self, files: &[(i64, PathBuf)], progress: &indicatif::ProgressBar) -> anyhow::Result<Vec<u8>> {
+        const CHUNK: usize = 64;
+        let per_image = (self.resolution * self.resolution * 3) as usize;
+        let mut images = vec![0u8; files.len() * per_image];
+        let work = Mutex::new(images.chunks_mut(CHUNK * per_image).zip(files.chunks(CHUNK)));
+        let failed = AtomicBool::new(false);
+        let threads = (tch::get_num_threads().max(1) as usize).min(files.len().div_ceil(CHUNK).max(1));
+        let worker = || -> anyhow::Result<()> {
+            while !failed.load(Ordering::Relaxed) {
+                let Some((out, batch)) = work.lock().expect("image queue lock").next() else { return Ok(()) };
+                for (dst, (_, path)) in out.chunks_mut(per_image).zip(batch) {
+                    let pixels = self.load(path).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
+                    dst.copy_from_slice(&pixels);
+                    progress.inc(1);
+                }
+            }
+            Ok(())
         };
-        Ok(out.into_raw())
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(&worker)).collect();
+            handles.into_iter().try_for_each(|h| h.join().expect("image worker panicked"))
+        })?;
+        Ok(images)
     }
 }
 
 impl Stage for ImageFolderParams {
     fn version(&self) -> u32 {
-        1
+        // 2: JPEG decoding and Lanczos resampling as EDM's dataset tool (PIL) does them.
+        2
     }
     fn output_type(&self) -> ArtifactType {
         ArtifactType::Images
@@ -157,13 +186,8 @@ impl Stage for ImageFolderParams {
             files.extend(these.into_iter().map(|p| (label as i64, p)));
         }
         ctx.progress.set_length(files.len() as u64);
-        let mut images = Vec::with_capacity(files.len() * (self.resolution * self.resolution * 3) as usize);
-        let mut labels = Vec::with_capacity(files.len());
-        for (label, path) in &files {
-            images.extend(self.load(path)?);
-            labels.push(if self.labels { *label } else { 0 });
-            ctx.progress.inc(1);
-        }
+        let images = self.load_all(&files, &ctx.progress)?;
+        let labels = files.iter().map(|(label, _)| if self.labels { *label } else { 0 }).collect();
         let ds = ImageDataset {
             images,
             height: self.resolution as usize,
