@@ -174,3 +174,58 @@ fn non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint() {
     assert!(saved < step, "checkpoint at step {saved} predates the bad step {step}");
     assert!(saved >= meta(&before).parse::<u64>().unwrap());
 }
+
+#[test]
+fn augmented_training_feeds_the_labels_to_the_network() {
+    let p = Project::new();
+    let ds = dataset(&p);
+    let data = DeviceImages::new(&ds, Device::Cpu);
+    let mut config = tiny_config();
+    if let NetworkConfig::Ddpmpp(c) = &mut config {
+        c.augment_dim = 9;
+    }
+    let map_augment = |net: &Denoiser| {
+        let vars = net.vs.variables();
+        vars.iter().find(|(k, _)| k.contains("map_augment")).map(|(_, v)| v.copy()).expect("a map_augment layer")
+    };
+    let run = |augment: Option<dmdpipe::train::augment::AugmentOptions>| {
+        tch::manual_seed(0);
+        let net = Denoiser::new(&config, Device::Cpu);
+        let mut ema = Denoiser::new(&config, Device::Cpu);
+        ema.copy_from(&net).unwrap();
+        let before = map_augment(&net);
+        let opts = TrainOptions { batch: 8, images: 8 * 6, lr_warmup_images: 8, log_every: 3, checkpoint_every: 3, augment, ..Default::default() };
+        let work = tempfile::tempdir().unwrap();
+        let s = train(&net, &ema, &data, &opts, work.path(), |_, _, _, _| {}).unwrap();
+        assert!(s.final_loss.is_finite());
+        (before, map_augment(&net))
+    };
+    // Without augmentation the layer gets no gradient; with it, it learns.
+    let (before, after) = run(None);
+    assert_eq!(f64::try_from((&after - &before).abs().max()).unwrap(), 0.0);
+    let options = dmdpipe::train::augment::AugmentOptions { p: 0.5, ..Default::default() };
+    let (before, after) = run(Some(options));
+    assert!(f64::try_from((&after - &before).abs().max()).unwrap() > 0.0);
+}
+
+#[test]
+fn augment_needs_matching_augment_dim_and_eager_steps() {
+    let p = Project::new();
+    two_class_images(&p);
+    let stage = |net: &str, extra: &str| {
+        format!("[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {net}\n[stages.teacher.train]\nbatch = 8\nimages = 16\naugment = {{ p = 0.12 }}\n{extra}")
+    };
+    p.write("p.toml", &stage(NET, ""));
+    let e = format!("{:#}", dmdpipe::pipeline::config::load(&p.path().join("p.toml")).unwrap_err());
+    assert!(e.contains("augment_dim is 0") && e.contains("augment_dim = 9") && e.contains("p.toml"), "{e}");
+    let with9 = NET.replace("augment_dim = 0", "augment_dim = 9");
+    p.write("p.toml", &stage(&with9, "cuda_graph = true\n"));
+    let e = format!("{:#}", dmdpipe::pipeline::config::load(&p.path().join("p.toml")).unwrap_err());
+    assert!(e.contains("CUDA graph"), "{e}");
+    p.write("p.toml", &stage(&with9, "").replace("p = 0.12", "p = 2.0"));
+    let e = format!("{:#}", dmdpipe::pipeline::config::load(&p.path().join("p.toml")).unwrap_err());
+    assert!(e.contains("augment.p = 2"), "{e}");
+    p.write("p.toml", &stage(&with9, ""));
+    let r = runner::run(&p.load("p.toml"), &RunOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
+    assert_eq!(r.stage("teacher").unwrap().metrics["images_seen"], 16);
+}

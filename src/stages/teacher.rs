@@ -105,6 +105,9 @@ impl Stage for TeacherParams {
         if self.train.micro_batch == Some(0) {
             return Err(FieldIssue::new("train", "train.micro_batch must be at least 1"));
         }
+        if let Some(a) = &self.train.augment {
+            self.check_augment(a)?;
+        }
         match self.mode {
             TeacherMode::Train if self.dataset.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs `dataset`")),
             TeacherMode::Train if self.network.is_none() => Err(FieldIssue::new("mode", "mode = \"train\" needs a `network` table")
@@ -153,6 +156,32 @@ impl Stage for TeacherParams {
 }
 
 impl TeacherParams {
+    /// Augmentation needs an image network whose `augment_dim` takes its labels, and eager steps
+    /// (its padding is read back to the host each step).
+    fn check_augment(&self, a: &crate::train::augment::AugmentOptions) -> Result<(), FieldIssue> {
+        a.check().map_err(|e| FieldIssue::new("train", format!("train.{e}")))?;
+        if self.train.cuda_graph {
+            return Err(FieldIssue::new("train", "train.augment cannot run in a captured CUDA graph")
+                .help("set train.cuda_graph = false"));
+        }
+        let dim = match &self.network {
+            Some(NetworkConfig::Ddpmpp(c)) => c.augment_dim,
+            Some(NetworkConfig::Adm(c)) => c.augment_dim,
+            Some(NetworkConfig::Mlp(_)) => {
+                return Err(FieldIssue::new("train", "train.augment is for image networks (ddpmpp, adm)"));
+            }
+            None => return Ok(()),
+        };
+        if dim != a.label_dim() {
+            return Err(FieldIssue::new(
+                "network",
+                format!("network.augment_dim is {dim}, but train.augment produces {} labels", a.label_dim()),
+            )
+            .help(format!("set network.augment_dim = {} (EDM's CIFAR-10 models: 9)", a.label_dim())));
+        }
+        Ok(())
+    }
+
     /// A 2-D toy teacher: trained, saved with its loss plot, no grid.
     fn train_points(
         &self,

@@ -2,6 +2,7 @@
 
 pub mod device_data;
 pub mod dmd;
+pub mod augment;
 pub mod gan;
 pub mod optim;
 pub mod rng;

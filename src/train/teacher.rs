@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use super::augment::{AugmentDraws, AugmentOptions, augment};
 use super::device_data::TrainData;
 use super::optim::{AdamW, ema_beta, ema_update};
 use crate::artifact::checkpoint;
@@ -37,8 +38,11 @@ pub struct TrainOptions {
     pub ema_rampup: Option<f64>,
     pub p_mean: f64,
     pub p_std: f64,
-    /// Random horizontal flips.
+    /// Random horizontal flips of the dataset (unlabelled; EDM's `--xflip`).
     pub xflip: bool,
+    /// EDM's non-leaking augmentation (`augment = { p = 0.12 }`: EDM's CIFAR-10 setting); the
+    /// network's `augment_dim` must equal its label count (9).
+    pub augment: Option<AugmentOptions>,
     pub seed: u64,
     /// bf16 autocast on CUDA (f32 on CPU).
     pub bf16: bool,
@@ -69,6 +73,7 @@ impl Default for TrainOptions {
             p_mean: -1.2,
             p_std: 1.2,
             xflip: true,
+            augment: None,
             seed: 0,
             bf16: true,
             tf32: true,
@@ -95,7 +100,7 @@ pub struct TrainSummary {
 /// and the per-element mean for logging.
 pub fn edm_loss(net: &Denoiser, y: &Tensor, labels: Option<&Tensor>, p_mean: f64, p_std: f64, train: bool) -> (Tensor, Tensor) {
     let noise = EdmNoise::draw(y, p_mean, p_std);
-    let (sum, mean) = edm_loss_sum(net, y, labels, &noise, train);
+    let (sum, mean) = edm_loss_sum(net, y, labels, None, &noise, train);
     (sum / y.size()[0] as f64, mean)
 }
 
@@ -124,14 +129,21 @@ impl EdmNoise {
     }
 }
 
-/// EDM's weighted squared error summed over a (micro-)batch with given random numbers, and its
-/// per-element mean for logging.
-pub fn edm_loss_sum(net: &Denoiser, y: &Tensor, labels: Option<&Tensor>, noise: &EdmNoise, train: bool) -> (Tensor, Tensor) {
+/// EDM's weighted squared error summed over a (micro-)batch with given random numbers (and the
+/// augmentation labels of `y`, if augmented), and its per-element mean for logging.
+pub fn edm_loss_sum(
+    net: &Denoiser,
+    y: &Tensor,
+    labels: Option<&Tensor>,
+    augment_labels: Option<&Tensor>,
+    noise: &EdmNoise,
+    train: bool,
+) -> (Tensor, Tensor) {
     let sd = net.config.sigma_data();
     let sigma = &noise.sigma;
     let weight = (sigma.square() + sd * sd) / (sigma * sd).square();
     let noisy = y + &noise.noise * sigma;
-    let d = net.denoise(&noisy, sigma, labels, train);
+    let d = net.denoise_aug(&noisy, sigma, labels, augment_labels, train);
     let per = weight * (d - y).square();
     let mean = per.mean(Kind::Float).detach();
     (per.sum(Kind::Float), mean)
@@ -202,13 +214,21 @@ pub fn train_with_grids(
     let train_step = || -> Result<Tensor> {
         opt.zero_grad();
         let (y, labels) = data.batch(b, opts.xflip);
+        let (y, augment_labels) = match &opts.augment {
+            Some(a) => {
+                let (y, l) = augment(&y, a, &AugmentDraws::draw(b, y.device()));
+                (y, Some(l))
+            }
+            None => (y, None),
+        };
         let noise = EdmNoise::draw(&y, opts.p_mean, opts.p_std);
         let mut means = Vec::with_capacity(micro as usize);
         for i in 0..micro {
             let rows = |t: &Tensor| t.narrow(0, i * mb, mb);
             let (sum, mean) = {
                 let _ac = AutocastBf16::new(cuda && opts.bf16)?;
-                edm_loss_sum(net, &rows(&y), labels.as_ref().map(rows).as_ref(), &noise.narrow(i * mb, mb), true)
+                let aug = augment_labels.as_ref().map(rows);
+                edm_loss_sum(net, &rows(&y), labels.as_ref().map(rows).as_ref(), aug.as_ref(), &noise.narrow(i * mb, mb), true)
             };
             (sum / b as f64).backward();
             means.push(mean);
