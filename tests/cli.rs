@@ -328,3 +328,17 @@ fn trace_summary_reads_a_chrome_trace_and_names_a_missing_one() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("absent.json"));
 }
+
+#[test]
+fn dry_run_estimates_a_time_budgeted_stage_by_its_budget() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = dmdpipe()
+        .args(["run", "--dry-run", "--allow-missing", "--until", "teacher"])
+        .arg(repo.join("pipelines/cifar10-speedrun.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("training images")).unwrap_or_else(|| panic!("{text}"));
+    // 100M images would take hours; the stage stops at its 480 s budget.
+    assert!(line.contains("or 480 s") && line.contains("8.0 min"), "{line}");
+}

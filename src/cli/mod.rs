@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 
 use crate::pipeline::config::{self, Pipeline};
 use crate::pipeline::config_error::ConfigError;
@@ -186,25 +187,27 @@ fn load(path: Option<&Path>, overrides: &[crate::pipeline::overrides::Override])
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) {
     let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        _ => LevelFilter::DEBUG,
     };
+    // DMDPIPE_LOG takes `level` or `target=level,...` (e.g. `dmdpipe::train=debug`).
+    let stderr_filter = std::env::var("DMDPIPE_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(level))
+        // Failures the command prints as `error:` go to the log file only.
+        .with_target("log_file", LevelFilter::OFF);
     let stderr_layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
-        .with_filter(
-            EnvFilter::try_from_env("DMDPIPE_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(level))
-                // Failures the command prints as `error:` go to the log file only.
-                .add_directive("log_file=off".parse().expect("a valid directive")),
-        );
+        .with_filter(stderr_filter);
     let file_layer = log_file.and_then(|path| std::fs::File::create(path).ok()).map(|f| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::sync::Mutex::new(f))
             .with_ansi(false)
-            .with_filter(EnvFilter::new("info"))
+            .with_filter(LevelFilter::INFO)
     });
     let _ = tracing_subscriber::registry().with(stderr_layer).with(file_layer).try_init();
 }

@@ -113,8 +113,13 @@ impl FidStats {
     }
 }
 
-fn mat(v: &[f64], n: usize) -> faer::Mat<f64> {
-    faer::Mat::from_fn(n, n, |i, j| v[i * n + j])
+/// A square f64 matrix on the CPU (libtorch's LAPACK does the eigendecompositions).
+fn mat(v: &[f64], n: usize) -> Tensor {
+    Tensor::from_slice(v).reshape([n as i64, n as i64])
+}
+
+fn trace(m: &Tensor) -> f64 {
+    m.trace().double_value(&[])
 }
 
 /// ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2).
@@ -128,21 +133,17 @@ pub struct FidReference {
     mu: Vec<f64>,
     trace: f64,
     /// A = U D^(1/2) for the reference covariance S = U D U^T.
-    half: faer::Mat<f64>,
+    half: Tensor,
 }
 
 impl FidReference {
     pub fn new(reference: &FidStats) -> Result<Self> {
-        let n = reference.dim;
-        let s = mat(&reference.sigma, n);
-        let eig = s
-            .self_adjoint_eigen(faer::Side::Lower)
-            .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
-        let (u, d) = (eig.U(), eig.S().column_vector());
+        let s = mat(&reference.sigma, reference.dim);
+        let (d, u) = s.f_linalg_eigh("L").map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e}"))?;
         Ok(FidReference {
             mu: reference.mu.clone(),
-            trace: (0..n).map(|i| s[(i, i)]).sum(),
-            half: faer::Mat::from_fn(n, n, |i, j| u[(i, j)] * d[j].max(0.0).sqrt()),
+            trace: trace(&s),
+            half: u * d.clamp_min(0.0).sqrt().unsqueeze(0),
         })
     }
 
@@ -155,14 +156,11 @@ impl FidReference {
         }
         let d2: f64 = self.mu.iter().zip(&other.mu).map(|(x, y)| (x - y) * (x - y)).sum();
         let s = mat(&other.sigma, n);
-        let m = self.half.transpose() * (&s * &self.half);
-        let m = faer::Mat::from_fn(n, n, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
-        let ev = m
-            .self_adjoint_eigenvalues(faer::Side::Lower)
-            .map_err(|e| anyhow::anyhow!("eigenvalues failed: {e:?}"))?;
-        let tr_sqrt: f64 = ev.iter().map(|l| l.max(0.0).sqrt()).sum();
-        let trace: f64 = (0..n).map(|i| s[(i, i)]).sum();
-        Ok(d2 + trace + self.trace - 2.0 * tr_sqrt)
+        let m = self.half.tr().matmul(&s.matmul(&self.half));
+        let m = (&m + m.tr()) * 0.5;
+        let ev = m.f_linalg_eigvalsh("L").map_err(|e| anyhow::anyhow!("eigenvalues failed: {e}"))?;
+        let tr_sqrt = ev.clamp_min(0.0).sqrt().sum(tch::Kind::Double).double_value(&[]);
+        Ok(d2 + trace(&s) + self.trace - 2.0 * tr_sqrt)
     }
 }
 

@@ -135,6 +135,11 @@ fn features_of(dataset: &str, precision: crate::eval::stats::Precision, images: 
     }
 }
 
+/// A training time limited by a wall-clock budget.
+fn capped(seconds: f64, budget: Option<f64>) -> f64 {
+    budget.map_or(seconds, |b| seconds.min(b))
+}
+
 fn stage_estimate(
     name: &str,
     spec: &StageSpec,
@@ -148,9 +153,10 @@ fn stage_estimate(
     Some(match spec {
         StageSpec::Teacher(t) if t.mode == TeacherMode::Train => {
             let rate = if t.train.bf16 { h.train_bf16 } else { h.train_fp32 };
-            let seconds = relative(name).map(|r| parallel(t.train.images as f64 * r / rate));
+            let seconds = relative(name).map(|r| capped(parallel(t.train.images as f64 * r / rate), t.train.max_seconds));
+            let budget = t.train.max_seconds.map(|m| format!(" or {m} s, whichever ends first")).unwrap_or_default();
             StageEstimate {
-                work: format!("{} training images, batch {}", fmt(t.train.images), t.train.batch),
+                work: format!("{} training images{budget}, batch {}", fmt(t.train.images), t.train.batch),
                 seconds,
                 gpus,
             }
@@ -170,7 +176,7 @@ fn stage_estimate(
             let eval_points = d.eval.as_ref().map(|e| t.iterations / e.every.max(1) + 2).unwrap_or(0);
             let eval_samples = d.eval.as_ref().map(|e| e.num_samples as u64).unwrap_or(0) * eval_points;
             let seconds = relative(&d.teacher).map(|r| {
-                parallel((t.iterations * t.batch as u64) as f64 * r / rate)
+                capped(parallel((t.iterations * t.batch as u64) as f64 * r / rate), t.max_seconds)
                     + eval_samples as f64 * (r / h.sample_bf16 + 1.0 / h.inception_tf32)
             });
             let micro = t.micro_batch.map(|m| format!(", micro-batches of at most {m}")).unwrap_or_default();
