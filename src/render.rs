@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 
 pub struct Canvas {
     pub width: u32,
@@ -63,8 +62,7 @@ impl Canvas {
     }
 
     pub fn save_png(&self, path: &Path) -> anyhow::Result<()> {
-        image::save_buffer(path, &self.pixels, self.width, self.height, image::ColorType::Rgb8)
-            .with_context(|| format!("writing {}", path.display()))
+        crate::data::image::write_png(path, self.width, self.height, &self.pixels)
     }
 }
 

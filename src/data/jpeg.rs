@@ -7,8 +7,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use anyhow::{Result, anyhow, bail};
-use image::RgbImage;
 use mozjpeg::{ColorSpace, Decompress};
+
+use super::image::{RgbImage, check_side};
 use mozjpeg_sys::{J_COLOR_SPACE, JWRN_JPEG_EOF, jpeg_common_struct, jpeg_error_mgr, jpeg_std_error};
 
 /// Whether `bytes` start like a JPEG file (SOI followed by a marker).
@@ -73,9 +74,7 @@ fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 fn decode_unchecked(bytes: &[u8], max_side: u32) -> Result<RgbImage> {
     let dec = Decompress::with_err(error_manager()).from_mem(bytes)?;
     let (w, h) = dec.size();
-    if w > max_side as usize || h > max_side as usize {
-        bail!("the image is {w}x{h}, larger than {max_side} pixels a side");
-    }
+    check_side(w as u32, h as u32, max_side)?;
     let cmyk = matches!(dec.color_space(), J_COLOR_SPACE::JCS_CMYK | J_COLOR_SPACE::JCS_YCCK);
     let target: ColorSpace = if cmyk { J_COLOR_SPACE::JCS_CMYK } else { J_COLOR_SPACE::JCS_RGB };
     let mut started = dec.to_colorspace(target)?;
