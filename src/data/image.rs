@@ -9,45 +9,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
+pub use super::rgb::{RgbImage, check_side};
+
 /// Decoders may allocate at most this much.
 const MAX_DECODER_BYTES: usize = 1 << 30;
-
-/// Packed 8-bit RGB, rows top to bottom.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    width: u32,
-    height: u32,
-    pixels: Vec<u8>,
-}
-
-impl RgbImage {
-    /// None unless `pixels` holds exactly `width * height * 3` bytes.
-    pub fn from_raw(width: u32, height: u32, pixels: Vec<u8>) -> Option<Self> {
-        (pixels.len() == width as usize * height as usize * 3).then_some(RgbImage { width, height, pixels })
-    }
-    pub fn dimensions(&self) -> (u32, u32) {
-        (self.width, self.height)
-    }
-    pub fn as_raw(&self) -> &[u8] {
-        &self.pixels
-    }
-    pub fn into_raw(self) -> Vec<u8> {
-        self.pixels
-    }
-    /// The pixel at column `x`, row `y`.
-    pub fn pixel(&self, x: u32, y: u32) -> [u8; 3] {
-        let i = (y as usize * self.width as usize + x as usize) * 3;
-        [self.pixels[i], self.pixels[i + 1], self.pixels[i + 2]]
-    }
-}
-
-/// Refuses a canvas larger than `max_side` a side, naming both.
-pub fn check_side(width: u32, height: u32, max_side: u32) -> Result<()> {
-    if width > max_side || height > max_side {
-        bail!("the image is {width}x{height}, over the limit of {max_side} pixels a side (`max_side`)");
-    }
-    Ok(())
-}
 
 /// 8-bit samples of `channels` per pixel to RGB (grey repeated, alpha dropped).
 fn to_rgb(samples: &[u8], channels: usize) -> Vec<u8> {
@@ -96,14 +61,14 @@ pub fn decode_rgb(path: &Path, max_side: u32) -> Result<RgbImage> {
 
 /// The largest centred square of `img`, cut where EDM's dataset tool cuts it.
 pub fn center_square(img: &RgbImage) -> RgbImage {
-    let (w, h) = (img.width as usize, img.height as usize);
+    let (w, h) = (img.dimensions().0 as usize, img.dimensions().1 as usize);
     let s = w.min(h);
     let (x0, y0) = ((w - s) / 2, (h - s) / 2);
     let mut pixels = Vec::with_capacity(s * s * 3);
-    for row in &img.pixels.chunks_exact(w * 3).skip(y0).take(s).collect::<Vec<_>>() {
+    for row in img.as_raw().chunks_exact(w * 3).skip(y0).take(s) {
         pixels.extend_from_slice(&row[x0 * 3..(x0 + s) * 3]);
     }
-    RgbImage { width: s as u32, height: s as u32, pixels }
+    RgbImage::from_raw(s as u32, s as u32, pixels).expect("a square of the image's own rows")
 }
 
 /// Writes packed RGB as an 8-bit PNG.

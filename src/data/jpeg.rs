@@ -9,7 +9,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use anyhow::{Result, anyhow, bail};
 use mozjpeg::{ColorSpace, Decompress};
 
-use super::image::{RgbImage, check_side};
+use super::rgb::{RgbImage, check_side};
 use mozjpeg_sys::{J_COLOR_SPACE, JWRN_JPEG_EOF, jpeg_common_struct, jpeg_error_mgr, jpeg_std_error};
 
 /// Whether `bytes` start like a JPEG file (SOI followed by a marker).

@@ -8,3 +8,4 @@ pub mod image;
 pub mod jpeg;
 pub mod npy;
 pub mod resample;
+pub mod rgb;

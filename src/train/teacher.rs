@@ -149,6 +149,24 @@ pub fn edm_loss_sum(
     (per.sum(Kind::Float), mean)
 }
 
+/// Every rank starts from rank 0's weights (network and EMA).
+fn start_from_main_weights(opt: &AdamW, ema: &Denoiser) -> Result<()> {
+    crate::dist::broadcast_from_main(&opt.params)?;
+    let ema_weights: Vec<Tensor> = ema.vs.variables().into_values().filter(|t| t.is_floating_point()).collect();
+    crate::dist::broadcast_from_main(&ema_weights)
+}
+
+/// The batch augmented with EDM's pipeline, and its augmentation labels, when asked for.
+fn augmented(y: Tensor, options: Option<&AugmentOptions>) -> (Tensor, Option<Tensor>) {
+    match options {
+        Some(a) => {
+            let (y, labels) = augment(&y, a, &AugmentDraws::draw(y.size()[0], y.device()));
+            (y, Some(labels))
+        }
+        None => (y, None),
+    }
+}
+
 /// Trains `net` (and its EMA `ema`) on `data`; checkpoints into `work_dir` and resumes from it.
 /// `on_log` sees (step, images, loss, images/s) at each log point.
 pub fn train(
@@ -180,15 +198,7 @@ pub fn train_with_grids(
     let (rank, world) = (crate::dist::rank(), crate::dist::world());
     tch::manual_seed(crate::dist::rank_seed(opts.seed, rank) as i64);
     let opt = AdamW::new(net, opts.betas, opts.eps, 0.0);
-    // Every rank starts from rank 0's weights.
-    crate::dist::broadcast_from_main(&opt.params)?;
-    crate::dist::broadcast_from_main(
-        &ema.vs
-            .variables()
-            .into_values()
-            .filter(|t| t.is_floating_point())
-            .collect::<Vec<_>>(),
-    )?;
+    start_from_main_weights(&opt, ema)?;
     let ema_names: Vec<String> = sorted_names(ema);
     let ckpt_path = work_dir.join("checkpoint.safetensors");
     let (mut step, mut images, mut curve) = match ckpt_path.exists() {
@@ -214,13 +224,7 @@ pub fn train_with_grids(
     let train_step = || -> Result<Tensor> {
         opt.zero_grad();
         let (y, labels) = data.batch(b, opts.xflip);
-        let (y, augment_labels) = match &opts.augment {
-            Some(a) => {
-                let (y, l) = augment(&y, a, &AugmentDraws::draw(b, y.device()));
-                (y, Some(l))
-            }
-            None => (y, None),
-        };
+        let (y, augment_labels) = augmented(y, opts.augment.as_ref());
         let noise = EdmNoise::draw(&y, opts.p_mean, opts.p_std);
         let mut means = Vec::with_capacity(micro as usize);
         for i in 0..micro {
