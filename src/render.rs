@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-
 pub struct Canvas {
     pub width: u32,
     pub height: u32,

@@ -39,7 +39,10 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn geometric_transforms_match_edms_pipeline_in_f64_and_f32() {
     for (case, p) in [("half", 0.5), ("all", 1.0)] {
-        let opts = AugmentOptions { p, ..AugmentOptions::default() };
+        let opts = AugmentOptions {
+            p,
+            ..AugmentOptions::default()
+        };
         assert_eq!(opts.label_dim(), 9);
         let (images, draws, want, want_labels) = edm_case(case, Kind::Double);
         let (got, labels) = augment(&images, &opts, &draws);
@@ -104,10 +107,20 @@ fn the_same_seed_gives_the_same_augmentation() {
 
 #[test]
 fn options_out_of_range_are_named() {
-    let bad = AugmentOptions { p: 1.5, ..AugmentOptions::default() };
+    let bad = AugmentOptions {
+        p: 1.5,
+        ..AugmentOptions::default()
+    };
     assert!(bad.check().unwrap_err().contains("augment.p"));
-    let bad = AugmentOptions { aniso_std: -1.0, ..AugmentOptions::default() };
+    let bad = AugmentOptions {
+        aniso_std: -1.0,
+        ..AugmentOptions::default()
+    };
     assert!(bad.check().unwrap_err().contains("aniso_std"));
-    let fewer = AugmentOptions { aniso: 0.0, yflip: 0.0, ..AugmentOptions::default() };
+    let fewer = AugmentOptions {
+        aniso: 0.0,
+        yflip: 0.0,
+        ..AugmentOptions::default()
+    };
     assert_eq!(fewer.label_dim(), 6);
 }

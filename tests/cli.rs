@@ -338,7 +338,10 @@ fn dry_run_estimates_a_time_budgeted_stage_by_its_budget() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("training images")).unwrap_or_else(|| panic!("{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.contains("training images"))
+        .unwrap_or_else(|| panic!("{text}"));
     // 100M images would take hours; the stage stops at its 480 s budget.
     assert!(line.contains("or 480 s") && line.contains("8.0 min"), "{line}");
 }

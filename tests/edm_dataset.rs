@@ -32,7 +32,10 @@ fn edm_archive(zip: &str) -> (Vec<Vec<u8>>, Vec<i64>) {
 }
 
 fn run_image_folder(p: &Project, source: &Path, extra: &str) -> ImageDataset {
-    let toml = format!("[stages.d]\nkind = \"image-folder\"\nsource = {:?}\n{extra}", source.display().to_string());
+    let toml = format!(
+        "[stages.d]\nkind = \"image-folder\"\nsource = {:?}\n{extra}",
+        source.display().to_string()
+    );
     p.write("p.toml", &toml);
     let r = p.run("p.toml");
     ImageDataset::read(r.stage("d").unwrap().output_dir.as_ref().unwrap()).unwrap()
@@ -98,7 +101,10 @@ fn edm_fid_statistics_import_and_give_edms_fid() {
     p.write("inception.safetensors", "not read when statistics are imported");
     p.write(
         "p.toml",
-        &format!("[stages.ref]\nkind = \"fid-ref\"\nstats = {:?}\ninception = \"inception.safetensors\"\n", stats("a.npz").display().to_string()),
+        &format!(
+            "[stages.ref]\nkind = \"fid-ref\"\nstats = {:?}\ninception = \"inception.safetensors\"\n",
+            stats("a.npz").display().to_string()
+        ),
     );
     let r = p.run("p.toml");
     let dir = r.stage("ref").unwrap().output_dir.clone().unwrap();

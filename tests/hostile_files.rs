@@ -70,6 +70,9 @@ fn images_larger_than_max_side_are_refused_before_decoding() {
         .err()
         .unwrap();
     let e = format!("{e:#}");
-    assert!(e.contains("wide.png") && e.contains("100x40") && e.contains("limit of 64 pixels a side"), "{e}");
+    assert!(
+        e.contains("wide.png") && e.contains("100x40") && e.contains("limit of 64 pixels a side"),
+        "{e}"
+    );
     assert!(Path::new(&d.join("wide.png")).exists());
 }

@@ -186,7 +186,10 @@ fn augmented_training_feeds_the_labels_to_the_network() {
     }
     let map_augment = |net: &Denoiser| {
         let vars = net.vs.variables();
-        vars.iter().find(|(k, _)| k.contains("map_augment")).map(|(_, v)| v.copy()).expect("a map_augment layer")
+        vars.iter()
+            .find(|(k, _)| k.contains("map_augment"))
+            .map(|(_, v)| v.copy())
+            .expect("a map_augment layer")
     };
     let run = |augment: Option<dmdpipe::train::augment::AugmentOptions>| {
         tch::manual_seed(0);
@@ -194,7 +197,15 @@ fn augmented_training_feeds_the_labels_to_the_network() {
         let mut ema = Denoiser::new(&config, Device::Cpu);
         ema.copy_from(&net).unwrap();
         let before = map_augment(&net);
-        let opts = TrainOptions { batch: 8, images: 8 * 6, lr_warmup_images: 8, log_every: 3, checkpoint_every: 3, augment, ..Default::default() };
+        let opts = TrainOptions {
+            batch: 8,
+            images: 8 * 6,
+            lr_warmup_images: 8,
+            log_every: 3,
+            checkpoint_every: 3,
+            augment,
+            ..Default::default()
+        };
         let work = tempfile::tempdir().unwrap();
         let s = train(&net, &ema, &data, &opts, work.path(), |_, _, _, _| {}).unwrap();
         assert!(s.final_loss.is_finite());
@@ -203,7 +214,10 @@ fn augmented_training_feeds_the_labels_to_the_network() {
     // Without augmentation the layer gets no gradient; with it, it learns.
     let (before, after) = run(None);
     assert_eq!(f64::try_from((&after - &before).abs().max()).unwrap(), 0.0);
-    let options = dmdpipe::train::augment::AugmentOptions { p: 0.5, ..Default::default() };
+    let options = dmdpipe::train::augment::AugmentOptions {
+        p: 0.5,
+        ..Default::default()
+    };
     let (before, after) = run(Some(options));
     assert!(f64::try_from((&after - &before).abs().max()).unwrap() > 0.0);
 }
@@ -213,11 +227,16 @@ fn augment_needs_matching_augment_dim_and_eager_steps() {
     let p = Project::new();
     two_class_images(&p);
     let stage = |net: &str, extra: &str| {
-        format!("[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {net}\n[stages.teacher.train]\nbatch = 8\nimages = 16\naugment = {{ p = 0.12 }}\n{extra}")
+        format!(
+            "[stages.data]\nkind = \"image-folder\"\nsource = \"imgs\"\nresolution = 8\n\n[stages.teacher]\nkind = \"teacher\"\nmode = \"train\"\ndataset = \"data\"\nnetwork = {net}\n[stages.teacher.train]\nbatch = 8\nimages = 16\naugment = {{ p = 0.12 }}\n{extra}"
+        )
     };
     p.write("p.toml", &stage(NET, ""));
     let e = format!("{:#}", dmdpipe::pipeline::config::load(&p.path().join("p.toml")).unwrap_err());
-    assert!(e.contains("augment_dim is 0") && e.contains("augment_dim = 9") && e.contains("p.toml"), "{e}");
+    assert!(
+        e.contains("augment_dim is 0") && e.contains("augment_dim = 9") && e.contains("p.toml"),
+        "{e}"
+    );
     let with9 = NET.replace("augment_dim = 0", "augment_dim = 9");
     p.write("p.toml", &stage(&with9, "cuda_graph = true\n"));
     let e = format!("{:#}", dmdpipe::pipeline::config::load(&p.path().join("p.toml")).unwrap_err());
@@ -226,6 +245,13 @@ fn augment_needs_matching_augment_dim_and_eager_steps() {
     let e = format!("{:#}", dmdpipe::pipeline::config::load(&p.path().join("p.toml")).unwrap_err());
     assert!(e.contains("augment.p = 2"), "{e}");
     p.write("p.toml", &stage(&with9, ""));
-    let r = runner::run(&p.load("p.toml"), &RunOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
+    let r = runner::run(
+        &p.load("p.toml"),
+        &RunOptions {
+            device: Some("cpu".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(r.stage("teacher").unwrap().metrics["images_seen"], 16);
 }

@@ -30,7 +30,9 @@ fn decode_png(bytes: &[u8], max_side: u32) -> Result<RgbImage> {
     let mut reader = decoder.read_info().context("not a readable PNG")?;
     let (width, height) = (reader.info().width, reader.info().height);
     check_side(width, height, max_side)?;
-    let size = reader.output_buffer_size().context("the PNG's canvas exceeds the decoder's memory limit")?;
+    let size = reader
+        .output_buffer_size()
+        .context("the PNG's canvas exceeds the decoder's memory limit")?;
     if size > MAX_DECODER_BYTES {
         bail!("the PNG's canvas needs {size} bytes, over the decoder's memory limit of 1 GiB");
     }
@@ -78,7 +80,9 @@ pub fn write_png(path: &Path, width: u32, height: u32, rgb: &[u8]) -> Result<()>
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header().with_context(|| format!("writing {}", path.display()))?;
-    writer.write_image_data(rgb).with_context(|| format!("writing {}", path.display()))?;
+    writer
+        .write_image_data(rgb)
+        .with_context(|| format!("writing {}", path.display()))?;
     writer.finish().with_context(|| format!("writing {}", path.display()))
 }
 
@@ -113,7 +117,11 @@ mod tests {
         let rgba = decode_rgb_bytes(&png_bytes(1, 1, png::ColorType::Rgba, png::BitDepth::Eight, &[1, 2, 3, 4]), 8).unwrap();
         assert_eq!(rgba.as_raw(), [1, 2, 3]);
         // 16-bit samples keep their high byte (Pillow's RGB;16B raw mode).
-        let deep = decode_rgb_bytes(&png_bytes(1, 1, png::ColorType::Rgb, png::BitDepth::Sixteen, &[0x12, 0xff, 0xab, 0x01, 0, 0]), 8).unwrap();
+        let deep = decode_rgb_bytes(
+            &png_bytes(1, 1, png::ColorType::Rgb, png::BitDepth::Sixteen, &[0x12, 0xff, 0xab, 0x01, 0, 0]),
+            8,
+        )
+        .unwrap();
         assert_eq!(deep.as_raw(), [0x12, 0xab, 0]);
         assert!(decode_rgb_bytes(b"GIF89a", 8).is_err());
     }

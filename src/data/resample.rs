@@ -23,7 +23,11 @@ fn sinc(x: f64) -> f64 {
 }
 
 fn lanczos(x: f64) -> f64 {
-    if (-SUPPORT..SUPPORT).contains(&x) { sinc(x) * sinc(x / SUPPORT) } else { 0.0 }
+    if (-SUPPORT..SUPPORT).contains(&x) {
+        sinc(x) * sinc(x / SUPPORT)
+    } else {
+        0.0
+    }
 }
 
 /// The input taps of one output sample: the first input index and one fixed-point weight per tap.
@@ -102,8 +106,16 @@ fn resize_columns(src: &[u8], width: usize, height: usize, out_height: usize) ->
 /// out_height` with Pillow's Lanczos filter; an unchanged size returns the input.
 pub fn lanczos_rgb(src: &[u8], width: usize, height: usize, out_width: usize, out_height: usize) -> Vec<u8> {
     assert_eq!(src.len(), width * height * 3, "packed RGB of the stated size");
-    let rows = if out_width != width { resize_rows(src, width, height, out_width) } else { src.to_vec() };
-    if out_height != height { resize_columns(&rows, out_width, height, out_height) } else { rows }
+    let rows = if out_width != width {
+        resize_rows(src, width, height, out_width)
+    } else {
+        src.to_vec()
+    };
+    if out_height != height {
+        resize_columns(&rows, out_width, height, out_height)
+    } else {
+        rows
+    }
 }
 
 #[cfg(test)]

@@ -139,7 +139,9 @@ pub struct FidReference {
 impl FidReference {
     pub fn new(reference: &FidStats) -> Result<Self> {
         let s = mat(&reference.sigma, reference.dim);
-        let (d, u) = s.f_linalg_eigh("L").map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e}"))?;
+        let (d, u) = s
+            .f_linalg_eigh("L")
+            .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e}"))?;
         Ok(FidReference {
             mu: reference.mu.clone(),
             trace: trace(&s),

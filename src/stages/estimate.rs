@@ -154,7 +154,11 @@ fn stage_estimate(
         StageSpec::Teacher(t) if t.mode == TeacherMode::Train => {
             let rate = if t.train.bf16 { h.train_bf16 } else { h.train_fp32 };
             let seconds = relative(name).map(|r| capped(parallel(t.train.images as f64 * r / rate), t.train.max_seconds));
-            let budget = t.train.max_seconds.map(|m| format!(" or {m} s, whichever ends first")).unwrap_or_default();
+            let budget = t
+                .train
+                .max_seconds
+                .map(|m| format!(" or {m} s, whichever ends first"))
+                .unwrap_or_default();
             StageEstimate {
                 work: format!("{} training images{budget}, batch {}", fmt(t.train.images), t.train.batch),
                 seconds,

@@ -112,7 +112,9 @@ impl ImageFolderParams {
         let threads = (tch::get_num_threads().max(1) as usize).min(files.len().div_ceil(CHUNK).max(1));
         let worker = || -> anyhow::Result<()> {
             while !failed.load(Ordering::Relaxed) {
-                let Some((out, batch)) = work.lock().expect("image queue lock").next() else { return Ok(()) };
+                let Some((out, batch)) = work.lock().expect("image queue lock").next() else {
+                    return Ok(());
+                };
                 for (dst, (_, path)) in out.chunks_mut(per_image).zip(batch) {
                     let pixels = self.load(path).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
                     dst.copy_from_slice(&pixels);

@@ -161,8 +161,7 @@ impl TeacherParams {
     fn check_augment(&self, a: &crate::train::augment::AugmentOptions) -> Result<(), FieldIssue> {
         a.check().map_err(|e| FieldIssue::new("train", format!("train.{e}")))?;
         if self.train.cuda_graph {
-            return Err(FieldIssue::new("train", "train.augment cannot run in a captured CUDA graph")
-                .help("set train.cuda_graph = false"));
+            return Err(FieldIssue::new("train", "train.augment cannot run in a captured CUDA graph").help("set train.cuda_graph = false"));
         }
         let dim = match &self.network {
             Some(NetworkConfig::Ddpmpp(c)) => c.augment_dim,

@@ -94,11 +94,18 @@ impl AugmentOptions {
     /// How many augmentation labels the enabled transforms produce (EDM's setting: 9); the
     /// network's `augment_dim` must equal it.
     pub fn label_dim(&self) -> i64 {
-        [(self.xflip, 1), (self.yflip, 1), (self.scale, 1), (self.rotate_frac, 2), (self.aniso, 2), (self.translate_frac, 2)]
-            .iter()
-            .filter(|(m, _)| *m > 0.0)
-            .map(|(_, n)| n)
-            .sum()
+        [
+            (self.xflip, 1),
+            (self.yflip, 1),
+            (self.scale, 1),
+            (self.rotate_frac, 2),
+            (self.aniso, 2),
+            (self.translate_frac, 2),
+        ]
+        .iter()
+        .filter(|(m, _)| *m > 0.0)
+        .map(|(_, n)| n)
+        .sum()
     }
 
     fn geometric(&self) -> bool {
@@ -188,23 +195,57 @@ fn matrices(entries: [Tensor; 9]) -> Tensor {
 
 fn rotation(theta: &Tensor) -> Tensor {
     let (c, s, o, l) = (theta.cos(), theta.sin(), theta.zeros_like(), theta.ones_like());
-    matrices([c.shallow_clone(), -&s, o.shallow_clone(), s, c, o.shallow_clone(), o.shallow_clone(), o, l])
+    matrices([
+        c.shallow_clone(),
+        -&s,
+        o.shallow_clone(),
+        s,
+        c,
+        o.shallow_clone(),
+        o.shallow_clone(),
+        o,
+        l,
+    ])
 }
 
 fn scaling(sx: &Tensor, sy: &Tensor) -> Tensor {
     let (o, l) = (sx.zeros_like(), sx.ones_like());
-    matrices([sx.shallow_clone(), o.shallow_clone(), o.shallow_clone(), o.shallow_clone(), sy.shallow_clone(), o.shallow_clone(), o.shallow_clone(), o, l])
+    matrices([
+        sx.shallow_clone(),
+        o.shallow_clone(),
+        o.shallow_clone(),
+        o.shallow_clone(),
+        sy.shallow_clone(),
+        o.shallow_clone(),
+        o.shallow_clone(),
+        o,
+        l,
+    ])
 }
 
 fn translation(tx: &Tensor, ty: &Tensor) -> Tensor {
     let (o, l) = (tx.zeros_like(), tx.ones_like());
-    matrices([l.shallow_clone(), o.shallow_clone(), tx.shallow_clone(), o.shallow_clone(), l.shallow_clone(), ty.shallow_clone(), o.shallow_clone(), o, l])
+    matrices([
+        l.shallow_clone(),
+        o.shallow_clone(),
+        tx.shallow_clone(),
+        o.shallow_clone(),
+        l.shallow_clone(),
+        ty.shallow_clone(),
+        o.shallow_clone(),
+        o,
+        l,
+    ])
 }
 
 /// One constant 3x3 matrix for every image.
 fn constant(n: i64, like: (Kind, Device), rows: [[f64; 3]; 3]) -> Tensor {
     let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).to_kind(like.0).to_device(like.1).reshape([1, 3, 3]).expand([n, 3, 3], false)
+    Tensor::from_slice(&flat)
+        .to_kind(like.0)
+        .to_device(like.1)
+        .reshape([1, 3, 3])
+        .expand([n, 3, 3], false)
 }
 
 /// Flips the images where `w` (one 0/1 per image) is 1 along `dim`.
@@ -234,7 +275,10 @@ fn inverse_transform(o: &AugmentOptions, d: &AugmentDraws, size: [i64; 3], like:
         let w = &d.z_aniso * chosen(&d.u_aniso, o.aniso * o.p);
         let r = (&d.u_aniso_angle * 2.0 - 1.0) * PI * chosen(&d.u_aniso_frame, o.aniso_rotate_prob);
         let s = (&w * o.aniso_std).exp2();
-        g = g.matmul(&rotation(&(-&r))).matmul(&scaling(&s.reciprocal(), &s)).matmul(&rotation(&r));
+        g = g
+            .matmul(&rotation(&(-&r)))
+            .matmul(&scaling(&s.reciprocal(), &s))
+            .matmul(&rotation(&r));
         labels.push(&w * r.cos());
         labels.push(&w * r.sin());
     }
@@ -254,12 +298,18 @@ fn inverse_transform(o: &AugmentOptions, d: &AugmentDraws, size: [i64; 3], like:
 /// filter's reach (one host read per batch).
 fn margins(g: &Tensor, height: i64, width: i64) -> [i64; 4] {
     let (cx, cy) = ((width - 1) as f64 / 2.0, (height - 1) as f64 / 2.0);
-    let corners: Vec<f64> = [[-cx, -cy, 1.0], [cx, -cy, 1.0], [cx, cy, 1.0], [-cx, cy, 1.0]].iter().flatten().copied().collect();
+    let corners: Vec<f64> = [[-cx, -cy, 1.0], [cx, -cy, 1.0], [cx, cy, 1.0], [-cx, cy, 1.0]]
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
     let corners = Tensor::from_slice(&corners).to_kind(g.kind()).to_device(g.device()).reshape([4, 3]);
     let moved = g.matmul(&corners.tr()).narrow(1, 0, 2).permute([1, 0, 2]).flatten(1, -1);
     // Summed in the images' precision, as the transform itself.
     let pad = (2 * SYM6_PAD) as f64;
-    let base = Tensor::from_slice(&[pad - cx, pad - cy, pad - cx, pad - cy]).to_kind(g.kind()).to_device(g.device());
+    let base = Tensor::from_slice(&[pad - cx, pad - cy, pad - cx, pad - cy])
+        .to_kind(g.kind())
+        .to_device(g.device());
     let reach = Tensor::cat(&[-&moved, moved], 0).amax([1], false) + base;
     let reach: Vec<f64> = reach.to_kind(Kind::Double).to_device(Device::Cpu).try_into().expect("four margins");
     let limit = [width - 1, height - 1, width - 1, height - 1];
@@ -272,8 +322,17 @@ fn filter_1d(x: &Tensor, taps: &[f32], horizontal: bool, stride: i64, padding: i
     let c = x.size()[1];
     let k = taps.len() as i64;
     let shape = if horizontal { [c, 1, 1, k] } else { [c, 1, k, 1] };
-    let weight = Tensor::from_slice(taps).to_device(x.device()).to_kind(x.kind()).reshape([1, 1, k]).repeat([c, 1, 1]).reshape(shape);
-    let (stride, padding) = if horizontal { ([1, stride], [0, padding]) } else { ([stride, 1], [padding, 0]) };
+    let weight = Tensor::from_slice(taps)
+        .to_device(x.device())
+        .to_kind(x.kind())
+        .reshape([1, 1, k])
+        .repeat([c, 1, 1])
+        .reshape(shape);
+    let (stride, padding) = if horizontal {
+        ([1, stride], [0, padding])
+    } else {
+        ([stride, 1], [padding, 0])
+    };
     x.conv2d(&weight, None::<Tensor>, stride, padding, [1, 1], c)
 }
 
@@ -290,7 +349,11 @@ fn resample(images: &Tensor, g: Tensor) -> Tensor {
     let like = (images.kind(), images.device());
     let [l, r, t, b] = margins(&g, height, width);
     let x = images.reflection_pad2d([l, r, t, b]);
-    let g = translation(&Tensor::full([n], (l - r) as f64 / 2.0, like), &Tensor::full([n], (t - b) as f64 / 2.0, like)).matmul(&g);
+    let g = translation(
+        &Tensor::full([n], (l - r) as f64 / 2.0, like),
+        &Tensor::full([n], (t - b) as f64 / 2.0, like),
+    )
+    .matmul(&g);
     let reversed: Vec<f32> = SYM6.iter().rev().copied().collect();
     let up_pad = (SYM6.len() as i64 + 1) / 2;
     let x = filter_1d(&interleave_zeros(&x, 3), &reversed, true, 1, up_pad);
@@ -304,7 +367,11 @@ fn resample(images: &Tensor, g: Tensor) -> Tensor {
     let (out_h, out_w) = ((height + 2 * SYM6_PAD) * 2, (width + 2 * SYM6_PAD) * 2);
     let (in_h, in_w) = (x.size()[2] as f64, x.size()[3] as f64);
     let to_unit = constant(n, like, [[2.0 / in_w, 0.0, 0.0], [0.0, 2.0 / in_h, 0.0], [0.0, 0.0, 1.0]]);
-    let from_unit = constant(n, like, [[out_w as f64 / 2.0, 0.0, 0.0], [0.0, out_h as f64 / 2.0, 0.0], [0.0, 0.0, 1.0]]);
+    let from_unit = constant(
+        n,
+        like,
+        [[out_w as f64 / 2.0, 0.0, 0.0], [0.0, out_h as f64 / 2.0, 0.0], [0.0, 0.0, 1.0]],
+    );
     let g = to_unit.matmul(&g).matmul(&from_unit);
     let grid = Tensor::affine_grid_generator(&g.narrow(1, 0, 2), [n, images.size()[1], out_h, out_w], false);
     let x = x.grid_sampler(&grid, 0, 0, false);
@@ -336,7 +403,11 @@ pub fn augment(images: &Tensor, o: &AugmentOptions, d: &AugmentDraws) -> (Tensor
         let g = inverse_transform(o, d, [n, size[2], size[3]], like, &mut labels);
         x = resample(&x, g);
     }
-    let labels = if labels.is_empty() { Tensor::zeros([n, 0], like) } else { Tensor::stack(&labels, 1) };
+    let labels = if labels.is_empty() {
+        Tensor::zeros([n, 0], like)
+    } else {
+        Tensor::stack(&labels, 1)
+    };
     let labels = labels.to_kind(Kind::Float);
     (x, labels)
 }

@@ -232,7 +232,14 @@ pub fn train_with_grids(
             let (sum, mean) = {
                 let _ac = AutocastBf16::new(cuda && opts.bf16)?;
                 let aug = augment_labels.as_ref().map(rows);
-                edm_loss_sum(net, &rows(&y), labels.as_ref().map(rows).as_ref(), aug.as_ref(), &noise.narrow(i * mb, mb), true)
+                edm_loss_sum(
+                    net,
+                    &rows(&y),
+                    labels.as_ref().map(rows).as_ref(),
+                    aug.as_ref(),
+                    &noise.narrow(i * mb, mb),
+                    true,
+                )
             };
             (sum / b as f64).backward();
             means.push(mean);
