@@ -245,13 +245,12 @@ fn augment_needs_matching_augment_dim_and_eager_steps() {
     let e = format!("{:#}", dmdpipe::pipeline::config::load(&p.path().join("p.toml")).unwrap_err());
     assert!(e.contains("augment.p = 2"), "{e}");
     p.write("p.toml", &stage(&with9, ""));
-    let r = runner::run(
-        &p.load("p.toml"),
-        &RunOptions {
+    let r = p.run_with(
+        "p.toml",
+        RunOptions {
             device: Some("cpu".into()),
             ..Default::default()
         },
-    )
-    .unwrap();
+    );
     assert_eq!(r.stage("teacher").unwrap().metrics["images_seen"], 16);
 }

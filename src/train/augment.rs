@@ -187,55 +187,26 @@ fn chosen(u: &Tensor, probability: f64) -> Tensor {
     u.lt(probability).to_kind(Kind::Float)
 }
 
-/// [n, 3, 3] matrices from nine [n] entries in row order.
-fn matrices(entries: [Tensor; 9]) -> Tensor {
-    let n = entries[0].size()[0];
-    Tensor::stack(&entries, 1).reshape([n, 3, 3])
+/// [n, 3, 3] affine matrices [[a, b, c], [d, e, f], [0, 0, 1]] from six [n] entries.
+fn affine(e: [&Tensor; 6]) -> Tensor {
+    let n = e[0].size()[0];
+    let (o, l) = (e[0].zeros_like(), e[0].ones_like());
+    Tensor::stack(&[e[0], e[1], e[2], e[3], e[4], e[5], &o, &o, &l], 1).reshape([n, 3, 3])
 }
 
 fn rotation(theta: &Tensor) -> Tensor {
-    let (c, s, o, l) = (theta.cos(), theta.sin(), theta.zeros_like(), theta.ones_like());
-    matrices([
-        c.shallow_clone(),
-        -&s,
-        o.shallow_clone(),
-        s,
-        c,
-        o.shallow_clone(),
-        o.shallow_clone(),
-        o,
-        l,
-    ])
+    let (c, s, o) = (theta.cos(), theta.sin(), theta.zeros_like());
+    affine([&c, &(-&s), &o, &s, &c, &o])
 }
 
 fn scaling(sx: &Tensor, sy: &Tensor) -> Tensor {
-    let (o, l) = (sx.zeros_like(), sx.ones_like());
-    matrices([
-        sx.shallow_clone(),
-        o.shallow_clone(),
-        o.shallow_clone(),
-        o.shallow_clone(),
-        sy.shallow_clone(),
-        o.shallow_clone(),
-        o.shallow_clone(),
-        o,
-        l,
-    ])
+    let o = sx.zeros_like();
+    affine([sx, &o, &o, &o, sy, &o])
 }
 
 fn translation(tx: &Tensor, ty: &Tensor) -> Tensor {
     let (o, l) = (tx.zeros_like(), tx.ones_like());
-    matrices([
-        l.shallow_clone(),
-        o.shallow_clone(),
-        tx.shallow_clone(),
-        o.shallow_clone(),
-        l.shallow_clone(),
-        ty.shallow_clone(),
-        o.shallow_clone(),
-        o,
-        l,
-    ])
+    affine([&l, &o, tx, &o, &l, ty])
 }
 
 /// One constant 3x3 matrix for every image.
