@@ -116,3 +116,67 @@ fn edm_fid_statistics_import_and_give_edms_fid() {
     assert_eq!(imported.dim, 16);
     assert!((ours - edm).abs() < 1e-9 * edm, "ours {ours}, EDM's {edm}");
 }
+
+fn run_edm_dataset(p: &Project, source: &Path, extra: &str) -> ImageDataset {
+    let toml = format!(
+        "[stages.d]\nkind = \"edm-dataset\"\nsource = {:?}\n{extra}",
+        source.display().to_string()
+    );
+    p.write("e.toml", &toml);
+    let r = p.run("e.toml");
+    ImageDataset::read(r.stage("d").unwrap().output_dir.as_ref().unwrap()).unwrap()
+}
+
+#[test]
+fn edm_dataset_zip_and_folder_read_as_edm_wrote_them() {
+    let p = Project::new();
+    let (edm, labels) = edm_archive("edm-center-crop-64.zip");
+    let from_zip = run_edm_dataset(&p, &fixture("edm-center-crop-64.zip"), "");
+    assert_same_images(&from_zip, &edm);
+    assert_eq!(from_zip.labels, labels);
+    assert_eq!(from_zip.classes, ["0", "1"]);
+    // The same archive unpacked into a folder (EDM's `--dest DIR`).
+    let dir = p.path().join("unpacked");
+    zip::ZipArchive::new(std::fs::File::open(fixture("edm-center-crop-64.zip")).unwrap())
+        .unwrap()
+        .extract(&dir)
+        .unwrap();
+    let from_folder = run_edm_dataset(&p, &dir, "");
+    assert_eq!(from_folder, from_zip);
+    // And the dataset made from the raw images equals both.
+    let ours = run_image_folder(&p, &fixture("source"), "resolution = 64\n");
+    assert_eq!(ours.images, from_zip.images);
+    let few = run_edm_dataset(&p, &dir, "max_images = 2\nlabels = false\n");
+    assert_eq!((few.len(), few.classes.len(), few.labels.clone()), (2, 0, vec![0, 0]));
+}
+
+#[test]
+fn edm_dataset_errors_name_the_file() {
+    let p = Project::new();
+    let dir = p.path().join("unpacked");
+    zip::ZipArchive::new(std::fs::File::open(fixture("edm-center-crop-64.zip")).unwrap())
+        .unwrap()
+        .extract(&dir)
+        .unwrap();
+    std::fs::write(dir.join("dataset.json"), r#"{"labels": [["00000/img00000000.png", 3]]}"#).unwrap();
+    p.write(
+        "e.toml",
+        &format!("[stages.d]\nkind = \"edm-dataset\"\nsource = {:?}\n", dir.display().to_string()),
+    );
+    let e = format!(
+        "{:#}",
+        dmdpipe::pipeline::runner::run(&p.load("e.toml"), &Default::default())
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("no label for 00000/img00000001.png"), "{e}");
+    p.write("bad.zip", "not a zip");
+    p.write("e.toml", "[stages.d]\nkind = \"edm-dataset\"\nsource = \"bad.zip\"\n");
+    let e = format!(
+        "{:#}",
+        dmdpipe::pipeline::runner::run(&p.load("e.toml"), &Default::default())
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("bad.zip") && e.contains("neither a folder nor a zip"), "{e}");
+}

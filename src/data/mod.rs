@@ -3,6 +3,7 @@
 pub mod artifact;
 pub mod cifar10;
 pub mod download;
+pub mod edm_archive;
 pub mod file;
 pub mod image;
 pub mod jpeg;

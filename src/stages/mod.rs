@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 mod cifar10;
 pub mod dmd;
+mod edm_dataset;
 pub mod estimate;
 pub mod fid;
 mod gmm2d;
@@ -22,6 +23,7 @@ pub mod teacher;
 
 pub use cifar10::Cifar10Params;
 pub use dmd::DmdParams;
+pub use edm_dataset::EdmDatasetParams;
 pub use fid::{FidParams, FidRefParams};
 pub use gmm2d::{Gmm2dComponent, Gmm2dParams};
 pub use image_folder::ImageFolderParams;
@@ -270,6 +272,7 @@ stage_kinds! {
     "gmm2d" => Gmm2d(Gmm2dParams),
     "cifar10" => Cifar10(Cifar10Params),
     "image-folder" => ImageFolder(ImageFolderParams),
+    "edm-dataset" => EdmDataset(EdmDatasetParams),
     "imagenet64" => Imagenet64(Imagenet64Params),
     "subset" => Subset(SubsetParams),
     "scatter-plot" => ScatterPlot(ScatterPlotParams),
