@@ -203,3 +203,18 @@ fn legacy_torch_streams() {
         });
     }
 }
+
+#[test]
+fn edm_dataset_archives() {
+    use dmdpipe::data::edm_archive::read_edm_dataset;
+    let original = std::fs::read(repo("tests/fixtures/edm_dataset/edm-scale-32.zip")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.zip");
+    std::fs::write(&path, &original).unwrap();
+    assert_eq!(read_edm_dataset(&path, None, 64, &|| {}).unwrap().len(), 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for _ in 0..500 {
+        std::fs::write(&path, mutate(&mut rng, &original)).unwrap();
+        no_panic("EDM dataset archive", || read_edm_dataset(&path, None, 64, &|| {}).is_ok());
+    }
+}
