@@ -10,18 +10,11 @@ set -uo pipefail
 RES="${1:-/tmp/augment}"
 BUDGET="${2:-480}"
 SAMPLES="${3:-50000}"
-S=/tmp/stage
 W=/tmp/aug
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-mkdir -p "$RES" $W/models $W/data/cifar-10-batches-bin
+mkdir -p "$RES"
+bash "$(dirname "$0")/stage_unpack.sh" $W
 cp -r pipelines $W/
-python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" $S/dmdpipe.xz $W/dmdpipe-bin
-chmod +x $W/dmdpipe-bin
-cat $S/inception.part0 $S/inception.part1 > $W/models/inception-2015-12-05.safetensors
-for f in $S/data_batch_*.bin.xz; do
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$W/data/cifar-10-batches-bin/$(basename "$f" .xz)" &
-done
-wait
 cd $W
 P=pipelines/cifar10-speedrun.toml
 COMMON=(--set "stages.teacher.train.max_seconds=$BUDGET" --set "stages.teacher_fid.num_samples=$SAMPLES")

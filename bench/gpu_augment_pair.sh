@@ -7,16 +7,9 @@ set -uo pipefail
 RES="${1:-/tmp/pair}"
 BUDGET="${2:-150}"
 SAMPLES="${3:-10000}"
-S=/tmp/stage
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-mkdir -p "$RES" /tmp/pair-data/models /tmp/pair-data/data/cifar-10-batches-bin
-python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" $S/dmdpipe.xz /tmp/pair-data/dmdpipe-bin
-chmod +x /tmp/pair-data/dmdpipe-bin
-cat $S/inception.part0 $S/inception.part1 > /tmp/pair-data/models/inception-2015-12-05.safetensors
-for f in $S/data_batch_*.bin.xz; do
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "/tmp/pair-data/data/cifar-10-batches-bin/$(basename "$f" .xz)" &
-done
-wait
+mkdir -p "$RES"
+bash "$(dirname "$0")/stage_unpack.sh" /tmp/pair-data
 COMMON=(--until teacher_fid --set "stages.teacher.train.max_seconds=$BUDGET" --set "stages.teacher_fid.num_samples=$SAMPLES")
 AUG=(--set stages.teacher.network.augment_dim=9 --set "stages.teacher.train.augment={ p = 0.12 }" --set stages.teacher.train.xflip=false)
 for variant in plain augment; do
