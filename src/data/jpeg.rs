@@ -41,7 +41,7 @@ extern "C-unwind" fn fail(cinfo: &mut jpeg_common_struct) {
 extern "C-unwind" fn warn(cinfo: &mut jpeg_common_struct, level: std::os::raw::c_int) {
     // SAFETY: as in `message`.
     let code = unsafe { (*cinfo.err).msg_code };
-    if level < 0 && code == JWRN_JPEG_EOF as i32 {
+    if level < 0 && code == JWRN_JPEG_EOF {
         std::panic::resume_unwind(Box::new("the file is truncated (premature end of JPEG data)".to_string()));
     }
 }

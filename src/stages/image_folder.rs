@@ -124,7 +124,7 @@ impl ImageFolderParams {
             Ok(())
         };
         std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(&worker)).collect();
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(worker)).collect();
             handles.into_iter().try_for_each(|h| h.join().expect("image worker panicked"))
         })?;
         Ok(images)
