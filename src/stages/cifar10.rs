@@ -99,13 +99,7 @@ impl Stage for Cifar10Params {
         ArtifactType::Images
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        self.source
-            .iter()
-            .map(|p| InputPath {
-                role: "source",
-                path: p.clone(),
-            })
-            .collect()
+        self.source.iter().map(|p| InputPath::source(p)).collect()
     }
     fn non_key_fields(&self) -> &'static [&'static str] {
         // The archive's content is pinned by `archive_md5`; where it is served from does not matter.

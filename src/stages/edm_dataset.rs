@@ -35,10 +35,7 @@ impl Stage for EdmDatasetParams {
         ArtifactType::Images
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        vec![InputPath {
-            role: "source",
-            path: self.source.clone(),
-        }]
+        vec![InputPath::source(&self.source)]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if self.max_images == Some(0) {

@@ -140,10 +140,7 @@ impl Stage for ImageFolderParams {
         ArtifactType::Images
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        vec![InputPath {
-            role: "source",
-            path: self.source.clone(),
-        }]
+        vec![InputPath::source(&self.source)]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if self.resolution == 0 || self.resolution > 4096 {

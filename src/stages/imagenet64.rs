@@ -45,10 +45,7 @@ impl Stage for Imagenet64Params {
         ArtifactType::Images
     }
     fn input_paths(&self) -> Vec<InputPath> {
-        vec![InputPath {
-            role: "source",
-            path: self.source.clone(),
-        }]
+        vec![InputPath::source(&self.source)]
     }
     fn validate(&self) -> Result<(), FieldIssue> {
         if self.files.is_empty() {

@@ -103,6 +103,16 @@ pub struct InputPath {
     pub path: PathBuf,
 }
 
+impl InputPath {
+    /// The `source` a dataset kind reads (a file or a folder).
+    pub fn source(path: &std::path::Path) -> Self {
+        InputPath {
+            role: "source",
+            path: path.to_path_buf(),
+        }
+    }
+}
+
 /// A semantic problem with one field.
 #[derive(Debug, Clone)]
 pub struct FieldIssue {
