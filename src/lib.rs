@@ -10,6 +10,7 @@ pub mod cuda_graph;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod fused_kernels;
 pub mod nn;
 pub mod pipeline;
 pub mod render;

@@ -1,6 +1,8 @@
 //! `bench gpu`: the full EDM CIFAR-10 network (55.7M parameters) and the small speedrun network
 //! (8.8M): teacher training img/s (batch 512) and one-step sampling img/s (batch 1024) in bf16
-//! and TF32 (eagerly and as CUDA-graph replays), DMD it/s, Inception features img/s.
+//! and TF32 (eagerly and as CUDA-graph replays), DMD it/s, Inception features img/s. Figures
+//! whose key has `_fused` are the networks with `fused_kernels` (channels-last activations,
+//! dmdpipe's fused GroupNorm kernels); the others run the eager libtorch ops in NCHW.
 
 use anyhow::Result;
 use serde_json::{Map, Value};
@@ -19,6 +21,7 @@ pub fn bench_gpu(
     channels_last: bool,
     inception: Option<&std::path::Path>,
     networks_only: bool,
+    dmd: bool,
 ) -> Result<Value> {
     let device = torch_shim::device(device_name)?;
     tch::Cuda::cudnn_set_benchmark(true);
@@ -32,7 +35,10 @@ pub fn bench_gpu(
     let peak = matmul_peak_tflops(device, if quick { 256 } else { 8192 })?;
     out.insert("bf16_matmul_peak_tflops".into(), peak.into());
     let (train_b, sample_b, steps) = if quick { (8, 8, 2) } else { (512, 1024, 20) };
-    for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
+    let nets = [(false, "edm55m"), (false, "speedrun9m"), (true, "edm55m"), (true, "speedrun9m")];
+    for (fused, tag) in nets {
+        let cfg = bench_config(tag, fused);
+        let sfx = if fused { "_fused" } else { "" };
         tch::manual_seed(0);
         let net = Denoiser::new(&cfg, device);
         let mut ema = Denoiser::new(&cfg, device);
@@ -53,7 +59,10 @@ pub fn bench_gpu(
             ("bf16_channels_last", true, true, true, default_norm),
         ];
         // With `networks_only`: the bf16 default and the other GroupNorm mode (and their graphs).
-        let wanted = |prec: &str, cl: bool| (channels_last || !cl) && (!networks_only || prec == "bf16" || prec == other_norm);
+        // With `fused_kernels`: the bf16 default only (the network is channels-last already).
+        let wanted = |prec: &str, cl: bool| {
+            (channels_last || !cl) && (!networks_only || prec == "bf16" || prec == other_norm) && (!fused || (prec == "bf16" && !cl))
+        };
         for &(prec, bf16, cl, fused_attention, native_norm) in variants.iter().filter(|v| wanted(v.0, v.2)) {
             crate::nn::unet_block::set_fused_attention(fused_attention);
             crate::torch_shim::set_group_norm_override(Some(native_norm));
@@ -79,7 +88,7 @@ pub fn bench_gpu(
                 opt.step(1e-4, 0.0)?;
                 ema_update(&ema, &net, 0.999)
             })?;
-            out.insert(format!("{tag}_train_{prec}_img_s"), (train_b as f64 / per_step).into());
+            out.insert(format!("{tag}_train_{prec}{sfx}_img_s"), (train_b as f64 / per_step).into());
             let z = layout(Tensor::randn([sample_b, 3, 32, 32], (Kind::Float, device)) * 80.0)?;
             let labels = one_hot(&(0..sample_b).map(|i| i % 10).collect::<Vec<_>>(), 10, device);
             let sigma = Tensor::from(80.0f32).to_device(device);
@@ -88,11 +97,11 @@ pub fn bench_gpu(
                 let _ = tch::no_grad(|| ema.denoise(&z, &sigma, Some(&labels), false));
                 Ok(())
             })?;
-            out.insert(format!("{tag}_onestep_{prec}_img_s"), (sample_b as f64 / per_call).into());
+            out.insert(format!("{tag}_onestep_{prec}{sfx}_img_s"), (sample_b as f64 / per_call).into());
             // DMDPIPE_BENCH_NO_GRAPH=1 skips the graph variants (their capture failed once on an
             // H200 in cuDNN's engine search, then reported as `*_graph_error`; docs/RESULTS.md).
             let graphs = std::env::var("DMDPIPE_BENCH_NO_GRAPH").map_or(true, |v| v != "1");
-            let graph_tag = (prec == "bf16" || prec == other_norm).then(|| format!("{prec}_graph"));
+            let graph_tag = (prec == "bf16" || prec == other_norm).then(|| format!("{prec}{sfx}_graph"));
             if let (Some(gt), true, true, true) = (graph_tag, graphs, device.is_cuda(), crate::cuda_graph::available()) {
                 match bench_graphed(&net, &opt, device, train_b, &z, &labels, steps) {
                     Ok((train, sample)) => {
@@ -110,6 +119,9 @@ pub fn bench_gpu(
     crate::nn::unet_block::set_fused_attention(true);
     crate::torch_shim::set_group_norm_override(saved_override);
     if networks_only {
+        if dmd {
+            bench_dmd_rows(&mut out, device, quick)?;
+        }
         add_tflops(&mut out, peak);
         return Ok(Value::Object(out));
     }
@@ -150,15 +162,27 @@ fn bench_inception_layouts(out: &mut Map<String, Value>, w: &std::path::Path, de
     Ok(())
 }
 
-/// DMD iterations per second (captured and eager) of both networks at batches 56 and 128.
+/// The bench network `tag` (edm55m or speedrun9m) with or without `fused_kernels`.
+fn bench_config(tag: &str, fused: bool) -> crate::nn::NetworkConfig {
+    let mut cfg = if tag == "edm55m" { ddpmpp(128, 4) } else { ddpmpp(64, 2) };
+    cfg.set_fused_kernels(fused);
+    cfg
+}
+
+/// DMD iterations per second (captured and eager) of both networks at batches 56 and 128, with
+/// and without the fused kernels.
 fn bench_dmd_rows(out: &mut Map<String, Value>, device: tch::Device, quick: bool) -> Result<()> {
     if !quick {
-        for (tag, cfg) in [("edm55m", ddpmpp(128, 4)), ("speedrun9m", ddpmpp(64, 2))] {
-            for batch in [56usize, 128] {
-                let ips = bench_dmd(&cfg, device, batch, 40, true)?;
-                out.insert(format!("{tag}_dmd_b{batch}_it_s"), ips.into());
-                let eager = bench_dmd(&cfg, device, batch, 20, false)?;
-                out.insert(format!("{tag}_dmd_b{batch}_eager_it_s"), eager.into());
+        for fused in [false, true] {
+            let sfx = if fused { "_fused" } else { "" };
+            for tag in ["edm55m", "speedrun9m"] {
+                let cfg = bench_config(tag, fused);
+                for batch in [56usize, 128] {
+                    let ips = bench_dmd(&cfg, device, batch, 40, true)?;
+                    out.insert(format!("{tag}_dmd_b{batch}{sfx}_it_s"), ips.into());
+                    let eager = bench_dmd(&cfg, device, batch, 20, false)?;
+                    out.insert(format!("{tag}_dmd_b{batch}{sfx}_eager_it_s"), eager.into());
+                }
             }
         }
     } else {

@@ -124,6 +124,9 @@ pub enum BenchCommand {
         /// default GroupNorm mode (no TF32, no Inception, no DMD): a short call.
         #[arg(long)]
         networks_only: bool,
+        /// With --networks-only: also DMD iterations per second at batches 56 and 128.
+        #[arg(long)]
+        dmd: bool,
         /// Inception weights for the feature-throughput figure (skipped when absent).
         #[arg(long, default_value = "models/inception-2015-12-05.safetensors")]
         inception: PathBuf,
@@ -166,11 +169,12 @@ pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
             quick,
             channels_last,
             networks_only,
+            dmd,
             inception,
             out,
         } => {
             init_logging(g.verbose, None);
-            let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception), networks_only)?;
+            let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception), networks_only, dmd)?;
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }

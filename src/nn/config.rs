@@ -5,6 +5,8 @@ use anyhow::{Context, Result, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::layers::NormMode;
+
 fn d_res32() -> i64 {
     32
 }
@@ -133,6 +135,21 @@ pub struct SongUNetConfig {
     /// training and sampling speed on an H200 (docs/RESULTS.md, session 5). No effect in fp32.
     #[serde(default = "d_true")]
     pub bf16_group_norm: bool,
+    /// On CUDA: activations channels-last (NHWC) through the network and every GroupNorm, with
+    /// the shift before it and the SiLU after it, in dmdpipe's fused kernels (compiled at run time
+    /// by NVRTC; statistics and arithmetic in fp32, one rounding to the activation dtype).
+    /// docs/RESULTS.md, session 9, has its speed; no effect on the CPU.
+    #[serde(default = "d_true")]
+    pub fused_kernels: bool,
+}
+
+impl SongUNetConfig {
+    pub fn norm_mode(&self) -> NormMode {
+        NormMode {
+            bf16_native: self.bf16_group_norm,
+            fused: self.fused_kernels,
+        }
+    }
 }
 
 /// ADM (EDM's DhariwalUNet, the ImageNet-64 architecture).
@@ -168,6 +185,21 @@ pub struct DhariwalUNetConfig {
     /// training and sampling speed on an H200 (docs/RESULTS.md, session 5). No effect in fp32.
     #[serde(default = "d_true")]
     pub bf16_group_norm: bool,
+    /// On CUDA: activations channels-last (NHWC) through the network and every GroupNorm, with
+    /// the shift before it and the SiLU after it, in dmdpipe's fused kernels (compiled at run time
+    /// by NVRTC; statistics and arithmetic in fp32, one rounding to the activation dtype).
+    /// docs/RESULTS.md, session 9, has its speed; no effect on the CPU.
+    #[serde(default = "d_true")]
+    pub fused_kernels: bool,
+}
+
+impl DhariwalUNetConfig {
+    pub fn norm_mode(&self) -> NormMode {
+        NormMode {
+            bf16_native: self.bf16_group_norm,
+            fused: self.fused_kernels,
+        }
+    }
 }
 
 fn d_dim() -> i64 {
@@ -329,6 +361,21 @@ impl NetworkConfig {
             NetworkConfig::Ddpmpp(c) => c.bf16_group_norm,
             NetworkConfig::Adm(c) => c.bf16_group_norm,
             NetworkConfig::Mlp(_) => false,
+        }
+    }
+    /// Whether CUDA runs the network channels-last with the fused kernels (`fused_kernels`).
+    pub fn fused_kernels(&self) -> bool {
+        match self {
+            NetworkConfig::Ddpmpp(c) => c.fused_kernels,
+            NetworkConfig::Adm(c) => c.fused_kernels,
+            NetworkConfig::Mlp(_) => false,
+        }
+    }
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        match self {
+            NetworkConfig::Ddpmpp(c) => c.fused_kernels = on,
+            NetworkConfig::Adm(c) => c.fused_kernels = on,
+            NetworkConfig::Mlp(_) => {}
         }
     }
     pub fn set_dropout(&mut self, p: f64) {

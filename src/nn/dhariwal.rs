@@ -4,7 +4,7 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::config::DhariwalUNetConfig;
-use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear, positional_embedding};
+use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear, network_layout, positional_embedding};
 use super::unet_block::{BlockConfig, UNetBlock};
 
 enum Layer {
@@ -23,6 +23,8 @@ pub struct DhariwalUNet {
     out_norm: GroupNorm,
     out_conv: Conv2d,
     label_dropout: f64,
+    /// Activations channels-last on CUDA (the config's `fused_kernels`).
+    channels_last: bool,
 }
 
 impl DhariwalUNet {
@@ -38,7 +40,7 @@ impl DhariwalUNet {
             dropout: c.dropout,
             skip_scale: 1.0,
             eps: 1e-5,
-            bf16_norm: c.bf16_group_norm,
+            norm: c.norm_mode(),
             resample_filter: &[1.0, 1.0],
             resample_proj: false,
             adaptive_scale: true,
@@ -60,7 +62,7 @@ impl DhariwalUNet {
         });
         let (enc, skips, cout) = Self::encoder(&(p / "enc"), c, &bk, init);
         let (dec, cout) = Self::decoder(&(p / "dec"), c, &bk, skips, cout);
-        let out_norm = GroupNorm::new(&(p / "out_norm"), cout, 1e-5, c.bf16_group_norm);
+        let out_norm = GroupNorm::new(&(p / "out_norm"), cout, 1e-5, c.norm_mode());
         let out_conv = Conv2d::new(&(p / "out_conv"), cout, c.img_channels, ConvSpec::default(), init_zero);
         DhariwalUNet {
             model_channels: c.model_channels,
@@ -73,6 +75,7 @@ impl DhariwalUNet {
             out_norm,
             out_conv,
             label_dropout: c.label_dropout,
+            channels_last: c.fused_kernels,
         }
     }
 
@@ -193,7 +196,8 @@ impl DhariwalUNet {
             }
             x = b.forward(&x, &emb, train);
         }
-        self.out_conv.forward(&self.out_norm.forward(&x).silu())
+        // Callers get the usual contiguous NCHW tensor back (a pass over 3 channels).
+        self.out_conv.forward(&self.out_norm.forward_act(&x, None, true)).contiguous()
     }
 
     /// The encoder's last feature map (ImageNet-64's ADM: 768 channels at 8x8), where DMD2
@@ -242,7 +246,7 @@ impl DhariwalUNet {
         }
         let emb = emb.silu();
         let mut skips = Vec::new();
-        let mut x = x.shallow_clone();
+        let mut x = network_layout(x, self.channels_last);
         for layer in &self.enc {
             x = match layer {
                 Layer::Conv(c) => c.forward(&x),

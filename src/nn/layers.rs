@@ -203,19 +203,35 @@ impl Conv2d {
     }
 }
 
+/// How a GroupNorm runs on CUDA (both in the network config, so in the cache key).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormMode {
+    /// On bf16 activations: the native kernel in bf16 instead of autocast's fp32 (the network
+    /// config's `bf16_group_norm`).
+    pub bf16_native: bool,
+    /// On channels-last CUDA activations: dmdpipe's fused kernels, with the shift before the norm
+    /// and the SiLU after it in the same passes (the network config's `fused_kernels`).
+    pub fused: bool,
+}
+
+impl NormMode {
+    pub const EAGER_BF16: NormMode = NormMode {
+        bf16_native: true,
+        fused: false,
+    };
+}
+
 pub struct GroupNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     groups: i64,
     eps: f64,
-    /// On bf16 activations: the native kernel in bf16 instead of autocast's fp32 (the network
-    /// config's `bf16_group_norm`).
-    bf16_native: bool,
+    mode: NormMode,
 }
 
 impl GroupNorm {
     /// EDM's rule: min(32, channels / 4) groups.
-    pub fn new(p: &Path, channels: i64, eps: f64, bf16_native: bool) -> Self {
+    pub fn new(p: &Path, channels: i64, eps: f64, mode: NormMode) -> Self {
         let groups = 32.min(channels / 4).max(1);
         let weight = p.var_copy("weight", &Tensor::ones([channels], (Kind::Float, p.device())));
         let bias = p.var_copy("bias", &Tensor::zeros([channels], (Kind::Float, p.device())));
@@ -224,16 +240,54 @@ impl GroupNorm {
             bias,
             groups,
             eps,
-            bf16_native,
+            mode,
         }
     }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let native = crate::torch_shim::group_norm_override().unwrap_or(self.bf16_native);
+        self.forward_act(x, None, false)
+    }
+
+    /// `act(norm(x + shift))`: act is SiLU when `silu`, else the identity; `shift` is [N, C, 1, 1]
+    /// or [1, C, 1, 1]. One read of x for the statistics and one for the output in the fused
+    /// kernels, where eager ops make a pass each for the shift, the norm's two and the SiLU.
+    pub fn forward_act(&self, x: &Tensor, shift: Option<&Tensor>, silu: bool) -> Tensor {
+        if self.mode.fused
+            && let Some(y) = crate::fused_kernels::group_norm_act(x, shift, &self.weight, &self.bias, self.groups, self.eps, silu)
+                .expect("fused group_norm")
+        {
+            return y;
+        }
+        let shifted;
+        let x = match shift {
+            Some(s) => {
+                shifted = x + s;
+                &shifted
+            }
+            None => x,
+        };
+        let y = self.eager(x);
+        if silu { y.silu() } else { y }
+    }
+
+    fn eager(&self, x: &Tensor) -> Tensor {
+        let native = crate::torch_shim::group_norm_override().unwrap_or(self.mode.bf16_native);
         if x.kind() == Kind::BFloat16 && native {
             return crate::torch_shim::group_norm_native(x, &self.weight, &self.bias, self.groups, self.eps)
                 .expect("group_norm on bf16 activations");
         }
         x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// The layout a network runs in: with `channels_last` on a CUDA device the input is re-laid out
+/// once as NHWC, and every convolution keeps that layout (cuDNN answers in its input's layout),
+/// so no layer pays NCHW <-> NHWC transforms around cuDNN's NHWC kernels.
+pub fn network_layout(x: &Tensor, channels_last: bool) -> Tensor {
+    if channels_last && x.device().is_cuda() && x.dim() == 4 {
+        crate::torch_shim::channels_last(x).expect("a 4-D tensor")
+    } else {
+        x.shallow_clone()
     }
 }
 
@@ -260,7 +314,7 @@ mod tests {
     fn bf16_group_norm_matches_fp32_and_passes_gradients_to_fp32_weights() {
         tch::manual_seed(0);
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let norm = GroupNorm::new(&vs.root(), 16, 1e-6, true);
+        let norm = GroupNorm::new(&vs.root(), 16, 1e-6, NormMode::EAGER_BF16);
         tch::no_grad(|| {
             norm.weight
                 .shallow_clone()

@@ -4,7 +4,7 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::config::{DecoderType, Embedding, EncoderType, SongUNetConfig};
-use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear, buffer, fourier_embedding, positional_embedding};
+use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear, buffer, fourier_embedding, network_layout, positional_embedding};
 use super::unet_block::{BlockConfig, UNetBlock};
 
 enum Enc {
@@ -33,6 +33,8 @@ pub struct SongUNet {
     enc: Vec<Enc>,
     dec: Vec<Dec>,
     label_dropout: f64,
+    /// Activations channels-last on CUDA (the config's `fused_kernels`).
+    channels_last: bool,
 }
 
 impl SongUNet {
@@ -49,7 +51,7 @@ impl SongUNet {
             dropout: c.dropout,
             skip_scale: 0.5f64.sqrt(),
             eps: 1e-6,
-            bf16_norm: c.bf16_group_norm,
+            norm: c.norm_mode(),
             resample_filter: &c.resample_filter,
             resample_proj: true,
             adaptive_scale: false,
@@ -82,6 +84,7 @@ impl SongUNet {
             enc,
             dec,
             label_dropout: c.label_dropout,
+            channels_last: c.fused_kernels,
         }
     }
 
@@ -265,7 +268,7 @@ impl SongUNet {
                     &(pd / format!("{res}x{res}_aux_norm")),
                     cout,
                     1e-6,
-                    c.bf16_group_norm,
+                    c.norm_mode(),
                 )));
                 dec.push(Dec::AuxConv(Conv2d::new(
                     &(pd / format!("{res}x{res}_aux_conv")),
@@ -288,7 +291,8 @@ impl SongUNet {
         train: bool,
     ) -> Tensor {
         let (emb, x, skips) = self.encode(x, noise_labels, class_labels, augment_labels, train);
-        self.decode(&emb, x, skips, train)
+        // Callers get the usual contiguous NCHW tensor back (a pass over 3 channels).
+        self.decode(&emb, x, skips, train).contiguous()
     }
 
     /// The encoder's last feature map (the lowest resolution): DMD2's GAN head reads it.
@@ -341,7 +345,7 @@ impl SongUNet {
         let emb = self.map_layer1.forward(&self.map_layer0.forward(&emb).silu()).silu();
 
         let mut skips: Vec<Tensor> = Vec::new();
-        let mut x = x.shallow_clone();
+        let mut x = network_layout(x, self.channels_last);
         let mut aux = x.shallow_clone();
         for layer in &self.enc {
             match layer {
@@ -375,9 +379,9 @@ impl SongUNet {
         for layer in &self.dec {
             match layer {
                 Dec::AuxUp(c) => out = out.map(|a| c.forward(&a)),
-                Dec::AuxNorm(nrm) => tmp = Some(nrm.forward(&x)),
+                Dec::AuxNorm(nrm) => tmp = Some(nrm.forward_act(&x, None, true)),
                 Dec::AuxConv(c) => {
-                    let t = c.forward(&tmp.take().expect("aux_norm precedes aux_conv").silu());
+                    let t = c.forward(&tmp.take().expect("aux_norm precedes aux_conv"));
                     out = Some(match out {
                         None => t,
                         Some(a) => t + a,

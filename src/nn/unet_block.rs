@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
-use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, Linear};
+use super::layers::{Conv2d, ConvSpec, GroupNorm, Init, Linear, NormMode};
 
 pub struct BlockConfig<'a> {
     pub emb_channels: i64,
@@ -16,8 +16,8 @@ pub struct BlockConfig<'a> {
     pub dropout: f64,
     pub skip_scale: f64,
     pub eps: f64,
-    /// GroupNorm on bf16 activations in bf16 (the network config's `bf16_group_norm`).
-    pub bf16_norm: bool,
+    /// How the GroupNorms run (the network config's `bf16_group_norm` and `fused_kernels`).
+    pub norm: NormMode,
     pub resample_filter: &'a [f64],
     pub resample_proj: bool,
     pub adaptive_scale: bool,
@@ -56,7 +56,7 @@ impl UNetBlock {
             resample_filter: c.resample_filter,
             ..Default::default()
         };
-        let norm0 = GroupNorm::new(&(p / "norm0"), in_channels, c.eps, c.bf16_norm);
+        let norm0 = GroupNorm::new(&(p / "norm0"), in_channels, c.eps, c.norm);
         let conv0 = Conv2d::new(&(p / "conv0"), in_channels, out_channels, resample(3), c.init);
         let affine = Linear::new(
             &(p / "affine"),
@@ -65,7 +65,7 @@ impl UNetBlock {
             true,
             c.init,
         );
-        let norm1 = GroupNorm::new(&(p / "norm1"), out_channels, c.eps, c.bf16_norm);
+        let norm1 = GroupNorm::new(&(p / "norm1"), out_channels, c.eps, c.norm);
         let conv1 = Conv2d::new(&(p / "conv1"), out_channels, out_channels, ConvSpec::default(), c.init_zero);
         let skip = (out_channels != in_channels || up || down).then(|| {
             let kernel = if c.resample_proj || out_channels != in_channels { 1 } else { 0 };
@@ -77,7 +77,7 @@ impl UNetBlock {
                 ..Default::default()
             };
             (
-                GroupNorm::new(&(p / "norm2"), out_channels, c.eps, c.bf16_norm),
+                GroupNorm::new(&(p / "norm2"), out_channels, c.eps, c.norm),
                 Conv2d::new(&(p / "qkv"), out_channels, out_channels * 3, one(()), c.init_attn),
                 Conv2d::new(&(p / "proj"), out_channels, out_channels, one(()), c.init_zero),
             )
@@ -105,7 +105,7 @@ impl UNetBlock {
     // convolution's bias when there is one.
     pub fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Tensor {
         let orig = x;
-        let mut x = self.conv0.forward_without_bias(&self.norm0.forward(x).silu());
+        let mut x = self.conv0.forward_without_bias(&self.norm0.forward_act(x, None, true));
         let params = self.affine.forward(emb).unsqueeze(2).unsqueeze(3).to_kind(x.kind());
         let bias0 = self.conv0.bias_for(&x);
         x = if self.adaptive_scale {
@@ -120,7 +120,7 @@ impl UNetBlock {
                 Some(b) => params + b,
                 None => params,
             };
-            self.norm1.forward(&(x + shift)).silu()
+            self.norm1.forward_act(&x, Some(&shift), true)
         };
         x = self.conv1.forward_without_bias(&x.dropout(self.dropout, train));
         // The skip path and the bias of the sum (conv1's, plus the skip convolution's if any).
@@ -212,7 +212,7 @@ mod tests {
             dropout: 0.0,
             skip_scale: 0.5f64.sqrt(),
             eps: 1e-6,
-            bf16_norm: true,
+            norm: NormMode::EAGER_BF16,
             resample_filter: &[1.0, 1.0],
             resample_proj: true,
             adaptive_scale: false,

@@ -5,7 +5,7 @@
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::nn::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear};
+use crate::nn::layers::{Conv2d, ConvSpec, GroupNorm, Init, InitMode, Linear, NormMode};
 
 pub struct GanHead {
     pub vs: VarStore,
@@ -21,7 +21,7 @@ impl GanHead {
         let p = vs.root() / "gan_head";
         let init = Init::new(InitMode::KaimingUniform, 1.0, 0.0);
         let conv = Conv2d::new(&(&p / "conv"), channels, channels, ConvSpec::default(), init);
-        let norm = GroupNorm::new(&(&p / "norm"), channels, 1e-6, true);
+        let norm = GroupNorm::new(&(&p / "norm"), channels, 1e-6, NormMode::EAGER_BF16);
         let out = Linear::new(&(&p / "out"), channels, 1, true, Init::new(InitMode::XavierUniform, 1.0, 0.0));
         GanHead { vs, conv, norm, out }
     }

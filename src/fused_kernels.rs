@@ -1,0 +1,58 @@
+//! Fused CUDA kernels of our own, compiled at run time by NVRTC (src/shim/fused_norm.cpp):
+//! GroupNorm with the shift before it and the SiLU after it in one pass over memory, on
+//! channels-last bf16 or fp32 activations, forward and backward, under autograd. Every other
+//! case (the CPU, NCHW tensors, other dtypes) runs the eager libtorch ops, which stay the
+//! reference the kernels are tested against (`tests/fused_kernels.rs`, on a GPU).
+
+use anyhow::{Result, bail};
+use tch::Tensor;
+
+/// The kernels' CUDA source, handed to the shim when it is loaded.
+pub const SOURCE: &str = include_str!("shim/kernels/group_norm.cu");
+
+type CTensor = *mut torch_sys::C_tensor;
+
+pub(crate) type GroupNormFn =
+    unsafe extern "C" fn(CTensor, CTensor, CTensor, CTensor, i64, f64, libc::c_int, CTensor) -> libc::c_int;
+
+/// `act(group_norm(x + shift) * weight + bias)`, act = SiLU or identity, in the fused kernels;
+/// `None` where they do not apply (not a channels-last CUDA tensor in bf16 or fp32, or no CUDA
+/// shim in this binary). `shift` is [N, C, 1, 1] or [1, C, 1, 1]; weight and bias are [C].
+pub fn group_norm_act(
+    x: &Tensor,
+    shift: Option<&Tensor>,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: i64,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() {
+        return Ok(None);
+    }
+    let Ok(api) = crate::cuda_graph::api() else {
+        return Ok(None);
+    };
+    let out = Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu));
+    let shift_ptr = shift.map_or(std::ptr::null_mut(), |s| s.as_ptr() as CTensor);
+    let rc = unsafe {
+        (api.group_norm)(
+            x.as_ptr() as CTensor,
+            shift_ptr,
+            weight.as_ptr() as CTensor,
+            bias.as_ptr() as CTensor,
+            groups,
+            eps,
+            silu as libc::c_int,
+            out.as_ptr() as CTensor,
+        )
+    };
+    match rc {
+        0 => Ok(Some(out)),
+        2 => Ok(None),
+        _ => {
+            let msg = unsafe { std::ffi::CStr::from_ptr((api.last_error)()).to_string_lossy().into_owned() };
+            bail!("fused group_norm: {msg}")
+        }
+    }
+}

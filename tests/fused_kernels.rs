@@ -1,0 +1,212 @@
+//! dmdpipe's fused GroupNorm kernels (NVRTC, src/shim/kernels/group_norm.cu) against float64
+//! references and against the eager libtorch path, on a CUDA device. Without one every test
+//! prints a notice and passes (CI has no GPU); `DMDPIPE_REQUIRE_CUDA=1` makes that a failure.
+//! The errors are printed (run with `--nocapture`), for docs/RESULTS.md.
+
+use dmdpipe::nn::layers::{GroupNorm, NormMode};
+use dmdpipe::nn::{Denoiser, NetworkConfig};
+use tch::{Device, Kind, Tensor};
+
+fn cuda() -> Option<Device> {
+    if dmdpipe::torch_shim::init_cuda() {
+        return Some(Device::Cuda(0));
+    }
+    assert!(
+        std::env::var("DMDPIPE_REQUIRE_CUDA").map_or(true, |v| v != "1"),
+        "DMDPIPE_REQUIRE_CUDA=1 but no CUDA device"
+    );
+    eprintln!("notice: no CUDA device; the fused-kernel tests ran nothing");
+    None
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+/// ||a - b|| / ||b|| in float64.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-30)
+}
+
+struct Case {
+    n: i64,
+    c: i64,
+    h: i64,
+    kind: Kind,
+    /// 0: no shift, 1: [N, C, 1, 1], 2: [1, C, 1, 1]
+    shift: u8,
+    silu: bool,
+}
+
+/// float64 reference of act(group_norm(x + shift)) and its gradients for upstream gradient g.
+fn reference(x: &Tensor, shift: Option<&Tensor>, w: &Tensor, b: &Tensor, groups: i64, silu: bool, g: &Tensor) -> Vec<Tensor> {
+    let x = x.to_kind(Kind::Double).detach().set_requires_grad(true);
+    let s = shift.map(|s| s.to_kind(Kind::Double).detach().set_requires_grad(true));
+    let w = w.to_kind(Kind::Double).detach().set_requires_grad(true);
+    let b = b.to_kind(Kind::Double).detach().set_requires_grad(true);
+    let u = match &s {
+        Some(s) => &x + s,
+        None => x.shallow_clone(),
+    };
+    let mut y = u.group_norm(groups, Some(&w), Some(&b), 1e-6, false);
+    if silu {
+        y = y.silu();
+    }
+    (&y * g.to_kind(Kind::Double)).sum(Kind::Double).backward();
+    let ds = s.as_ref().map_or_else(|| Tensor::zeros([1], (Kind::Double, x.device())), |s| s.grad());
+    vec![y.detach(), x.grad(), ds, w.grad(), b.grad()]
+}
+
+/// The layer's output and gradients (x, shift, weight, bias) for upstream gradient g.
+fn layer_run(norm: &GroupNorm, x: &Tensor, shift: Option<&Tensor>, silu: bool, g: &Tensor) -> Vec<Tensor> {
+    let x = x.detach().set_requires_grad(true);
+    let s = shift.map(|s| s.detach().set_requires_grad(true));
+    for p in [&norm.weight, &norm.bias] {
+        let mut grad = p.grad();
+        if grad.defined() {
+            let _ = grad.zero_();
+        }
+    }
+    let y = norm.forward_act(&x, s.as_ref(), silu);
+    (&y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
+    let ds = s.as_ref().map_or_else(|| Tensor::zeros([1], (Kind::Float, x.device())), |s| s.grad());
+    vec![y.detach(), x.grad(), ds, norm.weight.grad().copy(), norm.bias.grad().copy()]
+}
+
+#[test]
+fn fused_group_norm_matches_float64_and_is_no_worse_than_eager() {
+    let Some(dev) = cuda() else { return };
+    tch::manual_seed(0);
+    let cases = [
+        Case { n: 8, c: 256, h: 32, kind: Kind::BFloat16, shift: 1, silu: true },
+        Case { n: 8, c: 256, h: 32, kind: Kind::BFloat16, shift: 0, silu: true },
+        Case { n: 56, c: 256, h: 8, kind: Kind::BFloat16, shift: 1, silu: true },
+        Case { n: 5, c: 128, h: 16, kind: Kind::BFloat16, shift: 2, silu: false },
+        Case { n: 3, c: 192, h: 8, kind: Kind::BFloat16, shift: 1, silu: true },
+        Case { n: 2, c: 768, h: 4, kind: Kind::BFloat16, shift: 0, silu: true },
+        Case { n: 4, c: 64, h: 16, kind: Kind::Float, shift: 1, silu: true },
+        Case { n: 3, c: 96, h: 5, kind: Kind::Float, shift: 0, silu: false },
+    ];
+    let names = ["y", "dx", "dshift", "dweight", "dbias"];
+    for case in &cases {
+        let vs = tch::nn::VarStore::new(dev);
+        let fused = GroupNorm::new(&(vs.root() / "f"), case.c, 1e-6, NormMode { bf16_native: true, fused: true });
+        let eager = GroupNorm::new(&(vs.root() / "e"), case.c, 1e-6, NormMode::EAGER_BF16);
+        tch::no_grad(|| {
+            let w = Tensor::rand([case.c], (Kind::Float, dev)) + 0.5;
+            let b = Tensor::randn([case.c], (Kind::Float, dev)) * 0.5;
+            for n in [&fused, &eager] {
+                n.weight.shallow_clone().copy_(&w);
+                n.bias.shallow_clone().copy_(&b);
+            }
+        });
+        let groups = 32.min(case.c / 4);
+        // Offsets far from zero test the statistics' numerics as well as their arithmetic.
+        let x = (Tensor::randn([case.n, case.c, case.h, case.h], (Kind::Float, dev)) * 2.0 + 3.0)
+            .to_kind(case.kind);
+        let x = dmdpipe::torch_shim::channels_last(&x).unwrap();
+        let shift = match case.shift {
+            1 => Some(Tensor::randn([case.n, case.c, 1, 1], (Kind::Float, dev)).to_kind(case.kind)),
+            2 => Some(Tensor::randn([1, case.c, 1, 1], (Kind::Float, dev)).to_kind(case.kind)),
+            _ => None,
+        };
+        let g = Tensor::randn([case.n, case.c, case.h, case.h], (Kind::Float, dev)).to_kind(case.kind);
+        let r = reference(&x, shift.as_ref(), &fused.weight, &fused.bias, groups, case.silu, &g);
+        let f = layer_run(&fused, &x, shift.as_ref(), case.silu, &g);
+        let e = layer_run(&eager, &x, shift.as_ref(), case.silu, &g);
+        assert_eq!(f[0].stride()[1], 1, "the output stays channels-last");
+        assert_eq!(f[0].kind(), case.kind);
+        let label = format!("N{} C{} {}x{} {:?} shift{} silu={}", case.n, case.c, case.h, case.h, case.kind, case.shift, case.silu);
+        for (i, name) in names.iter().enumerate() {
+            if name == &"dshift" && case.shift == 0 {
+                continue;
+            }
+            let (fe, ee) = (rel(&f[i], &r[i]), rel(&e[i], &r[i]));
+            let fmax = max_abs(&(f[i].to_kind(Kind::Double) - &r[i]));
+            println!("{label}: {name}: fused rel {fe:.2e} (max abs {fmax:.2e}), eager rel {ee:.2e}");
+            // bf16 keeps 8 bits: relative error per element up to 2^-9. fp32: the reference's
+            // own float rounding. The fused path computes in fp32 and rounds once, so it must
+            // not be worse than the eager one (which rounds between the norm and the SiLU).
+            let bound = if case.kind == Kind::BFloat16 { 8e-3 } else { 2e-5 };
+            assert!(fe < bound, "{label}: {name}: relative error {fe} >= {bound}");
+            assert!(fe <= ee * 1.5 + 1e-6, "{label}: {name}: fused {fe} much worse than eager {ee}");
+        }
+        if case.kind == Kind::BFloat16 {
+            // The forward output: every element within one bf16 rounding of the float64 value.
+            let ulp = r[0].abs().clamp_min(1e-3) * 2f64.powi(-8);
+            let over = (f[0].to_kind(Kind::Double) - &r[0]).abs().gt_tensor(&ulp).sum(Kind::Int64).int64_value(&[]);
+            assert_eq!(over, 0, "{label}: {over} outputs off by more than one bf16 step");
+        }
+    }
+}
+
+#[test]
+fn fused_group_norm_is_deterministic_and_leaves_nchw_to_eager() {
+    let Some(dev) = cuda() else { return };
+    tch::manual_seed(1);
+    let vs = tch::nn::VarStore::new(dev);
+    let norm = GroupNorm::new(&vs.root(), 256, 1e-6, NormMode { bf16_native: true, fused: true });
+    let x = dmdpipe::torch_shim::channels_last(&Tensor::randn([16, 256, 16, 16], (Kind::BFloat16, dev))).unwrap();
+    let g = Tensor::randn([16, 256, 16, 16], (Kind::BFloat16, dev));
+    let a = layer_run(&norm, &x, None, true, &g);
+    let b = layer_run(&norm, &x, None, true, &g);
+    for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+        assert!(p.equal(q), "output {i} differs between two identical calls");
+    }
+    // An NCHW tensor takes the eager path, which (rounding between norm and SiLU) differs.
+    let y_nchw = tch::no_grad(|| norm.forward_act(&x.contiguous(), None, true));
+    assert!(!y_nchw.equal(&a[0].contiguous()), "NCHW input should run the eager ops");
+    let d = rel(&y_nchw, &a[0]);
+    assert!(d < 1e-2, "eager and fused disagree by {d}");
+}
+
+fn small_net(fused: bool) -> NetworkConfig {
+    let v = serde_json::json!({"arch": "ddpmpp", "img_resolution": 16, "model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1,
+        "attn_resolutions": [8], "augment_dim": 0, "dropout": 0.0, "fused_kernels": fused});
+    serde_json::from_value(v).unwrap()
+}
+
+#[test]
+fn a_network_with_fused_kernels_matches_the_eager_one_and_captures_as_a_graph() {
+    let Some(dev) = cuda() else { return };
+    tch::manual_seed(2);
+    let fused = Denoiser::new(&small_net(true), dev);
+    let mut eager = Denoiser::new(&small_net(false), dev);
+    eager.copy_from(&fused).unwrap();
+    let x = Tensor::randn([6, 3, 16, 16], (Kind::Float, dev));
+    let sigma = Tensor::from_slice(&[0.1f32, 0.5, 1.0, 2.0, 10.0, 80.0]).to_device(dev);
+    let labels = Tensor::eye(10, (Kind::Float, dev)).narrow(0, 0, 6);
+    let run = |net: &Denoiser| {
+        let _ac = dmdpipe::torch_shim::AutocastBf16::new(true).unwrap();
+        let x = x.detach().set_requires_grad(true);
+        let d = net.denoise(&x, &sigma.reshape([-1, 1, 1, 1]), Some(&labels), true);
+        (&d - &x).square().sum(Kind::Float).backward();
+        (d.detach(), x.grad())
+    };
+    let (df, gf) = run(&fused);
+    let (de, ge) = run(&eager);
+    assert!(df.is_contiguous(), "the denoiser returns NCHW");
+    let (ed, eg) = (rel(&df, &de), rel(&gf, &ge));
+    println!("small DDPM++ bf16: denoised rel diff {ed:.2e}, input-gradient rel diff {eg:.2e}");
+    assert!(ed < 2e-2 && eg < 5e-2, "fused and eager networks differ: {ed}, {eg}");
+    let eager_vars = eager.vs.variables();
+    for (name, p) in fused.vs.variables() {
+        let (a, b) = (p.grad(), eager_vars[&name].grad());
+        if b.norm().double_value(&[]) > 1e-3 {
+            let e = rel(&a, &b);
+            assert!(e < 0.1, "{name}: gradient relative difference {e}");
+        }
+    }
+    // Captured and replayed, the fused kernels give what they give eagerly.
+    use dmdpipe::cuda_graph::{CudaGraph, SideStream};
+    let _side = SideStream::enter().unwrap();
+    let sample = || -> anyhow::Result<Tensor> {
+        let _ac = dmdpipe::torch_shim::AutocastBf16::new(true)?;
+        Ok(tch::no_grad(|| fused.denoise(&x, &sigma.reshape([-1, 1, 1, 1]), Some(&labels), false)))
+    };
+    let eager_out = sample().unwrap();
+    let (graph, out) = CudaGraph::capture(sample).unwrap();
+    graph.replay().unwrap();
+    assert!(out.equal(&eager_out), "graph replay differs from the eager call");
+}
