@@ -11,12 +11,12 @@ use std::sync::OnceLock;
 
 use anyhow::{Result, bail};
 
-type ErrFn = unsafe extern "C" fn() -> *const libc::c_char;
+pub type ErrFn = unsafe extern "C" fn() -> *const libc::c_char;
 type StatusFn = unsafe extern "C" fn() -> libc::c_int;
 type GraphFn = unsafe extern "C" fn(*mut libc::c_void) -> libc::c_int;
 
-pub(crate) struct Api {
-    pub(crate) last_error: ErrFn,
+struct Api {
+    last_error: ErrFn,
     enter_side_stream: StatusFn,
     exit_side_stream: StatusFn,
     graph_new: unsafe extern "C" fn() -> *mut libc::c_void,
@@ -26,8 +26,8 @@ pub(crate) struct Api {
     replay: GraphFn,
     current_stream: unsafe extern "C" fn() -> *mut libc::c_void,
     set_device: unsafe extern "C" fn(libc::c_int) -> libc::c_int,
-    /// src/shim/fused_norm.cpp's `dmdc_group_norm` (see `crate::fused_kernels`).
-    pub(crate) group_norm: crate::fused_kernels::GroupNormFn,
+    /// The dlopen handle, for [`shim_symbol`].
+    handle: usize,
 }
 
 #[cfg(dmd_cuda_graph)]
@@ -35,8 +35,7 @@ static SHIM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libdmdpipe_cuda.s
 #[cfg(not(dmd_cuda_graph))]
 static SHIM: &[u8] = &[];
 
-/// The loaded CUDA shim (src/shim/cuda_graph.cpp and fused_norm.cpp).
-pub(crate) fn api() -> Result<&'static Api> {
+fn api() -> Result<&'static Api> {
     static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
     API.get_or_init(|| load().map_err(|e| format!("{e:#}")))
         .as_ref()
@@ -90,9 +89,6 @@ fn load() -> Result<Api> {
             }
         }};
     }
-    let set_source: unsafe extern "C" fn(*const libc::c_char) = sym!("dmdc_set_kernel_source");
-    let source = std::ffi::CString::new(crate::fused_kernels::SOURCE)?;
-    unsafe { set_source(source.as_ptr()) };
     Ok(Api {
         last_error: sym!("dmdc_last_error"),
         enter_side_stream: sym!("dmdc_enter_side_stream"),
@@ -104,11 +100,23 @@ fn load() -> Result<Api> {
         replay: sym!("dmdc_replay"),
         current_stream: sym!("dmdc_current_stream"),
         set_device: sym!("dmdc_set_device"),
-        group_norm: sym!("dmdc_group_norm"),
+        handle: handle as usize,
     })
 }
 
-pub(crate) fn check(api: &Api, rc: libc::c_int, what: &str) -> Result<()> {
+/// A symbol of the loaded CUDA shim (src/shim/fused_norm.cpp's, for the fused kernels), and
+/// the shim's `dmdc_last_error`.
+pub fn shim_symbol(name: &str) -> Result<(*mut libc::c_void, ErrFn)> {
+    let api = api()?;
+    let cname = std::ffi::CString::new(name)?;
+    let p = unsafe { libc::dlsym(api.handle as *mut libc::c_void, cname.as_ptr()) };
+    if p.is_null() {
+        bail!("the CUDA shim lacks {name}");
+    }
+    Ok((p, api.last_error))
+}
+
+fn check(api: &Api, rc: libc::c_int, what: &str) -> Result<()> {
     if rc != 0 {
         let msg = unsafe { CStr::from_ptr((api.last_error)()).to_string_lossy().into_owned() };
         bail!("{what}: {msg}");

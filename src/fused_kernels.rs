@@ -7,13 +7,40 @@
 use anyhow::{Result, bail};
 use tch::Tensor;
 
+use std::sync::OnceLock;
+
+use crate::cuda_graph::{ErrFn, shim_symbol};
+
 /// The kernels' CUDA source, handed to the shim when it is loaded.
-pub const SOURCE: &str = include_str!("shim/kernels/group_norm.cu");
+const SOURCE: &str = include_str!("shim/kernels/group_norm.cu");
 
 type CTensor = *mut torch_sys::C_tensor;
 
-pub(crate) type GroupNormFn =
-    unsafe extern "C" fn(CTensor, CTensor, CTensor, CTensor, i64, f64, libc::c_int, CTensor) -> libc::c_int;
+type GroupNormFn = unsafe extern "C" fn(CTensor, CTensor, CTensor, CTensor, i64, f64, libc::c_int, CTensor) -> libc::c_int;
+
+struct Api {
+    group_norm: GroupNormFn,
+    last_error: ErrFn,
+}
+
+/// The shim's entry points, with the kernel source handed over once; None without the shim.
+fn api() -> Option<&'static Api> {
+    static API: OnceLock<Option<Api>> = OnceLock::new();
+    API.get_or_init(|| {
+        let (set_source, last_error) = shim_symbol("dmdc_set_kernel_source").ok()?;
+        let (group_norm, _) = shim_symbol("dmdc_group_norm").ok()?;
+        let source = std::ffi::CString::new(SOURCE).expect("no NUL in the kernel source");
+        unsafe {
+            let set: unsafe extern "C" fn(*const libc::c_char) = std::mem::transmute(set_source);
+            set(source.as_ptr());
+            Some(Api {
+                group_norm: std::mem::transmute::<*mut libc::c_void, GroupNormFn>(group_norm),
+                last_error,
+            })
+        }
+    })
+    .as_ref()
+}
 
 /// `act(group_norm(x + shift) * weight + bias)`, act = SiLU or identity, in the fused kernels;
 /// `None` where they do not apply (not a channels-last CUDA tensor in bf16 or fp32, or no CUDA
@@ -30,7 +57,7 @@ pub fn group_norm_act(
     if !x.device().is_cuda() {
         return Ok(None);
     }
-    let Ok(api) = crate::cuda_graph::api() else {
+    let Some(api) = api() else {
         return Ok(None);
     };
     let out = Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu));
@@ -52,7 +79,7 @@ pub fn group_norm_act(
         2 => Ok(None),
         _ => {
             let msg = unsafe { std::ffi::CStr::from_ptr((api.last_error)()).to_string_lossy().into_owned() };
-            bail!("fused group_norm: {msg}")
+            bail!("{msg}")
         }
     }
 }

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("render", 2),
     ("torch_shim", 1),
     ("cuda_graph", 1),
+    ("fused_kernels", 1),
 ];
 
 /// Files in `src/stages` that are no stage kind: the registry and the registry's estimates.

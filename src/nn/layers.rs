@@ -254,7 +254,7 @@ impl GroupNorm {
     pub fn forward_act(&self, x: &Tensor, shift: Option<&Tensor>, silu: bool) -> Tensor {
         if self.mode.fused
             && let Some(y) = crate::fused_kernels::group_norm_act(x, shift, &self.weight, &self.bias, self.groups, self.eps, silu)
-                .expect("fused group_norm")
+                .expect("GroupNorm in the fused kernels")
         {
             return y;
         }

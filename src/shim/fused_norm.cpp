@@ -326,11 +326,13 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct FusedGroupNorm : public torch::autograd::Function<FusedGroupNorm> {
-  // shift: [N, C, 1, 1] (any float dtype) or undefined.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& shift,
+  // shift: [N, C, 1, 1] or [1, C, 1, 1] (any float dtype), or an empty tensor for none
+  // (autograd functions take no undefined tensors).
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& shift_or_empty,
                             const at::Tensor& weight, const at::Tensor& bias, int64_t groups, double eps, bool silu) {
     auto p = plan(x, groups);
     if (!p) throw std::runtime_error("fused group_norm: input not applicable");
+    at::Tensor shift = shift_or_empty.dim() == 4 ? shift_or_empty : at::Tensor();
     // [N, C, 1, 1] or [1, C, 1, 1] (one shift for the whole batch) as [N, C] fp32.
     auto shift32 = shift.defined()
                        ? shift.to(at::kFloat).expand({x.size(0), x.size(1), 1, 1}).reshape({x.size(0), x.size(1)}).contiguous()
@@ -384,7 +386,7 @@ int dmdc_group_norm(at::Tensor* x, at::Tensor* shift, at::Tensor* weight, at::Te
                     double eps, int silu, at::Tensor* out) {
   try {
     if (!plan(*x, groups)) return 2;
-    at::Tensor s = shift ? *shift : at::Tensor();
+    at::Tensor s = shift ? *shift : at::empty({0}, x->options().dtype(at::kFloat));
     *out = FusedGroupNorm::apply(*x, s, *weight, *bias, groups, eps, silu != 0);
     return 0;
   } catch (const std::exception& e) {
