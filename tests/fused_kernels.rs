@@ -167,43 +167,59 @@ fn small_net(fused: bool) -> NetworkConfig {
     serde_json::from_value(v).unwrap()
 }
 
+/// All gradients of a network's trainable parameters as one float64 vector (sorted by name).
+fn flat_grads(net: &Denoiser) -> Tensor {
+    let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let grad = |v: &Tensor| {
+        let g = v.grad();
+        if g.defined() { g.to_kind(Kind::Double).reshape([-1]) } else { v.zeros_like().to_kind(Kind::Double).reshape([-1]) }
+    };
+    Tensor::cat(&vars.iter().map(|(_, v)| grad(v)).collect::<Vec<_>>(), 0)
+}
+
 #[test]
-fn a_network_with_fused_kernels_matches_the_eager_one_and_captures_as_a_graph() {
+fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_captures_as_a_graph() {
     let Some(dev) = cuda() else { return };
     tch::manual_seed(2);
     let fused = Denoiser::new(&small_net(true), dev);
+    // EDM zero-initialises the output layers, which would hide the network behind the skip path.
+    tch::no_grad(|| {
+        for v in fused.vs.trainable_variables() {
+            let _ = v.shallow_clone().g_add_(&(v.randn_like() * 0.05));
+        }
+    });
     let mut eager = Denoiser::new(&small_net(false), dev);
     eager.copy_from(&fused).unwrap();
+    let mut fp32 = Denoiser::new(&small_net(false), dev);
+    fp32.copy_from(&fused).unwrap();
     let x = Tensor::randn([6, 3, 16, 16], (Kind::Float, dev));
-    let sigma = Tensor::from_slice(&[0.1f32, 0.5, 1.0, 2.0, 10.0, 80.0]).to_device(dev);
+    let sigma = Tensor::from_slice(&[0.1f32, 0.5, 1.0, 2.0, 10.0, 80.0]).to_device(dev).reshape([-1, 1, 1, 1]);
     let labels = Tensor::eye(10, (Kind::Float, dev)).narrow(0, 0, 6);
-    let run = |net: &Denoiser| {
-        let _ac = dmdpipe::torch_shim::AutocastBf16::new(true).unwrap();
+    let run = |net: &Denoiser, bf16: bool| {
+        let _ac = dmdpipe::torch_shim::AutocastBf16::new(bf16).unwrap();
         let x = x.detach().set_requires_grad(true);
-        let d = net.denoise(&x, &sigma.reshape([-1, 1, 1, 1]), Some(&labels), true);
+        let d = net.denoise(&x, &sigma, Some(&labels), true);
         (&d - &x).square().sum(Kind::Float).backward();
-        (d.detach(), x.grad())
+        (d.detach(), x.grad(), flat_grads(net))
     };
-    let (df, gf) = run(&fused);
-    let (de, ge) = run(&eager);
-    assert!(df.is_contiguous(), "the denoiser returns NCHW");
-    let (ed, eg) = (rel(&df, &de), rel(&gf, &ge));
-    println!("small DDPM++ bf16: denoised rel diff {ed:.2e}, input-gradient rel diff {eg:.2e}");
-    assert!(ed < 2e-2 && eg < 5e-2, "fused and eager networks differ: {ed}, {eg}");
-    let eager_vars = eager.vs.variables();
-    for (name, p) in fused.vs.variables() {
-        let (a, b) = (p.grad(), eager_vars[&name].grad());
-        if b.norm().double_value(&[]) > 1e-3 {
-            let e = rel(&a, &b);
-            assert!(e < 0.1, "{name}: gradient relative difference {e}");
-        }
+    let f = run(&fused, true);
+    let e = run(&eager, true);
+    let r = run(&fp32, false);
+    assert!(f.0.is_contiguous(), "the denoiser returns NCHW");
+    let errs = [(rel(&f.0, &r.0), rel(&e.0, &r.0)), (rel(&f.1, &r.1), rel(&e.1, &r.1)), (rel(&f.2, &r.2), rel(&e.2, &r.2))];
+    for ((fe, ee), what) in errs.iter().zip(["denoised", "input gradient", "parameter gradients"]) {
+        println!("small DDPM++ bf16 against fp32: {what}: fused rel {fe:.2e}, eager rel {ee:.2e}");
+        assert!(*fe <= ee * 1.5 + 1e-4, "{what}: fused {fe} vs eager {ee}");
     }
+    // The fused path ran: the two bf16 networks differ by rounding.
+    assert!(!f.0.equal(&e.0), "the fused network gave the eager network's exact output");
     // Captured and replayed, the fused kernels give what they give eagerly.
     use dmdpipe::cuda_graph::{CudaGraph, SideStream};
     let _side = SideStream::enter().unwrap();
     let sample = || -> anyhow::Result<Tensor> {
         let _ac = dmdpipe::torch_shim::AutocastBf16::new(true)?;
-        Ok(tch::no_grad(|| fused.denoise(&x, &sigma.reshape([-1, 1, 1, 1]), Some(&labels), false)))
+        Ok(tch::no_grad(|| fused.denoise(&x, &sigma, Some(&labels), false)))
     };
     let eager_out = sample().unwrap();
     let (graph, out) = CudaGraph::capture(sample).unwrap();
