@@ -18,7 +18,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/cuda_graph.cpp");
     println!("cargo:rerun-if-changed=src/shim/store.cpp");
-    println!("cargo:rerun-if-changed=src/shim/fused_norm.cpp");
+    println!("cargo:rerun-if-changed=src/shim/fused_kernels.cpp");
     println!("cargo::rustc-check-cfg=cfg(dmd_cuda_graph)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -57,7 +57,7 @@ fn cuda_include(libtorch: &std::path::Path) -> Option<PathBuf> {
     candidates.into_iter().find(|d| d.join("cuda_runtime_api.h").exists())
 }
 
-/// Builds src/shim/cuda_graph.cpp and src/shim/fused_norm.cpp into OUT_DIR/libdmdpipe_cuda.so, which the binary embeds and
+/// Builds src/shim/cuda_graph.cpp and src/shim/fused_kernels.cpp into OUT_DIR/libdmdpipe_cuda.so, which the binary embeds and
 /// loads after libtorch_cuda. Without CUDA headers the binary simply has no graph capture.
 fn build_cuda_graph_shim(libtorch: &std::path::Path, include: &std::path::Path) {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
@@ -74,7 +74,7 @@ fn build_cuda_graph_shim(libtorch: &std::path::Path, include: &std::path::Path) 
         .arg(format!("-I{}", include.join("torch/csrc/api/include").display()))
         .arg(format!("-I{}", cuda.display()))
         .arg("src/shim/cuda_graph.cpp")
-        .arg("src/shim/fused_norm.cpp")
+        .arg("src/shim/fused_kernels.cpp")
         .arg("-o")
         .arg(&out)
         .status()

@@ -104,7 +104,7 @@ fn load() -> Result<Api> {
     })
 }
 
-/// A symbol of the loaded CUDA shim (src/shim/fused_norm.cpp's, for the fused kernels), and
+/// A symbol of the loaded CUDA shim (src/shim/fused_kernels.cpp's, for the fused kernels), and
 /// the shim's `dmdc_last_error`.
 pub fn shim_symbol(name: &str) -> Result<(*mut libc::c_void, ErrFn)> {
     let api = api()?;

@@ -1,6 +1,7 @@
-//! Fused CUDA kernels of our own, compiled at run time by NVRTC (src/shim/fused_norm.cpp):
-//! GroupNorm with the shift before it and the SiLU after it in one pass over memory, on
-//! channels-last bf16 or fp32 activations, forward and backward, under autograd. Every other
+//! Fused CUDA kernels of our own, compiled at run time by NVRTC (src/shim/fused_kernels.cpp):
+//! GroupNorm with the shift before it and the SiLU after it in two passes over memory, and a UNet
+//! block's residual sum with its biases and scaling in one, on channels-last bf16 or fp32
+//! activations, forward and backward, under autograd. Every other
 //! case (the CPU, NCHW tensors, other dtypes) runs the eager libtorch ops, which stay the
 //! reference the kernels are tested against (`tests/fused_kernels.rs`, on a GPU).
 
@@ -11,15 +12,18 @@ use std::sync::OnceLock;
 
 use crate::cuda_graph::{ErrFn, shim_symbol};
 
-/// The kernels' CUDA source, handed to the shim when it is loaded.
-const SOURCE: &str = include_str!("shim/kernels/group_norm.cu");
+/// The kernels' CUDA source (one NVRTC program), handed to the shim when it is loaded.
+const SOURCE: &str = concat!(include_str!("shim/kernels/group_norm.cu"), include_str!("shim/kernels/skip_sum.cu"));
 
 type CTensor = *mut torch_sys::C_tensor;
 
 type GroupNormFn = unsafe extern "C" fn(CTensor, CTensor, CTensor, CTensor, i64, f64, libc::c_int, CTensor) -> libc::c_int;
 
+type SkipSumFn = unsafe extern "C" fn(CTensor, CTensor, CTensor, CTensor, f64, CTensor) -> libc::c_int;
+
 struct Api {
     group_norm: GroupNormFn,
+    skip_sum: SkipSumFn,
     last_error: ErrFn,
 }
 
@@ -29,12 +33,14 @@ fn api() -> Option<&'static Api> {
     API.get_or_init(|| {
         let (set_source, last_error) = shim_symbol("dmdc_set_kernel_source").ok()?;
         let (group_norm, _) = shim_symbol("dmdc_group_norm").ok()?;
+        let (skip_sum, _) = shim_symbol("dmdc_skip_sum").ok()?;
         let source = std::ffi::CString::new(SOURCE).expect("no NUL in the kernel source");
         unsafe {
             let set: unsafe extern "C" fn(*const libc::c_char) = std::mem::transmute(set_source);
             set(source.as_ptr());
             Some(Api {
                 group_norm: std::mem::transmute::<*mut libc::c_void, GroupNormFn>(group_norm),
+                skip_sum: std::mem::transmute::<*mut libc::c_void, SkipSumFn>(skip_sum),
                 last_error,
             })
         }
@@ -74,6 +80,36 @@ pub fn group_norm_act(
             out.as_ptr() as CTensor,
         )
     };
+    answer(api, rc, out)
+}
+
+/// `(a + b + bias_a + bias_b) * scale` (a UNet block's residual sum) in one fused pass; `None`
+/// where the kernel does not apply (a and b not both channels-last CUDA tensors of one shape in
+/// bf16 or fp32). The biases are [C] parameters; each gets a gradient of its own.
+pub fn skip_sum(a: &Tensor, b: &Tensor, bias_a: Option<&Tensor>, bias_b: Option<&Tensor>, scale: f64) -> Result<Option<Tensor>> {
+    if !a.device().is_cuda() {
+        return Ok(None);
+    }
+    let Some(api) = api() else {
+        return Ok(None);
+    };
+    let out = Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu));
+    let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as CTensor);
+    let rc = unsafe {
+        (api.skip_sum)(
+            a.as_ptr() as CTensor,
+            b.as_ptr() as CTensor,
+            ptr(bias_a),
+            ptr(bias_b),
+            scale,
+            out.as_ptr() as CTensor,
+        )
+    };
+    answer(api, rc, out)
+}
+
+/// The shim's return code as a result: 0 the output, 2 not applicable, else its error.
+fn answer(api: &Api, rc: libc::c_int, out: Tensor) -> Result<Option<Tensor>> {
     match rc {
         0 => Ok(Some(out)),
         2 => Ok(None),

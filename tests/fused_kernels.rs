@@ -226,3 +226,38 @@ fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_capture
     graph.replay().unwrap();
     assert!(out.equal(&eager_out), "graph replay differs from the eager call");
 }
+
+#[test]
+fn fused_residual_sum_matches_float64_with_separate_bias_gradients() {
+    let Some(dev) = cuda() else { return };
+    tch::manual_seed(3);
+    for (kind, c, biases) in [(Kind::BFloat16, 256, 2), (Kind::BFloat16, 192, 1), (Kind::Float, 64, 0), (Kind::BFloat16, 6, 2)] {
+        let shape = [4, c, 8, 8];
+        let mk = || dmdpipe::torch_shim::channels_last(&Tensor::randn(shape, (Kind::Float, dev)).to_kind(kind)).unwrap();
+        let (a, b, g) = (mk().set_requires_grad(true), mk().set_requires_grad(true), mk());
+        let ba = (biases >= 1).then(|| Tensor::randn([c], (Kind::Float, dev)).set_requires_grad(true));
+        let bb = (biases >= 2).then(|| Tensor::randn([c], (Kind::Float, dev)).set_requires_grad(true));
+        let scale = 0.5f64.sqrt();
+        let y = dmdpipe::fused_kernels::skip_sum(&a, &b, ba.as_ref(), bb.as_ref(), scale).unwrap().expect("applies");
+        (&y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
+        let d = |t: &Tensor| t.to_kind(Kind::Double);
+        let mut reference = d(&a) + d(&b);
+        for bias in [&ba, &bb].into_iter().flatten() {
+            reference = reference + d(bias).reshape([1, -1, 1, 1]);
+        }
+        let reference = reference * scale;
+        let label = format!("{kind:?} C{c} biases {biases}");
+        let e = rel(&y, &reference);
+        println!("residual sum {label}: rel {e:.2e}");
+        assert!(e < if kind == Kind::Float { 1e-6 } else { 4e-3 }, "{label}: {e}");
+        let gd = d(&g) * scale;
+        assert!(rel(&a.grad(), &gd) < 4e-3 && rel(&b.grad(), &gd) < 4e-3, "{label}: input gradients");
+        let bias_ref = gd.sum_dim_intlist([0i64, 2, 3].as_slice(), false, Kind::Double);
+        for bias in [&ba, &bb].into_iter().flatten() {
+            assert!(rel(&bias.grad(), &bias_ref) < 1e-5, "{label}: bias gradient");
+        }
+        if let (Some(x), Some(z)) = (&ba, &bb) {
+            assert_ne!(x.grad().data_ptr(), z.grad().data_ptr(), "{label}: the two biases share one gradient tensor");
+        }
+    }
+}

@@ -40,6 +40,8 @@ pub struct UNetBlock {
     dropout: f64,
     skip_scale: f64,
     adaptive_scale: bool,
+    /// The residual sums in the fused kernel (the config's `fused_kernels`).
+    fused: bool,
 }
 
 impl UNetBlock {
@@ -96,6 +98,7 @@ impl UNetBlock {
             dropout: c.dropout,
             skip_scale: c.skip_scale,
             adaptive_scale: c.adaptive_scale,
+            fused: c.norm.fused,
         }
     }
 
@@ -123,19 +126,11 @@ impl UNetBlock {
             self.norm1.forward_act(&x, Some(&shift), true)
         };
         x = self.conv1.forward_without_bias(&x.dropout(self.dropout, train));
-        // The skip path and the bias of the sum (conv1's, plus the skip convolution's if any).
-        let (skip, bias) = match &self.skip {
-            Some(s) => {
-                let y = s.forward_without_bias(orig);
-                let bias = match (self.conv1.bias_for(&x), s.bias_for(&y)) {
-                    (Some(a), Some(b)) => Some(sum_of_biases(&a, &b)),
-                    (a, b) => a.or(b),
-                };
-                (y, bias)
-            }
-            None => (orig.shallow_clone(), self.conv1.bias_for(&x)),
-        };
-        x = scaled_sum(&(x + skip), bias.as_ref(), self.skip_scale);
+        // The skip path; the sum carries conv1's bias and the skip convolution's, if any.
+        let skip_out = self.skip.as_ref().map(|s| s.forward_without_bias(orig));
+        let skip_bias = self.skip.as_ref().and_then(|s| s.bias.as_ref());
+        let skip = skip_out.as_ref().unwrap_or(orig);
+        x = residual_sum(&x, skip, self.conv1.bias.as_ref(), skip_bias, self.skip_scale, self.fused);
         if let Some((norm2, qkv, proj)) = &self.attn {
             let (n, c, h, w) = x.size4().expect("NCHW");
             let heads = self.num_heads;
@@ -154,10 +149,27 @@ impl UNetBlock {
             let a = attention(&q, &k, &v, fused);
             let a = a.squeeze_dim(1).transpose(1, 2).reshape([n, c, h, w]);
             let y = proj.forward_without_bias(&a);
-            x = scaled_sum(&(y + x), proj.bias_for(&a).as_ref(), self.skip_scale);
+            x = residual_sum(&y, &x, proj.bias.as_ref(), None, self.skip_scale, self.fused);
         }
         x
     }
+}
+
+/// (a + b + bias_a + bias_b) * scale, the biases [C]: one pass in the fused kernel where it
+/// applies, else the eager ops with the biases folded into the scaling pass.
+fn residual_sum(a: &Tensor, b: &Tensor, bias_a: Option<&Tensor>, bias_b: Option<&Tensor>, scale: f64, fused: bool) -> Tensor {
+    if fused
+        && let Some(y) = crate::fused_kernels::skip_sum(a, b, bias_a, bias_b, scale).expect("the residual sum in the fused kernel")
+    {
+        return y;
+    }
+    // In the activation dtype, so bf16 activations stay bf16 under autocast.
+    let as_act = |t: &Tensor| t.to_kind(a.kind()).reshape([1, -1, 1, 1]);
+    let bias = match (bias_a.map(as_act), bias_b.map(as_act)) {
+        (Some(x), Some(y)) => Some(sum_of_biases(&x, &y)),
+        (x, y) => x.or(y),
+    };
+    scaled_sum(&(a + b), bias.as_ref(), scale)
 }
 
 /// a + b for two [1, C, 1, 1] biases of different parameters. Added with equal shapes, autograd

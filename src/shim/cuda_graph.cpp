@@ -28,7 +28,7 @@ extern "C" {
 
 const char* dmdc_last_error() { return last_error.c_str(); }
 
-// For the other files of this library (src/shim/fused_norm.cpp).
+// For the other files of this library (src/shim/fused_kernels.cpp).
 void dmdc_set_error(const char* msg) { last_error = msg; }
 
 // Makes a fresh side stream of the current device current (graphs cannot be captured on the

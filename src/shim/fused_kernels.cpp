@@ -1,7 +1,7 @@
-// Fused GroupNorm (+ shift before, + SiLU after) on channels-last CUDA activations: the kernels of
-// src/shim/kernels/group_norm.cu compiled at run time by NVRTC and launched through the CUDA
-// driver API on the current PyTorch stream (so CUDA-graph capture records them), wrapped in an
-// autograd function. Part of libdmdpipe_cuda.so; no CUDA toolkit at build time: libnvrtc and
+// dmdpipe's fused kernels on channels-last CUDA activations: GroupNorm (+ shift before, + SiLU
+// after) and a UNet block's residual sum (+ biases, x scale). The kernels of src/shim/kernels/*.cu
+// are compiled at run time by NVRTC and launched through the CUDA driver API on the current
+// PyTorch stream (so CUDA-graph capture records them), each wrapped in an autograd function. Part of libdmdpipe_cuda.so; no CUDA toolkit at build time: libnvrtc and
 // libcuda are opened with dlopen, and the element type is a template parameter of the source.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -157,7 +157,7 @@ int device_attribute(int device, CUdevice_attribute what) {
 }
 
 struct Kernels {
-  CUfunction stats, apply, backward_sums, backward_dx;
+  CUfunction stats, apply, backward_sums, backward_dx, skip_sum;
 };
 
 // Compiles the source for one element type and vector width on one device (cached).
@@ -185,7 +185,7 @@ const Kernels& kernels(bool bf16, int vec, int device) {
   if (log_size) nv.log(prog, log.data());
   if (rc) {
     nv.destroy(&prog);
-    throw std::runtime_error(std::string("compiling group_norm.cu for ") + arch + ": " + nv.error_string(rc) + "\n" + log);
+    throw std::runtime_error(std::string("compiling src/shim/kernels/*.cu for ") + arch + ": " + nv.error_string(rc) + "\n" + log);
   }
   size_t size = 0;
   nv.cubin_size(prog, &size);
@@ -200,6 +200,7 @@ const Kernels& kernels(bool bf16, int vec, int device) {
   check_cu(driver().module_get_function(&k.apply, module, "gn_apply"), "gn_apply");
   check_cu(driver().module_get_function(&k.backward_sums, module, "gn_backward_sums"), "gn_backward_sums");
   check_cu(driver().module_get_function(&k.backward_dx, module, "gn_backward_dx"), "gn_backward_dx");
+  check_cu(driver().module_get_function(&k.skip_sum, module, "skip_sum"), "skip_sum");
   for (CUfunction f : {k.stats, k.apply, k.backward_sums, k.backward_dx})
     check_cu(driver().func_set_attribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 96 * 1024),
              "raising the shared-memory limit");
@@ -369,6 +370,70 @@ struct FusedGroupNorm : public torch::autograd::Function<FusedGroupNorm> {
   }
 };
 
+// The skip sum's plan: vector width and whether the fused kernel applies to a and b.
+std::optional<int> skip_sum_vec(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_cuda() || a.dim() != 4 || a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return std::nullopt;
+  bool bf16 = a.scalar_type() == at::kBFloat16;
+  if (!bf16 && a.scalar_type() != at::kFloat) return std::nullopt;
+  if (a.get_device() != b.get_device()) return std::nullopt;
+  for (const auto* t : {&a, &b})
+    if (!t->is_contiguous(at::MemoryFormat::ChannelsLast) || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16) return std::nullopt;
+  return vector_width(a.size(1), bf16);
+}
+
+struct FusedSkipSum : public torch::autograd::Function<FusedSkipSum> {
+  // bias_a, bias_b: [C] or empty tensors for none (autograd functions take no undefined tensors).
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias_a,
+                            const at::Tensor& bias_b, double scale) {
+    int vec = *skip_sum_vec(a, b);
+    int64_t c = a.size(1);
+    at::Tensor bias;
+    for (const auto* t : {&bias_a, &bias_b}) {
+      if (t->numel() == 0) continue;
+      auto t32 = t->to(at::kFloat).reshape({c});
+      bias = bias.defined() ? bias + t32 : t32.contiguous();
+    }
+    auto out = at::empty_like(a, at::MemoryFormat::ChannelsLast);
+    const Kernels& k = kernels(a.scalar_type() == at::kBFloat16, vec, a.get_device());
+    long long packs = a.numel() / vec;
+    int per_row = static_cast<int>(c / vec);
+    float s = static_cast<float>(scale);
+    const void *ap = a.data_ptr(), *bp = b.data_ptr(), *biasp = ptr_or_null(bias);
+    void* op = out.data_ptr();
+    std::vector<void*> args{&ap, &bp, &biasp, &packs, &per_row, &s, &op};
+    int threads = 256;
+    long long blocks = std::min<long long>((packs + threads - 1) / threads, 65535LL * 4);
+    auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(a.get_device()));
+    check_cu(driver().launch(k.skip_sum, static_cast<unsigned>(std::max<long long>(blocks, 1)), 1, 1, threads, 1, 1, 0,
+                             stream.stream(), args.data(), nullptr),
+             "launching skip_sum");
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_a"] = bias_a.numel() > 0;
+    ctx->saved_data["has_b"] = bias_b.numel() > 0;
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias_a.numel() > 0 ? bias_a.scalar_type() : bias_b.scalar_type());
+    ctx->saved_data["bias_shape_a"] = bias_a.sizes().vec();
+    ctx->saved_data["bias_shape_b"] = bias_b.sizes().vec();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    double scale = ctx->saved_data["scale"].toDouble();
+    auto dx = g * scale;
+    at::Tensor da, db;
+    bool has_a = ctx->saved_data["has_a"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
+    if (has_a || has_b) {
+      auto dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      auto dbias = (g.sum(at::IntArrayRef{0, 2, 3}, false, at::kFloat) * scale).to(dtype);
+      // Each bias parameter its own gradient tensor (shared ones would alias their .grad).
+      if (has_a) da = dbias.reshape(ctx->saved_data["bias_shape_a"].toIntVector());
+      if (has_b) db = (has_a ? dbias.clone() : dbias).reshape(ctx->saved_data["bias_shape_b"].toIntVector());
+    }
+    return {dx, dx, da, db, at::Tensor()};
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -388,6 +453,21 @@ int dmdc_group_norm(at::Tensor* x, at::Tensor* shift, at::Tensor* weight, at::Te
     if (!plan(*x, groups)) return 2;
     at::Tensor s = shift ? *shift : at::empty({0}, x->options().dtype(at::kFloat));
     *out = FusedGroupNorm::apply(*x, s, *weight, *bias, groups, eps, silu != 0);
+    return 0;
+  } catch (const std::exception& e) {
+    dmdc_set_error(e.what());
+    return 1;
+  }
+}
+
+// (a + b + bias_a + bias_b) * scale for two channels-last CUDA tensors of one shape and dtype
+// (bf16 or fp32); bias_a and bias_b are [C] (or [1, C, 1, 1]) or null. Returns 0 with *out set,
+// 2 when the kernel does not apply, 1 on error.
+int dmdc_skip_sum(at::Tensor* a, at::Tensor* b, at::Tensor* bias_a, at::Tensor* bias_b, double scale, at::Tensor* out) {
+  try {
+    if (!skip_sum_vec(*a, *b)) return 2;
+    auto empty = at::empty({0}, a->options().dtype(at::kFloat));
+    *out = FusedSkipSum::apply(*a, *b, bias_a ? *bias_a : empty, bias_b ? *bias_b : empty, scale);
     return 0;
   } catch (const std::exception& e) {
     dmdc_set_error(e.what());
