@@ -3,6 +3,8 @@
 //! prints a notice and passes (CI has no GPU); `DMDPIPE_REQUIRE_CUDA=1` makes that a failure.
 //! The errors are printed (run with `--nocapture`), for docs/RESULTS.md.
 
+#![allow(clippy::assign_op_pattern)] // `a = a + b` on tensors: `+=` would be an in-place add
+
 use dmdpipe::nn::layers::{GroupNorm, NormMode};
 use dmdpipe::nn::{Denoiser, NetworkConfig};
 use tch::{Device, Kind, Tensor};
