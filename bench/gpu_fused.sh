@@ -16,7 +16,7 @@ step() { local name=$1; shift; local s; s=$(date +%s); "$@"; echo "$name: rc=$? 
 step kernel_tests timeout 150 env DMDPIPE_REQUIRE_CUDA=1 "$tbin" --nocapture --test-threads=1 > "$out/kernel_tests.log" 2>&1
 # Failing kernels make the timings moot: stop and keep the device time.
 grep -q "kernel_tests: rc=0" "$out/steps.txt" || { touch "$out/DONE"; exit 1; }
-step rust_bench timeout 420 "$bin" bench gpu --device cuda --networks-only --dmd --out "$out/rust.json" > "$out/rust.log" 2>&1
-step torch_networks timeout 420 python3 bench/pytorch_ddpmpp.py --bf16-only --compile none,default --out "$out/torch_networks.json" > "$out/torch_networks.log" 2>&1
-step torch_dmd timeout 420 python3 bench/pytorch_dmd.py --compile none,reduce-overhead --batches 56,128 --nets speedrun9m,edm55m --out "$out/torch_dmd.json" > "$out/torch_dmd.log" 2>&1
+step rust_bench timeout 360 "$bin" bench gpu --device cuda --networks-only --dmd --out "$out/rust.json" > "$out/rust.log" 2>&1
+step torch_networks timeout 330 python3 bench/pytorch_ddpmpp.py --bf16-only --compile none,default --out "$out/torch_networks.json" > "$out/torch_networks.log" 2>&1
+step torch_dmd timeout 240 python3 bench/pytorch_dmd.py --compile none,reduce-overhead --batches 56,128 --nets speedrun9m --out "$out/torch_dmd.json" > "$out/torch_dmd.log" 2>&1
 touch "$out/DONE"

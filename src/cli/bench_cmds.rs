@@ -124,7 +124,8 @@ pub enum BenchCommand {
         /// default GroupNorm mode (no TF32, no Inception, no DMD): a short call.
         #[arg(long)]
         networks_only: bool,
-        /// With --networks-only: also DMD iterations per second at batches 56 and 128.
+        /// With --networks-only: also DMD iterations per second at batches 56 and 128 (captured
+        /// as CUDA graphs only).
         #[arg(long)]
         dmd: bool,
         /// Inception weights for the feature-throughput figure (skipped when absent).
