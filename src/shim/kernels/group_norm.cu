@@ -78,6 +78,7 @@ extern "C" __global__ void gn_stats(const ELEM* __restrict__ x, const float* __r
   bool have_k = false;
   if (active) {
     const ELEM* base = x + (long long)n * g.rows * g.channels + p * VEC;
+    #pragma unroll 4
     for (long long r = row_begin + r0; r < row_end; r += g.rows_per_pass) {
       Pack pk = *reinterpret_cast<const Pack*>(base + r * g.channels);
       for (int j = 0; j < VEC; ++j) {
@@ -166,6 +167,7 @@ extern "C" __global__ void gn_apply(const ELEM* __restrict__ x, const float* __r
   const long long row_begin = s * g.slice_rows;
   const long long row_end = min(g.rows, row_begin + g.slice_rows);
   const long long off = (long long)n * g.rows * g.channels + p * VEC;
+  #pragma unroll 4
   for (long long r = row_begin + r0; r < row_end; r += g.rows_per_pass) {
     Pack in = *reinterpret_cast<const Pack*>(x + off + r * g.channels);
     Pack out;
@@ -204,6 +206,7 @@ extern "C" __global__ void gn_backward_sums(const ELEM* __restrict__ x, const EL
     const long long row_begin = s * g.slice_rows;
     const long long row_end = min(g.rows, row_begin + g.slice_rows);
     const long long off = (long long)n * g.rows * g.channels + p * VEC;
+    #pragma unroll 4
     for (long long r = row_begin + r0; r < row_end; r += g.rows_per_pass) {
       Pack xin = *reinterpret_cast<const Pack*>(x + off + r * g.channels);
       Pack gin = *reinterpret_cast<const Pack*>(dy + off + r * g.channels);
@@ -294,6 +297,7 @@ extern "C" __global__ void gn_backward_dx(const ELEM* __restrict__ x, const ELEM
   const long long row_begin = s * g.slice_rows;
   const long long row_end = min(g.rows, row_begin + g.slice_rows);
   const long long off = (long long)n * g.rows * g.channels + p * VEC;
+  #pragma unroll 4
   for (long long r = row_begin + r0; r < row_end; r += g.rows_per_pass) {
     Pack xin = *reinterpret_cast<const Pack*>(x + off + r * g.channels);
     Pack gin = *reinterpret_cast<const Pack*>(dy + off + r * g.channels);
