@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `key_format` | [`KEY_FORMAT`] | a change of this layout invalidates every entry |
 //! | `kind`, `kind_version` | the stage kind and its `Stage::version` | a kind bumps its version when its code changes what it writes |
-//! | `params` | every parameter as the kind's typed struct serialises it, defaults filled in | a value left out of the file and the same value written out give one key; every value that can change a result is a field, so it is here (numerics too: `bf16`, `tf32`, a network's `bf16_group_norm`, FID `precision`) |
+//! | `params` | every parameter as the kind's typed struct serialises it, defaults filled in | a value left out of the file and the same value written out give one key; every value that can change a result is a field, so it is here (numerics too: `bf16`, `tf32`, a network's `bf16_group_norm` and `fused_kernels`, FID `precision`) |
 //! | `upstream.<role>` | the upstream stage's output `content` digest | downstream re-runs only when an input's bytes change; files under `measurements/` (timings) are left out of `content`, so a re-run that reproduces its outputs bit for bit does not invalidate what follows |
 //! | `inputs.<role>` | the digest of each file or folder a stage reads (content, not path or mtime) | moving a dataset does not re-run anything; editing one byte does |
 //!

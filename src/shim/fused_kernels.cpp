@@ -57,6 +57,12 @@ void* must_sym(void* handle, const char* name, const std::string& lib) {
   return p;
 }
 
+// f = the function `name` of the library opened as handle h.
+template <typename F>
+void bind_symbol(F& f, void* h, const char* name, const std::string& lib) {
+  f = reinterpret_cast<F>(must_sym(h, name, lib));
+}
+
 // The directory of the loaded libc10_cuda (PyTorch's lib/), where pip wheels put NVRTC nearby.
 std::string torch_lib_dir() {
   Dl_info info{};
@@ -106,17 +112,17 @@ const Nvrtc& nvrtc() {
     if (!h)
       throw std::runtime_error("NVRTC (libnvrtc, from the nvidia-cuda-nvrtc wheel that CUDA builds of PyTorch "
                                "install) was not found; tried " + tried +
-                               "set `fused_group_norm = false` in the network config to run without it");
+                               "set `fused_kernels = false` in the network config to run without it");
     std::string n = "libnvrtc";
     Nvrtc a{};
-    a.create = reinterpret_cast<decltype(a.create)>(must_sym(h, "nvrtcCreateProgram", n));
-    a.compile = reinterpret_cast<decltype(a.compile)>(must_sym(h, "nvrtcCompileProgram", n));
-    a.log_size = reinterpret_cast<decltype(a.log_size)>(must_sym(h, "nvrtcGetProgramLogSize", n));
-    a.log = reinterpret_cast<decltype(a.log)>(must_sym(h, "nvrtcGetProgramLog", n));
-    a.cubin_size = reinterpret_cast<decltype(a.cubin_size)>(must_sym(h, "nvrtcGetCUBINSize", n));
-    a.cubin = reinterpret_cast<decltype(a.cubin)>(must_sym(h, "nvrtcGetCUBIN", n));
-    a.destroy = reinterpret_cast<decltype(a.destroy)>(must_sym(h, "nvrtcDestroyProgram", n));
-    a.error_string = reinterpret_cast<decltype(a.error_string)>(must_sym(h, "nvrtcGetErrorString", n));
+    bind_symbol(a.create, h, "nvrtcCreateProgram", n);
+    bind_symbol(a.compile, h, "nvrtcCompileProgram", n);
+    bind_symbol(a.log_size, h, "nvrtcGetProgramLogSize", n);
+    bind_symbol(a.log, h, "nvrtcGetProgramLog", n);
+    bind_symbol(a.cubin_size, h, "nvrtcGetCUBINSize", n);
+    bind_symbol(a.cubin, h, "nvrtcGetCUBIN", n);
+    bind_symbol(a.destroy, h, "nvrtcDestroyProgram", n);
+    bind_symbol(a.error_string, h, "nvrtcGetErrorString", n);
     return a;
   }();
   return api;
@@ -128,13 +134,13 @@ const Driver& driver() {
     if (!h) throw std::runtime_error("libcuda.so.1 (the CUDA driver) could not be opened");
     std::string n = "libcuda.so.1";
     Driver a{};
-    a.module_load_data = reinterpret_cast<decltype(a.module_load_data)>(must_sym(h, "cuModuleLoadData", n));
-    a.module_get_function = reinterpret_cast<decltype(a.module_get_function)>(must_sym(h, "cuModuleGetFunction", n));
-    a.launch = reinterpret_cast<decltype(a.launch)>(must_sym(h, "cuLaunchKernel", n));
-    a.func_set_attribute = reinterpret_cast<decltype(a.func_set_attribute)>(must_sym(h, "cuFuncSetAttribute", n));
-    a.error_string = reinterpret_cast<decltype(a.error_string)>(must_sym(h, "cuGetErrorString", n));
-    a.device_get = reinterpret_cast<decltype(a.device_get)>(must_sym(h, "cuDeviceGet", n));
-    a.device_attribute = reinterpret_cast<decltype(a.device_attribute)>(must_sym(h, "cuDeviceGetAttribute", n));
+    bind_symbol(a.module_load_data, h, "cuModuleLoadData", n);
+    bind_symbol(a.module_get_function, h, "cuModuleGetFunction", n);
+    bind_symbol(a.launch, h, "cuLaunchKernel", n);
+    bind_symbol(a.func_set_attribute, h, "cuFuncSetAttribute", n);
+    bind_symbol(a.error_string, h, "cuGetErrorString", n);
+    bind_symbol(a.device_get, h, "cuDeviceGet", n);
+    bind_symbol(a.device_attribute, h, "cuDeviceGetAttribute", n);
     return a;
   }();
   return api;
