@@ -56,7 +56,9 @@ fn reference(x: &Tensor, shift: Option<&Tensor>, w: &Tensor, b: &Tensor, groups:
         y = y.silu();
     }
     (&y * g.to_kind(Kind::Double)).sum(Kind::Double).backward();
-    let ds = s.as_ref().map_or_else(|| Tensor::zeros([1], (Kind::Double, x.device())), |s| s.grad());
+    let ds = s
+        .as_ref()
+        .map_or_else(|| Tensor::zeros([1], (Kind::Double, x.device())), |s| s.grad());
     vec![y.detach(), x.grad(), ds, w.grad(), b.grad()]
 }
 
@@ -72,7 +74,9 @@ fn layer_run(norm: &GroupNorm, x: &Tensor, shift: Option<&Tensor>, silu: bool, g
     }
     let y = norm.forward_act(&x, s.as_ref(), silu);
     (&y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
-    let ds = s.as_ref().map_or_else(|| Tensor::zeros([1], (Kind::Float, x.device())), |s| s.grad());
+    let ds = s
+        .as_ref()
+        .map_or_else(|| Tensor::zeros([1], (Kind::Float, x.device())), |s| s.grad());
     vec![y.detach(), x.grad(), ds, norm.weight.grad().copy(), norm.bias.grad().copy()]
 }
 
@@ -81,19 +85,83 @@ fn fused_group_norm_matches_float64_and_is_no_worse_than_eager() {
     let Some(dev) = cuda() else { return };
     tch::manual_seed(0);
     let cases = [
-        Case { n: 8, c: 256, h: 32, kind: Kind::BFloat16, shift: 1, silu: true },
-        Case { n: 8, c: 256, h: 32, kind: Kind::BFloat16, shift: 0, silu: true },
-        Case { n: 56, c: 256, h: 8, kind: Kind::BFloat16, shift: 1, silu: true },
-        Case { n: 5, c: 128, h: 16, kind: Kind::BFloat16, shift: 2, silu: false },
-        Case { n: 3, c: 192, h: 8, kind: Kind::BFloat16, shift: 1, silu: true },
-        Case { n: 2, c: 768, h: 4, kind: Kind::BFloat16, shift: 0, silu: true },
-        Case { n: 4, c: 64, h: 16, kind: Kind::Float, shift: 1, silu: true },
-        Case { n: 3, c: 96, h: 5, kind: Kind::Float, shift: 0, silu: false },
+        Case {
+            n: 8,
+            c: 256,
+            h: 32,
+            kind: Kind::BFloat16,
+            shift: 1,
+            silu: true,
+        },
+        Case {
+            n: 8,
+            c: 256,
+            h: 32,
+            kind: Kind::BFloat16,
+            shift: 0,
+            silu: true,
+        },
+        Case {
+            n: 56,
+            c: 256,
+            h: 8,
+            kind: Kind::BFloat16,
+            shift: 1,
+            silu: true,
+        },
+        Case {
+            n: 5,
+            c: 128,
+            h: 16,
+            kind: Kind::BFloat16,
+            shift: 2,
+            silu: false,
+        },
+        Case {
+            n: 3,
+            c: 192,
+            h: 8,
+            kind: Kind::BFloat16,
+            shift: 1,
+            silu: true,
+        },
+        Case {
+            n: 2,
+            c: 768,
+            h: 4,
+            kind: Kind::BFloat16,
+            shift: 0,
+            silu: true,
+        },
+        Case {
+            n: 4,
+            c: 64,
+            h: 16,
+            kind: Kind::Float,
+            shift: 1,
+            silu: true,
+        },
+        Case {
+            n: 3,
+            c: 96,
+            h: 5,
+            kind: Kind::Float,
+            shift: 0,
+            silu: false,
+        },
     ];
     let names = ["y", "dx", "dshift", "dweight", "dbias"];
     for case in &cases {
         let vs = tch::nn::VarStore::new(dev);
-        let fused = GroupNorm::new(&(vs.root() / "f"), case.c, 1e-6, NormMode { bf16_native: true, fused: true });
+        let fused = GroupNorm::new(
+            &(vs.root() / "f"),
+            case.c,
+            1e-6,
+            NormMode {
+                bf16_native: true,
+                fused: true,
+            },
+        );
         let eager = GroupNorm::new(&(vs.root() / "e"), case.c, 1e-6, NormMode::EAGER_BF16);
         tch::no_grad(|| {
             let w = Tensor::rand([case.c], (Kind::Float, dev)) + 0.5;
@@ -105,8 +173,7 @@ fn fused_group_norm_matches_float64_and_is_no_worse_than_eager() {
         });
         let groups = 32.min(case.c / 4);
         // Offsets far from zero test the statistics' numerics as well as their arithmetic.
-        let x = (Tensor::randn([case.n, case.c, case.h, case.h], (Kind::Float, dev)) * 2.0 + 3.0)
-            .to_kind(case.kind);
+        let x = (Tensor::randn([case.n, case.c, case.h, case.h], (Kind::Float, dev)) * 2.0 + 3.0).to_kind(case.kind);
         let x = dmdpipe::torch_shim::channels_last(&x).unwrap();
         let shift = match case.shift {
             1 => Some(Tensor::randn([case.n, case.c, 1, 1], (Kind::Float, dev)).to_kind(case.kind)),
@@ -119,7 +186,10 @@ fn fused_group_norm_matches_float64_and_is_no_worse_than_eager() {
         let e = layer_run(&eager, &x, shift.as_ref(), case.silu, &g);
         assert_eq!(f[0].stride()[1], 1, "the output stays channels-last");
         assert_eq!(f[0].kind(), case.kind);
-        let label = format!("N{} C{} {}x{} {:?} shift{} silu={}", case.n, case.c, case.h, case.h, case.kind, case.shift, case.silu);
+        let label = format!(
+            "N{} C{} {}x{} {:?} shift{} silu={}",
+            case.n, case.c, case.h, case.h, case.kind, case.shift, case.silu
+        );
         for (i, name) in names.iter().enumerate() {
             if name == &"dshift" && case.shift == 0 {
                 continue;
@@ -137,7 +207,11 @@ fn fused_group_norm_matches_float64_and_is_no_worse_than_eager() {
         if case.kind == Kind::BFloat16 {
             // The forward output: every element within one bf16 rounding of the float64 value.
             let ulp = r[0].abs().clamp_min(1e-3) * 2f64.powi(-8);
-            let over = (f[0].to_kind(Kind::Double) - &r[0]).abs().gt_tensor(&ulp).sum(Kind::Int64).int64_value(&[]);
+            let over = (f[0].to_kind(Kind::Double) - &r[0])
+                .abs()
+                .gt_tensor(&ulp)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
             assert_eq!(over, 0, "{label}: {over} outputs off by more than one bf16 step");
         }
     }
@@ -148,7 +222,15 @@ fn fused_group_norm_is_deterministic_and_leaves_nchw_to_eager() {
     let Some(dev) = cuda() else { return };
     tch::manual_seed(1);
     let vs = tch::nn::VarStore::new(dev);
-    let norm = GroupNorm::new(&vs.root(), 256, 1e-6, NormMode { bf16_native: true, fused: true });
+    let norm = GroupNorm::new(
+        &vs.root(),
+        256,
+        1e-6,
+        NormMode {
+            bf16_native: true,
+            fused: true,
+        },
+    );
     let x = dmdpipe::torch_shim::channels_last(&Tensor::randn([16, 256, 16, 16], (Kind::BFloat16, dev))).unwrap();
     let g = Tensor::randn([16, 256, 16, 16], (Kind::BFloat16, dev));
     let a = layer_run(&norm, &x, None, true, &g);
@@ -175,7 +257,11 @@ fn flat_grads(net: &Denoiser) -> Tensor {
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let grad = |v: &Tensor| {
         let g = v.grad();
-        if g.defined() { g.to_kind(Kind::Double).reshape([-1]) } else { v.zeros_like().to_kind(Kind::Double).reshape([-1]) }
+        if g.defined() {
+            g.to_kind(Kind::Double).reshape([-1])
+        } else {
+            v.zeros_like().to_kind(Kind::Double).reshape([-1])
+        }
     };
     Tensor::cat(&vars.iter().map(|(_, v)| grad(v)).collect::<Vec<_>>(), 0)
 }
@@ -196,7 +282,9 @@ fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_capture
     let mut fp32 = Denoiser::new(&small_net(false), dev);
     fp32.copy_from(&fused).unwrap();
     let x = Tensor::randn([6, 3, 16, 16], (Kind::Float, dev));
-    let sigma = Tensor::from_slice(&[0.1f32, 0.5, 1.0, 2.0, 10.0, 80.0]).to_device(dev).reshape([-1, 1, 1, 1]);
+    let sigma = Tensor::from_slice(&[0.1f32, 0.5, 1.0, 2.0, 10.0, 80.0])
+        .to_device(dev)
+        .reshape([-1, 1, 1, 1]);
     let labels = Tensor::eye(10, (Kind::Float, dev)).narrow(0, 0, 6);
     let run = |net: &Denoiser, bf16: bool| {
         let _ac = dmdpipe::torch_shim::AutocastBf16::new(bf16).unwrap();
@@ -209,7 +297,11 @@ fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_capture
     let e = run(&eager, true);
     let r = run(&fp32, false);
     assert!(f.0.is_contiguous(), "the denoiser returns NCHW");
-    let errs = [(rel(&f.0, &r.0), rel(&e.0, &r.0)), (rel(&f.1, &r.1), rel(&e.1, &r.1)), (rel(&f.2, &r.2), rel(&e.2, &r.2))];
+    let errs = [
+        (rel(&f.0, &r.0), rel(&e.0, &r.0)),
+        (rel(&f.1, &r.1), rel(&e.1, &r.1)),
+        (rel(&f.2, &r.2), rel(&e.2, &r.2)),
+    ];
     for ((fe, ee), what) in errs.iter().zip(["denoised", "input gradient", "parameter gradients"]) {
         println!("small DDPM++ bf16 against fp32: {what}: fused rel {fe:.2e}, eager rel {ee:.2e}");
         assert!(*fe <= ee * 1.5 + 1e-4, "{what}: fused {fe} vs eager {ee}");
@@ -233,14 +325,21 @@ fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_capture
 fn fused_residual_sum_matches_float64_with_separate_bias_gradients() {
     let Some(dev) = cuda() else { return };
     tch::manual_seed(3);
-    for (kind, c, biases) in [(Kind::BFloat16, 256, 2), (Kind::BFloat16, 192, 1), (Kind::Float, 64, 0), (Kind::BFloat16, 6, 2)] {
+    for (kind, c, biases) in [
+        (Kind::BFloat16, 256, 2),
+        (Kind::BFloat16, 192, 1),
+        (Kind::Float, 64, 0),
+        (Kind::BFloat16, 6, 2),
+    ] {
         let shape = [4, c, 8, 8];
         let mk = || dmdpipe::torch_shim::channels_last(&Tensor::randn(shape, (Kind::Float, dev)).to_kind(kind)).unwrap();
         let (a, b, g) = (mk().set_requires_grad(true), mk().set_requires_grad(true), mk());
         let ba = (biases >= 1).then(|| Tensor::randn([c], (Kind::Float, dev)).set_requires_grad(true));
         let bb = (biases >= 2).then(|| Tensor::randn([c], (Kind::Float, dev)).set_requires_grad(true));
         let scale = 0.5f64.sqrt();
-        let y = dmdpipe::fused_kernels::skip_sum(&a, &b, ba.as_ref(), bb.as_ref(), scale).unwrap().expect("applies");
+        let y = dmdpipe::fused_kernels::skip_sum(&a, &b, ba.as_ref(), bb.as_ref(), scale)
+            .unwrap()
+            .expect("applies");
         (&y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
         let d = |t: &Tensor| t.to_kind(Kind::Double);
         let mut reference = d(&a) + d(&b);
@@ -259,7 +358,11 @@ fn fused_residual_sum_matches_float64_with_separate_bias_gradients() {
             assert!(rel(&bias.grad(), &bias_ref) < 1e-5, "{label}: bias gradient");
         }
         if let (Some(x), Some(z)) = (&ba, &bb) {
-            assert_ne!(x.grad().data_ptr(), z.grad().data_ptr(), "{label}: the two biases share one gradient tensor");
+            assert_ne!(
+                x.grad().data_ptr(),
+                z.grad().data_ptr(),
+                "{label}: the two biases share one gradient tensor"
+            );
         }
     }
 }

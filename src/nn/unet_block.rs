@@ -158,9 +158,7 @@ impl UNetBlock {
 /// (a + b + bias_a + bias_b) * scale, the biases [C]: one pass in the fused kernel where it
 /// applies, else the eager ops with the biases folded into the scaling pass.
 fn residual_sum(a: &Tensor, b: &Tensor, bias_a: Option<&Tensor>, bias_b: Option<&Tensor>, scale: f64, fused: bool) -> Tensor {
-    if fused
-        && let Some(y) = crate::fused_kernels::skip_sum(a, b, bias_a, bias_b, scale).expect("the residual sum in the fused kernel")
-    {
+    if fused && let Some(y) = crate::fused_kernels::skip_sum(a, b, bias_a, bias_b, scale).expect("the residual sum in the fused kernel") {
         return y;
     }
     // In the activation dtype, so bf16 activations stay bf16 under autocast.
