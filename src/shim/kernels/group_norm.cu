@@ -179,6 +179,23 @@ extern "C" __global__ void gn_apply(const ELEM* __restrict__ x, const float* __r
   }
 }
 
+// Shift, gamma and beta of the VEC channels of pack p, for sample n.
+__device__ __forceinline__ void pack_params(const float* shift, const float* gamma, const float* beta,
+                                            const Geometry& g, int n, int p, float* sh, float* ga, float* be) {
+  for (int j = 0; j < VEC; ++j) {
+    int c = p * VEC + j;
+    sh[j] = shift ? shift[(long long)n * g.channels + c] : 0.0f;
+    ga[j] = gamma[c];
+    be[j] = beta[c];
+  }
+}
+
+// The gradient at the affine output (before the SiLU) from dy and the normalised input xh.
+__device__ __forceinline__ float grad_before_act(float dy, float xh, float ga, float be, int silu) {
+  if (silu) dy *= silu_grad(xh * ga + be);
+  return dy;
+}
+
 // Backward pass 1: per (sample, slice, channel) sums over rows of dz, dz * xhat and xhat, where
 // dz is the gradient at the affine output (before the SiLU) and xhat the normalised input, into
 // part[n][s][c][3].
@@ -197,12 +214,7 @@ extern "C" __global__ void gn_backward_sums(const ELEM* __restrict__ x, const EL
     const int grp = p * VEC / cpg;
     const float m = mean[(long long)n * g.groups + grp], rs = rstd[(long long)n * g.groups + grp];
     float sh[VEC], ga[VEC], be[VEC];
-    for (int j = 0; j < VEC; ++j) {
-      int c = p * VEC + j;
-      sh[j] = shift ? shift[(long long)n * g.channels + c] : 0.0f;
-      ga[j] = gamma[c];
-      be[j] = beta[c];
-    }
+    pack_params(shift, gamma, beta, g, n, p, sh, ga, be);
     const long long row_begin = s * g.slice_rows;
     const long long row_end = min(g.rows, row_begin + g.slice_rows);
     const long long off = (long long)n * g.rows * g.channels + p * VEC;
@@ -212,8 +224,7 @@ extern "C" __global__ void gn_backward_sums(const ELEM* __restrict__ x, const EL
       Pack gin = *reinterpret_cast<const Pack*>(dy + off + r * g.channels);
       for (int j = 0; j < VEC; ++j) {
         float xh = (to_f32(xin.v[j]) + sh[j] - m) * rs;
-        float d = to_f32(gin.v[j]);
-        if (silu) d *= silu_grad(xh * ga[j] + be[j]);
+        float d = grad_before_act(to_f32(gin.v[j]), xh, ga[j], be[j], silu);
         sdz[j] += d;
         sdzx[j] += d * xh;
         sx[j] += xh;
@@ -288,12 +299,7 @@ extern "C" __global__ void gn_backward_dx(const ELEM* __restrict__ x, const ELEM
   const float m = mean[(long long)n * g.groups + grp], rs = rstd[(long long)n * g.groups + grp];
   const float k1 = rs * m1[grp], k2 = rs * m2[grp];
   float sh[VEC], ga[VEC], be[VEC];
-  for (int j = 0; j < VEC; ++j) {
-    int c = p * VEC + j;
-    sh[j] = shift ? shift[(long long)n * g.channels + c] : 0.0f;
-    ga[j] = gamma[c];
-    be[j] = beta[c];
-  }
+  pack_params(shift, gamma, beta, g, n, p, sh, ga, be);
   const long long row_begin = s * g.slice_rows;
   const long long row_end = min(g.rows, row_begin + g.slice_rows);
   const long long off = (long long)n * g.rows * g.channels + p * VEC;
@@ -304,8 +310,7 @@ extern "C" __global__ void gn_backward_dx(const ELEM* __restrict__ x, const ELEM
     Pack out;
     for (int j = 0; j < VEC; ++j) {
       float xh = (to_f32(xin.v[j]) + sh[j] - m) * rs;
-      float d = to_f32(gin.v[j]);
-      if (silu) d *= silu_grad(xh * ga[j] + be[j]);
+      float d = grad_before_act(to_f32(gin.v[j]), xh, ga[j], be[j], silu);
       from_f32(rs * ga[j] * d - k1 - k2 * xh, &out.v[j]);
     }
     *reinterpret_cast<Pack*>(dx + off + r * g.channels) = out;
