@@ -9,7 +9,7 @@ usage: python3 pytorch_ddpmpp.py [--check GOLDEN_DIR] [--out FILE.json] [--profi
 call and training step (3 calls each) as DIR/pytorch_{onestep,train}.json, for
 `dmdpipe bench trace-summary --per 3` beside `dmdpipe bench profile`.
 """
-import argparse, json, math, time
+import argparse, json, math, os, time
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -183,44 +183,84 @@ def check(golden):
     assert err < 1e-4
 
 
-def bench(out, bf16_only=False, compile_modes=('none',)):
-    dev = torch.device('cuda')
+NETWORKS = {'edm55m': dict(mc=128, mult=(2, 2, 2), nb=4), 'speedrun9m': dict(mc=64, mult=(2, 2, 2), nb=2),
+            'tiny': dict(mc=16, mult=(1, 2), nb=1)}
+
+
+def compile_module(module, mode):
+    """`module` itself for mode `none`, else torch.compile(module, mode). Shapes stay static
+    (dynamic=False): the benchmark's batch is fixed, and a second batch size must not turn the
+    first into a dynamic-shape graph."""
+    return module if mode == 'none' else torch.compile(module, mode=mode, dynamic=False)
+
+
+def uses_cudagraphs(mode):
+    return mode in ('reduce-overhead', 'max-autotune')
+
+
+def reset_compiler():
+    # Each configuration starts from an empty Dynamo cache, so recompile limits never send a
+    # later configuration back to eager; Inductor's on-disk cache still serves repeated graphs.
+    torch._dynamo.reset()
+
+
+def write_json(results, out):
+    if out:
+        with open(out + '.tmp', 'w') as f:
+            json.dump(results, f, indent=1)
+        os.replace(out + '.tmp', out)
+
+
+def bench(out, bf16_only=False, compile_modes=('none',), nets=('edm55m', 'speedrun9m'), smoke=False):
+    dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    results = {'card': torch.cuda.get_device_name(0), 'torch': torch.__version__}
-    for mc, mult, nb, tag in [(128, (2, 2, 2), 4, 'edm55m'), (64, (2, 2, 2), 2, 'speedrun9m')]:
+    card = torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'cpu'
+    results = {'card': card, 'torch': torch.__version__}
+    for tag in nets:
         torch.manual_seed(0)
-        net = EDMPrecond(mc=mc, mult=mult, nb=nb).to(dev).train()
-        ema = EDMPrecond(mc=mc, mult=mult, nb=nb).to(dev).eval().requires_grad_(False)
+        net = EDMPrecond(**NETWORKS[tag]).to(dev).train()
+        ema = EDMPrecond(**NETWORKS[tag]).to(dev).eval().requires_grad_(False)
         ema.load_state_dict(net.state_dict())
-        params = sum(p.numel() for p in net.parameters() if p.requires_grad and p.grad is None and p.requires_grad)
         results[f'{tag}_parameters'] = sum(p.numel() for p in net.parameters())
         opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
         for mode in compile_modes:
-            bench_variants(results, tag, net, ema, opt, dev, bf16_only, mode)
+            reset_compiler()
+            try:
+                bench_variants(results, tag, net, ema, opt, dev, bf16_only, mode, smoke)
+            except Exception as e:  # one mode failing must not lose the others' figures
+                results[f'{tag}_compile_{mode}_error'] = f'{type(e).__name__}: {e}'[:2000]
+                print(f'{tag} {mode} failed: {e}', flush=True)
+            write_json(results, out)
         del net, ema, opt
-        torch.cuda.empty_cache()
+        if dev.type == 'cuda':
+            torch.cuda.empty_cache()
     print(json.dumps(results, indent=1))
-    if out:
-        json.dump(results, open(out, 'w'), indent=1)
 
 
-def bench_variants(results, tag, net, ema, opt, dev, bf16_only, mode):
+def sync(dev):
+    if dev.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def bench_variants(results, tag, net, ema, opt, dev, bf16_only, mode, smoke=False):
     """Training (batch 512) and one-step sampling (batch 1024) img/s, eager (`mode` none) or
     through torch.compile(mode); compile time (the first calls) reported apart."""
     suffix = '' if mode == 'none' else f'_compile_{mode}'
-    run_net = net if mode == 'none' else torch.compile(net, mode=mode)
-    run_ema = ema if mode == 'none' else torch.compile(ema, mode=mode)
+    run_net, run_ema = compile_module(net, mode), compile_module(ema, mode)
+    train_batch, sample_batch, iters = (8, 8, 2) if smoke else (512, 1024, 20)
     for bf16 in (True,) if bf16_only else (True, False):
-        b = 512
+        b = train_batch
         def step():
+            if uses_cudagraphs(mode):
+                torch.compiler.cudagraph_mark_step_begin()
             opt.zero_grad(set_to_none=True)
             y = torch.rand(b, 3, 32, 32, device=dev) * 2 - 1
             labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
             sigma = (torch.randn(b, 1, 1, 1, device=dev) * 1.2 - 1.2).exp()
             weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16 and dev.type == 'cuda'):
                 d = run_net(y + torch.randn_like(y) * sigma, sigma, labels)
             loss = (weight * (d - y) ** 2).sum() / b
             loss.backward()
@@ -231,32 +271,38 @@ def bench_variants(results, tag, net, ema, opt, dev, bf16_only, mode):
             with torch.no_grad():
                 for pe, pn in zip(ema.parameters(), net.parameters()):
                     pe.copy_(pn.detach().lerp(pe, 0.999))
+        prec = 'bf16' if bf16 else 'tf32'
         t0 = time.perf_counter()
         for _ in range(5):
             step()
-        torch.cuda.synchronize()
-        results[f'{tag}_train_{"bf16" if bf16 else "tf32"}{suffix}_warmup_s'] = time.perf_counter() - t0
-        n = 20
+        sync(dev)
+        results[f'{tag}_train_{prec}{suffix}_warmup_s'] = time.perf_counter() - t0
         t = time.perf_counter()
-        for _ in range(n):
+        for _ in range(iters):
             step()
-        torch.cuda.synchronize()
-        results[f'{tag}_train_{"bf16" if bf16 else "tf32"}{suffix}_img_s'] = n * b / (time.perf_counter() - t)
-        b = 1024
+        sync(dev)
+        results[f'{tag}_train_{prec}{suffix}_img_s'] = iters * b / (time.perf_counter() - t)
+        if dev.type == 'cuda':
+            torch.cuda.empty_cache()  # the parallel warm-ups share one GPU
+        b = sample_batch
         z = torch.randn(b, 3, 32, 32, device=dev)
         labels = F.one_hot(torch.randint(10, (b,), device=dev), 10).float()
         sig = torch.full((b,), 80.0, device=dev)
-        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
+        def sample():
+            if uses_cudagraphs(mode):
+                torch.compiler.cudagraph_mark_step_begin()
+            return run_ema(z * 80, sig, labels)
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16 and dev.type == 'cuda'):
             t0 = time.perf_counter()
             for _ in range(3):
-                run_ema(z * 80, sig, labels)
-            torch.cuda.synchronize()
-            results[f'{tag}_onestep_{"bf16" if bf16 else "tf32"}{suffix}_warmup_s'] = time.perf_counter() - t0
+                sample()
+            sync(dev)
+            results[f'{tag}_onestep_{prec}{suffix}_warmup_s'] = time.perf_counter() - t0
             t = time.perf_counter()
-            for _ in range(10):
-                run_ema(z * 80, sig, labels)
-            torch.cuda.synchronize()
-        results[f'{tag}_onestep_{"bf16" if bf16 else "tf32"}{suffix}_img_s'] = 10 * b / (time.perf_counter() - t)
+            for _ in range(iters // 2):
+                sample()
+            sync(dev)
+        results[f'{tag}_onestep_{prec}{suffix}_img_s'] = (iters // 2) * b / (time.perf_counter() - t)
         print(json.dumps({k: v for k, v in results.items() if k.startswith(tag)}), flush=True)
 
 
@@ -314,11 +360,13 @@ if __name__ == '__main__':
     ap.add_argument('--bf16-only', action='store_true', help='skip the TF32 figures')
     ap.add_argument('--profile', metavar='DIR', help='write profiler traces (no timing run)')
     ap.add_argument('--compile', default='none', help='comma-separated: none, default, max-autotune, reduce-overhead')
+    ap.add_argument('--nets', default='edm55m,speedrun9m', help='comma-separated: edm55m, speedrun9m, tiny')
+    ap.add_argument('--smoke', action='store_true', help='tiny batches, two iterations, CPU if no GPU: checks the script, not speed')
     a = ap.parse_args()
     if a.profile:
         profile(a.profile)
         raise SystemExit(0)
     if a.check:
         check(a.check)
-    if torch.cuda.is_available() and not a.no_bench:
-        bench(a.out, a.bf16_only, tuple(a.compile.split(',')))
+    if (torch.cuda.is_available() or a.smoke) and not a.no_bench:
+        bench(a.out, a.bf16_only, tuple(a.compile.split(',')), tuple(a.nets.split(',')), a.smoke)
