@@ -44,6 +44,8 @@ wait
 echo "warm-up done at $(date +%T); left on the GPU:" >> "$out/steps.txt"
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader >> "$out/steps.txt"
 
+# Failing kernels make dmdpipe's timings moot; PyTorch's still run (they cost the warm-up already paid).
+grep -q "kernel_tests: rc=0" "$out/steps.txt" && \
 step rust_bench timeout 420 "$bin" bench gpu --device cuda --networks-only --dmd --out "$out/rust.json" > "$out/rust.log" 2>&1
 step torch_networks timeout "${TORCH_NETWORKS_LIMIT:-420}" python3 bench/pytorch_ddpmpp.py --bf16-only --compile none,default \
   --out "$out/torch_networks.json" > "$out/torch_networks.log" 2>&1
