@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine: the whole pipelines/cifar10-speedrun.toml (teacher training, FIDs, pairs, DMD,
 # student FID and grids) in one lease, from parts staged in /tmp/stage by earlier calls
-# (devcarry/bin, i1, i2, p1..p3: the binary, the Inception weights in two parts, CIFAR-10 as xz).
+# (devcarry/r1..r4 from bench/pack_speedrun.sh, or the older bin, i1, i2, p1..p3: the binary,
+# the Inception weights in parts, CIFAR-10 as xz).
 # Start it in the background on its own line (the lease keeps running between calls):
 #   setsid nohup bash bench/gpu_speedrun.sh /tmp/speedrun > /tmp/speedrun.log 2>&1 < /dev/null &
 # It works in a copy of the project (/tmp/sr), so later calls may re-sync the checkout, and writes
@@ -13,7 +14,12 @@ W=/tmp/sr
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
 mkdir -p "$RES" $W/models $W/data/cifar-10-batches-bin
 cp -r pipelines $W/
-cp $S/dmdpipe $W/dmdpipe-bin
+if [ -f $S/dmdpipe.xz ]; then  # bench/pack_speedrun.sh carries it compressed
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" $S/dmdpipe.xz $W/dmdpipe-bin
+  chmod +x $W/dmdpipe-bin
+else
+  cp $S/dmdpipe $W/dmdpipe-bin
+fi
 cat $S/inception.part* > $W/models/inception-2015-12-05.safetensors
 for f in $S/*.bin.xz; do
   python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$W/data/cifar-10-batches-bin/$(basename "$f" .xz)" &
