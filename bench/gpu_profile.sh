@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device-machine call: kernel profiles of the full network's bf16 one-step sampling call and
-# training step, dmdpipe (both GroupNorm modes) beside PyTorch, plus the networks-only timings.
+# training step, dmdpipe (fused kernels and eager ops) beside PyTorch, plus the networks-only timings.
 # Usage: bash bench/gpu_profile.sh   (binary in devcarry/bin; BIN and OUT_DIR override;
 # NO_TORCH_PROFILE=1 skips PyTorch's profile, NO_GRAPH=0 adds the CUDA-graph variants)
 # Leaves in OUT_DIR: card.txt, prof_dmdpipe.json, prof_pytorch.json (per-call summaries),

@@ -50,8 +50,18 @@ pub fn kernel_category(name: &str, trace_category: &str) -> &'static str {
         "gpu_memset" => return "memset",
         _ => {}
     }
+    // dmdpipe's own fused kernels (src/shim/kernels) have plain C names.
+    if n.starts_with("gn_") {
+        return "group_norm";
+    }
+    if n.starts_with("skip_sum") {
+        return "residual_sum";
+    }
     if has(&["flash", "fmha", "attention", "softmax", "sdpa"]) {
         "attention"
+    } else if has(&["depthwise"]) {
+        // The up/down-sampling filters run as depthwise convolutions.
+        "resample_depthwise"
     } else if has(&[
         "groupnorm",
         "group_norm",
@@ -186,24 +196,38 @@ pub struct ProfileSpec {
     pub out_dir: PathBuf,
 }
 
-/// Profiles the bf16 one-step sampling call and the bf16 training step of one network, in both
-/// GroupNorm modes, writing `<out_dir>/dmdpipe_<workload>_<norm>.json` (Chrome traces) and
-/// returning their summaries.
+/// Profiles the bf16 one-step sampling call and the bf16 training step of one network, with the
+/// fused kernels (`fused`, the default) and with eager libtorch ops (`eager_ops`, the reference
+/// path), writing `<out_dir>/dmdpipe_<workload>_<path>.json` (Chrome traces) and returning their
+/// summaries.
 pub fn bench_profile(spec: &ProfileSpec) -> Result<Value> {
     let device = torch_shim::device(&spec.device)?;
     tch::Cuda::cudnn_set_benchmark(true);
     torch_shim::set_tf32(true);
     std::fs::create_dir_all(&spec.out_dir).with_context(|| format!("creating {}", spec.out_dir.display()))?;
-    let cfg = match spec.network.as_str() {
+    let base = match spec.network.as_str() {
         "edm55m" => ddpmpp(128, 4),
         "speedrun9m" => ddpmpp(64, 2),
         other => anyhow::bail!("unknown network `{other}` (edm55m or speedrun9m)"),
     };
-    tch::manual_seed(0);
-    let net = Denoiser::new(&cfg, device);
-    let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
+    let mut out = Map::new();
+    out.insert("device".into(), format!("{device:?}").into());
+    out.insert("network".into(), spec.network.clone().into());
+    for (path_tag, fused) in [("fused", true), ("eager_ops", false)] {
+        let mut cfg = base.clone();
+        cfg.set_fused_kernels(fused);
+        tch::manual_seed(0);
+        let net = Denoiser::new(&cfg, device);
+        out.insert("parameters".into(), net.num_params().into());
+        profile_network(spec, &net, device, path_tag, &mut out)?;
+    }
+    Ok(Value::Object(out))
+}
+
+/// Both workloads of one network: three warm-up calls, then `spec.calls` profiled ones.
+fn profile_network(spec: &ProfileSpec, net: &Denoiser, device: tch::Device, path_tag: &str, out: &mut Map<String, Value>) -> Result<()> {
+    let opt = AdamW::new(net, (0.9, 0.999), 1e-8, 0.0);
     let bf16 = device.is_cuda();
-    let saved_override = crate::torch_shim::group_norm_override();
     let z = Tensor::randn([spec.sample_batch, 3, 32, 32], (Kind::Float, device)) * 80.0;
     let labels = one_hot(&(0..spec.sample_batch).map(|i| i % 10).collect::<Vec<_>>(), 10, device);
     let sigma = Tensor::from(80.0f32).to_device(device);
@@ -212,35 +236,27 @@ pub fn bench_profile(spec: &ProfileSpec) -> Result<Value> {
         let _ = tch::no_grad(|| net.denoise(&z, &sigma, Some(&labels), false));
         Ok(())
     };
-    let train = || random_train_step(&net, &opt, spec.train_batch, bf16);
-    let mut out = Map::new();
-    out.insert("device".into(), format!("{device:?}").into());
-    out.insert("network".into(), spec.network.clone().into());
-    out.insert("parameters".into(), net.num_params().into());
-    for (norm_tag, native) in [("autocast_norm", false), ("native_norm", true)] {
-        crate::torch_shim::set_group_norm_override(Some(native));
-        let workloads: [(&str, &dyn Fn() -> Result<()>); 2] = [("onestep", &onestep), ("train", &train)];
-        for (work, f) in workloads {
-            for _ in 0..3 {
-                f()?;
-            }
-            sync(device);
-            let profiler = Profiler::start(device.is_cuda())?;
-            let t = std::time::Instant::now();
-            for _ in 0..spec.calls {
-                f()?;
-            }
-            sync(device);
-            let wall = t.elapsed().as_secs_f64() / spec.calls as f64;
-            let trace = spec.out_dir.join(format!("dmdpipe_{work}_{norm_tag}.json"));
-            profiler.finish(&trace)?;
-            let mut s = summary_json(&summarize_trace(&trace)?, spec.calls, 25);
-            s["wall_ms_per_call_profiled"] = (wall * 1000.0).into();
-            out.insert(format!("{work}_{norm_tag}"), s);
+    let train = || random_train_step(net, &opt, spec.train_batch, bf16);
+    let workloads: [(&str, &dyn Fn() -> Result<()>); 2] = [("onestep", &onestep), ("train", &train)];
+    for (work, f) in workloads {
+        for _ in 0..3 {
+            f()?;
         }
+        sync(device);
+        let profiler = Profiler::start(device.is_cuda())?;
+        let t = std::time::Instant::now();
+        for _ in 0..spec.calls {
+            f()?;
+        }
+        sync(device);
+        let wall = t.elapsed().as_secs_f64() / spec.calls as f64;
+        let trace = spec.out_dir.join(format!("dmdpipe_{work}_{path_tag}.json"));
+        profiler.finish(&trace)?;
+        let mut s = summary_json(&summarize_trace(&trace)?, spec.calls, 25);
+        s["wall_ms_per_call_profiled"] = (wall * 1000.0).into();
+        out.insert(format!("{work}_{path_tag}"), s);
     }
-    crate::torch_shim::set_group_norm_override(saved_override);
-    Ok(Value::Object(out))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -280,6 +296,13 @@ mod tests {
         assert_eq!(
             k("void at::native::vectorized_elementwise_kernel<8, at::native::masked_scale_kernel<bool, c10::BFloat16, float>>"),
             "random"
+        );
+        assert_eq!(k("gn_backward_dx"), "group_norm");
+        assert_eq!(k("gn_apply"), "group_norm");
+        assert_eq!(k("skip_sum"), "residual_sum");
+        assert_eq!(
+            k("void at::native::(anonymous namespace)::conv_depthwise2d_forward_kernel<1, c10::BFloat16, int>"),
+            "resample_depthwise"
         );
         assert_eq!(k("mystery"), "other");
     }

@@ -91,7 +91,8 @@ pub enum BenchCommand {
         out: Option<PathBuf>,
     },
     /// Kernel-level profile (libtorch's Kineto, as torch.profiler) of the bf16 one-step sampling
-    /// call and training step, in both GroupNorm modes: Chrome traces and where the time goes.
+    /// call and training step, with the fused kernels and with eager ops: Chrome traces and where
+    /// the time goes.
     Profile {
         #[command(flatten)]
         spec: crate::bench::ProfileSpec,
