@@ -251,6 +251,14 @@ fn small_net(fused: bool) -> NetworkConfig {
     serde_json::from_value(v).unwrap()
 }
 
+/// A small ADM (ImageNet's network: adaptive scale, 64 channels per attention head, so two heads
+/// at 8x8 and one at 16x16), 10 classes.
+fn small_adm(fused: bool) -> NetworkConfig {
+    let v = serde_json::json!({"arch": "adm", "img_resolution": 16, "label_dim": 10, "model_channels": 64, "channel_mult": [1, 2],
+        "num_blocks": 1, "attn_resolutions": [16, 8], "dropout": 0.0, "fused_kernels": fused});
+    serde_json::from_value(v).unwrap()
+}
+
 /// All gradients of a network's trainable parameters as one float64 vector (sorted by name).
 fn flat_grads(net: &Denoiser) -> Tensor {
     let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
@@ -269,6 +277,12 @@ fn flat_grads(net: &Denoiser) -> Tensor {
 #[test]
 fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_captures_as_a_graph() {
     let Some(dev) = cuda() else { return };
+    for (name, config) in [("DDPM++", small_net as fn(bool) -> NetworkConfig), ("ADM", small_adm)] {
+        fused_network_against_fp32_and_eager(dev, name, config);
+    }
+}
+
+fn fused_network_against_fp32_and_eager(dev: Device, name: &str, small_net: fn(bool) -> NetworkConfig) {
     tch::manual_seed(2);
     let fused = Denoiser::new(&small_net(true), dev);
     // EDM zero-initialises the output layers, which would hide the network behind the skip path.
@@ -303,11 +317,11 @@ fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_capture
         (rel(&f.2, &r.2), rel(&e.2, &r.2)),
     ];
     for ((fe, ee), what) in errs.iter().zip(["denoised", "input gradient", "parameter gradients"]) {
-        println!("small DDPM++ bf16 against fp32: {what}: fused rel {fe:.2e}, eager rel {ee:.2e}");
-        assert!(*fe <= ee * 1.5 + 1e-4, "{what}: fused {fe} vs eager {ee}");
+        println!("small {name} bf16 against fp32: {what}: fused rel {fe:.2e}, eager rel {ee:.2e}");
+        assert!(*fe <= ee * 1.5 + 1e-4, "{name}, {what}: fused {fe} vs eager {ee}");
     }
     // The fused path ran: the two bf16 networks differ by rounding.
-    assert!(!f.0.equal(&e.0), "the fused network gave the eager network's exact output");
+    assert!(!f.0.equal(&e.0), "{name}: the fused network gave the eager network's exact output");
     // Captured and replayed, the fused kernels give what they give eagerly.
     use dmdpipe::cuda_graph::{CudaGraph, SideStream};
     let _side = SideStream::enter().unwrap();
@@ -318,7 +332,7 @@ fn a_network_with_fused_kernels_is_as_close_to_fp32_as_the_eager_one_and_capture
     let eager_out = sample().unwrap();
     let (graph, out) = CudaGraph::capture(sample).unwrap();
     graph.replay().unwrap();
-    assert!(out.equal(&eager_out), "graph replay differs from the eager call");
+    assert!(out.equal(&eager_out), "{name}: graph replay differs from the eager call");
 }
 
 #[test]

@@ -133,25 +133,48 @@ impl UNetBlock {
         x = residual_sum(&x, skip, self.conv1.bias.as_ref(), skip_bias, self.skip_scale, self.fused);
         if let Some((norm2, qkv, proj)) = &self.attn {
             let (n, c, h, w) = x.size4().expect("NCHW");
-            let heads = self.num_heads;
             let fused = x.device().is_cuda() && FUSED_ATTENTION.load(Ordering::Relaxed);
-            let qkv = qkv.forward(&norm2.forward(&x)).reshape([n * heads, c / heads, 3, h * w]);
-            // [B, C, 3, L] -> q, k, v as [B, 1, L, C]. The fused kernels need the channel stride
-            // to be 1 (otherwise CUDA falls back to the math path, in fp32): one copy of qkv.
-            let qkv = if fused {
-                qkv.permute([0, 2, 3, 1]).contiguous()
-            } else {
-                qkv.permute([0, 2, 3, 1])
-            };
-            let part = |i: i64| qkv.select(1, i).unsqueeze(1);
-            let (q, k, v) = (part(0), part(1), part(2));
+            let (q, k, v) = split_heads(&qkv.forward(&norm2.forward(&x)), self.num_heads, fused);
             crate::nn::flops::add(2 * (n * c * h * w * h * w) as u64); // q.k and weights.v
-            let a = attention(&q, &k, &v, fused);
-            let a = a.squeeze_dim(1).transpose(1, 2).reshape([n, c, h, w]);
+            let a = merge_heads(&attention(&q, &k, &v, fused), n, h, w, is_channels_last(&x));
             let y = proj.forward_without_bias(&a);
             x = residual_sum(&y, &x, proj.bias.as_ref(), None, self.skip_scale, self.fused);
         }
         x
+    }
+}
+
+/// Whether a 4-D tensor is laid out NHWC (channels-last), read from its strides.
+fn is_channels_last(t: &Tensor) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    size.len() == 4 && size[1] > 1 && stride[1] == 1 && stride[3] == size[1] && stride[2] == size[1] * size[3]
+}
+
+/// The qkv convolution's output [N, 3C, H, W] (EDM's channel order: head, channel, q/k/v) as
+/// q, k, v of shape [N * heads, 1, L, C / heads]. Splitting dimensions is a view in any layout,
+/// so the one copy is the `contiguous` that the fused kernels need (channel stride 1; otherwise
+/// CUDA falls back to the math path, in fp32).
+fn split_heads(qkv: &Tensor, heads: i64, contiguous: bool) -> (Tensor, Tensor, Tensor) {
+    let c3 = qkv.size()[1];
+    let parts = qkv.unflatten(1, [heads, c3 / 3 / heads, 3]).flatten(4, 5);
+    // [N, heads, C/heads, 3, L] -> [N, heads, 3, L, C/heads]
+    let parts = parts.permute([0, 1, 3, 4, 2]);
+    let parts = if contiguous { parts.contiguous() } else { parts };
+    let parts = parts.flatten(0, 1);
+    let part = |i: i64| parts.select(1, i).unsqueeze(1);
+    (part(0), part(1), part(2))
+}
+
+/// Attention's output [N * heads, 1, L, C / heads] as [N, C, H, W] in the layout the network runs
+/// in: NHWC when `channels_last` (else the projection, and every layer after it, would fall back
+/// to NCHW), NCHW otherwise. One copy either way.
+fn merge_heads(a: &Tensor, n: i64, h: i64, w: i64, channels_last: bool) -> Tensor {
+    let a = a.squeeze_dim(1).unflatten(0, [n, -1]); // [N, heads, L, C/heads]
+    let c = a.size()[1] * a.size()[3];
+    if channels_last {
+        a.permute([0, 2, 1, 3]).contiguous().reshape([n, h, w, c]).permute([0, 3, 1, 2])
+    } else {
+        a.permute([0, 1, 3, 2]).contiguous().reshape([n, c, h, w])
     }
 }
 
@@ -214,10 +237,14 @@ mod tests {
     use tch::Device;
 
     fn block(vs: &tch::nn::VarStore, cin: i64, cout: i64, attention: bool) -> UNetBlock {
+        block_with_heads(vs, cin, cout, attention, Some(1))
+    }
+
+    fn block_with_heads(vs: &tch::nn::VarStore, cin: i64, cout: i64, attention: bool, num_heads: Option<i64>) -> UNetBlock {
         let init = Init::new(InitMode::XavierUniform, 1.0, 0.0);
         let c = BlockConfig {
             emb_channels: 16,
-            num_heads: Some(1),
+            num_heads,
             channels_per_head: 64,
             dropout: 0.0,
             skip_scale: 0.5f64.sqrt(),
@@ -291,6 +318,48 @@ mod tests {
                 assert!(w[0].1 <= w[1].0, "gradients of {} and {} overlap", w[0].2, w[1].2);
             }
         }
+    }
+
+    #[test]
+    fn heads_split_and_merge_as_edm_reshapes_them_in_either_layout() {
+        tch::manual_seed(4);
+        let (n, c, h, w, heads) = (2i64, 8i64, 3i64, 4i64, 2i64);
+        let nchw = Tensor::randn([n, 3 * c, h, w], (Kind::Float, Device::Cpu));
+        let nhwc = crate::torch_shim::channels_last(&nchw).unwrap();
+        assert!(is_channels_last(&nhwc) && !is_channels_last(&nchw));
+        // EDM: reshape(N * heads, C / heads, 3, L).unbind(2), each [B, C/heads, L].
+        let edm = nchw.reshape([n * heads, c / heads, 3, h * w]);
+        for (qkv, contiguous) in [(&nchw, false), (&nhwc, false), (&nhwc, true)] {
+            let (q, k, v) = split_heads(qkv, heads, contiguous);
+            for (i, t) in [q, k, v].iter().enumerate() {
+                assert_eq!(t.size(), [n * heads, 1, h * w, c / heads]);
+                assert!(t.squeeze_dim(1).transpose(1, 2).equal(&edm.select(2, i as i64)), "part {i}");
+                if contiguous {
+                    assert_eq!(t.stride()[3], 1, "the fused kernels need channel stride 1");
+                }
+            }
+        }
+        // EDM: a [B, C/heads, L] reshaped to x's shape.
+        let a = Tensor::randn([n * heads, 1, h * w, c / heads], (Kind::Float, Device::Cpu));
+        let edm = a.squeeze_dim(1).transpose(1, 2).reshape([n, c, h, w]);
+        let (cl, plain) = (merge_heads(&a, n, h, w, true), merge_heads(&a, n, h, w, false));
+        assert!(cl.equal(&edm) && plain.equal(&edm));
+        assert!(is_channels_last(&cl), "the block keeps the network's NHWC layout");
+        assert!(plain.is_contiguous());
+    }
+
+    #[test]
+    fn a_block_with_several_attention_heads_keeps_an_nhwc_input_nhwc() {
+        tch::manual_seed(6);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let b = block_with_heads(&vs, 8, 16, true, Some(4));
+        let x = Tensor::randn([2, 8, 6, 6], (Kind::Float, Device::Cpu));
+        let emb = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
+        let plain = b.forward(&x, &emb, false);
+        let nhwc = b.forward(&crate::torch_shim::channels_last(&x).unwrap(), &emb, false);
+        assert!(is_channels_last(&nhwc), "strides {:?}", nhwc.stride());
+        let err = (&nhwc - &plain).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "{err}");
     }
 
     #[test]
