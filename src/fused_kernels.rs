@@ -57,7 +57,8 @@ fn api() -> Option<&'static Api> {
 
 /// `act(group_norm(x + shift) * weight + bias)`, act = SiLU or identity, in the fused kernels;
 /// `None` where they do not apply (not a channels-last CUDA tensor in bf16 or fp32, or no CUDA
-/// shim in this binary). `shift` is [N, C, 1, 1] or [1, C, 1, 1]; weight and bias are [C].
+/// shim in this binary). `shift` is [N, C, 1, 1] or [1, C, 1, 1]; weight and bias are [C], or
+/// [N, C] when each sample has its own (ADM's adaptive scale).
 pub fn group_norm_act(
     x: &Tensor,
     shift: Option<&Tensor>,

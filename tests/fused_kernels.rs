@@ -245,6 +245,63 @@ fn fused_group_norm_is_deterministic_and_leaves_nchw_to_eager() {
     assert!(d < 1e-2, "eager and fused disagree by {d}");
 }
 
+/// ADM's adaptive scale, `silu(shift + group_norm(x + pre) * (scale + 1))`, through the layer
+/// with the fused kernels (per-sample weight and bias) and with eager ops, against float64:
+/// the output and the gradients of x, pre, scale, shift, gamma and beta.
+#[test]
+fn modulated_group_norm_matches_float64_and_is_no_worse_than_eager() {
+    let Some(dev) = cuda() else { return };
+    tch::manual_seed(7);
+    let (n, c, h, groups) = (6i64, 192i64, 16i64, 32i64);
+    let vs = tch::nn::VarStore::new(dev);
+    let layer = |name: &str, fused: bool| GroupNorm::new(&(vs.root() / name), c, 1e-6, NormMode { bf16_native: true, fused });
+    let (fused, eager) = (layer("fused", true), layer("eager", false));
+    let gamma = Tensor::randn([c], (Kind::Float, dev)) * 0.5 + 1.0;
+    let beta = Tensor::randn([c], (Kind::Float, dev)) * 0.5;
+    tch::no_grad(|| {
+        for norm in [&fused, &eager] {
+            norm.weight.shallow_clone().copy_(&gamma);
+            norm.bias.shallow_clone().copy_(&beta);
+        }
+    });
+    let x = dmdpipe::torch_shim::channels_last(&(Tensor::randn([n, c, h, h], (Kind::Float, dev)) * 2.0 + 3.0)).unwrap();
+    let x = x.to_kind(Kind::BFloat16);
+    let small = |size: &[i64]| (Tensor::randn(size, (Kind::Float, dev)) * 0.3).to_kind(Kind::BFloat16);
+    let (pre, scale, shift) = (small(&[1, c, 1, 1]), small(&[n, c, 1, 1]), small(&[n, c, 1, 1]));
+    let g = Tensor::randn([n, c, h, h], (Kind::Float, dev));
+    let leaf = |t: &Tensor, kind: Kind| t.to_kind(kind).detach().set_requires_grad(true);
+    let reference = || {
+        let d = Kind::Double;
+        let (x, pre, scale, shift, w, b) = (
+            leaf(&x, d),
+            leaf(&pre, d),
+            leaf(&scale, d),
+            leaf(&shift, d),
+            leaf(&gamma, d),
+            leaf(&beta, d),
+        );
+        let y = (&shift + (&x + &pre).group_norm(groups, Some(&w), Some(&b), 1e-6, false) * (&scale + 1.0)).silu();
+        (&y * g.to_kind(d)).sum(d).backward();
+        vec![y.detach(), x.grad(), pre.grad(), scale.grad(), shift.grad(), w.grad(), b.grad()]
+    };
+    let run = |norm: &GroupNorm| {
+        let bf = Kind::BFloat16;
+        let (x, pre, scale, shift) = (leaf(&x, bf), leaf(&pre, bf), leaf(&scale, bf), leaf(&shift, bf));
+        let y = norm.forward_modulated(&x, Some(&pre), &scale, &shift);
+        (&y.to_kind(Kind::Float) * &g).sum(Kind::Float).backward();
+        let (dw, db) = (norm.weight.grad().copy(), norm.bias.grad().copy());
+        vec![y.detach(), x.grad(), pre.grad(), scale.grad(), shift.grad(), dw, db]
+    };
+    let (r, f, e) = (reference(), run(&fused), run(&eager));
+    assert!(!f[0].equal(&e[0]), "the fused kernels did not run");
+    let names = ["output", "dx", "dpre", "dscale", "dshift", "dgamma", "dbeta"];
+    for (i, what) in names.iter().enumerate() {
+        let (fe, ee) = (rel(&f[i], &r[i]), rel(&e[i], &r[i]));
+        println!("modulated GroupNorm N{n} C{c} {h}x{h} bf16: {what}: fused rel {fe:.2e}, eager rel {ee:.2e}");
+        assert!(fe <= ee * 1.5 + 1e-4 && fe < 2e-2, "{what}: fused {fe} vs eager {ee}");
+    }
+}
+
 fn small_net(fused: bool) -> NetworkConfig {
     let v = serde_json::json!({"arch": "ddpmpp", "img_resolution": 16, "model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1,
         "attn_resolutions": [8], "augment_dim": 0, "dropout": 0.0, "fused_kernels": fused});

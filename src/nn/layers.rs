@@ -270,6 +270,29 @@ impl GroupNorm {
         if silu { y.silu() } else { y }
     }
 
+    /// ADM's adaptive scale: `silu(shift + group_norm(x + pre_shift) * (scale + 1))`, scale and
+    /// shift [N, C, 1, 1] from the embedding, pre_shift (conv0's bias) [1, C, 1, 1]. In the fused
+    /// kernels the per-sample scale and shift fold into a per-sample weight and bias, so the
+    /// whole expression is the norm's two passes.
+    pub fn forward_modulated(&self, x: &Tensor, pre_shift: Option<&Tensor>, scale: &Tensor, shift: &Tensor) -> Tensor {
+        if self.mode.fused {
+            let n = x.size()[0];
+            let gain = scale.to_kind(Kind::Float).reshape([n, -1]) + 1.0;
+            let weight = self.weight.unsqueeze(0) * &gain;
+            let bias = self.bias.unsqueeze(0) * &gain + shift.to_kind(Kind::Float).reshape([n, -1]);
+            if let Some(y) = crate::fused_kernels::group_norm_act(x, pre_shift, &weight, &bias, self.groups, self.eps, true)
+                .expect("GroupNorm in the fused kernels")
+            {
+                return y;
+            }
+        }
+        let x = match pre_shift {
+            Some(b) => x + b,
+            None => x.shallow_clone(),
+        };
+        (shift + self.forward(&x) * (scale + 1.0)).silu()
+    }
+
     fn eager(&self, x: &Tensor) -> Tensor {
         let native = crate::torch_shim::group_norm_override().unwrap_or(self.mode.bf16_native);
         if x.kind() == Kind::BFloat16 && native {

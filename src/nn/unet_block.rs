@@ -112,12 +112,8 @@ impl UNetBlock {
         let params = self.affine.forward(emb).unsqueeze(2).unsqueeze(3).to_kind(x.kind());
         let bias0 = self.conv0.bias_for(&x);
         x = if self.adaptive_scale {
-            if let Some(b) = bias0 {
-                x = x + b;
-            }
             let chunks = params.chunk(2, 1);
-            let (scale, shift) = (&chunks[0], &chunks[1]);
-            (shift + self.norm1.forward(&x) * (scale + 1.0)).silu()
+            self.norm1.forward_modulated(&x, bias0.as_ref(), &chunks[0], &chunks[1])
         } else {
             let shift = match bias0 {
                 Some(b) => params + b,

@@ -222,6 +222,7 @@ struct Geometry {
   int rows_per_pass;
   int slices;
   long long slice_rows;
+  int affine_stride;
 };
 
 struct Plan {
@@ -270,7 +271,7 @@ std::optional<Plan> plan(const at::Tensor& x, int64_t groups) {
   int64_t max_slices = std::max<int64_t>(1, rows / rows_per_pass);
   int64_t slices = std::min<int64_t>(std::min<int64_t>(want, max_slices), 65535);
   p.g = Geometry{rows, static_cast<int>(c), static_cast<int>(groups), static_cast<int>(packs), rows_per_pass,
-                 static_cast<int>(slices), (rows + slices - 1) / slices};
+                 static_cast<int>(slices), (rows + slices - 1) / slices, 0};
   return p;
 }
 
@@ -306,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernels(const Plan& p, co
   return {y, mean, rstd};
 }
 
-// Backward: dx, dshift [N, C] fp32, dgamma [C], dbeta [C].
+// Backward: dx, dshift [N, C] fp32, dgamma and dbeta ([C], or [N, C] for per-sample ones).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernels(
     const Plan& p, const at::Tensor& x, const at::Tensor& dy, const at::Tensor& shift, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd, bool silu) {
@@ -325,20 +326,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernels(
          {&xp, &dyp, &sp, &gp, &bp, &mp, &rp, &g, &act, &partp});
   launch(k.backward_dx, p, n, sizeof(float) * (3 * g.channels + 2 * g.groups),
          {&xp, &dyp, &sp, &gp, &bp, &mp, &rp, &partp, &g, &act, &dxp, &dsp});
-  auto totals = part.sum(at::IntArrayRef{0, 1});  // [C, 3]: sum dz, sum dz * xhat, sum xhat
+  if (g.affine_stride != 0) {
+    auto totals = part.sum(1);  // [N, C, 3]: sum dz, sum dz * xhat, sum xhat
+    return {dx, dshift, totals.select(2, 1), totals.select(2, 0)};
+  }
+  auto totals = part.sum(at::IntArrayRef{0, 1});  // [C, 3]
   return {dx, dshift, totals.select(1, 1), totals.select(1, 0)};
 }
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Whether weight and bias are per sample ([N, C]) rather than shared ([C]); throws on other shapes.
+bool affine_per_sample(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  int64_t n = x.size(0), c = x.size(1);
+  bool per_sample = weight.dim() == 2;
+  for (const auto* t : {&weight, &bias}) {
+    bool ok = per_sample ? (t->dim() == 2 && t->size(0) == n && t->size(1) == c) : t->numel() == c;
+    if (!ok) throw std::runtime_error("fused group_norm: weight and bias must both be [C] or both [N, C]");
+  }
+  return per_sample;
+}
+
 struct FusedGroupNorm : public torch::autograd::Function<FusedGroupNorm> {
   // shift: [N, C, 1, 1] or [1, C, 1, 1] (any float dtype), or an empty tensor for none
-  // (autograd functions take no undefined tensors).
+  // (autograd functions take no undefined tensors). weight, bias: [C], or [N, C] per sample.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& shift_or_empty,
                             const at::Tensor& weight, const at::Tensor& bias, int64_t groups, double eps, bool silu) {
     auto p = plan(x, groups);
     if (!p) throw std::runtime_error("fused group_norm: input not applicable");
+    bool per_sample = affine_per_sample(x, weight, bias);
+    p->g.affine_stride = per_sample ? static_cast<int>(x.size(1)) : 0;
     at::Tensor shift = shift_or_empty.dim() == 4 ? shift_or_empty : at::Tensor();
     // [N, C, 1, 1] or [1, C, 1, 1] (one shift for the whole batch) as [N, C] fp32.
     auto shift32 = shift.defined()
@@ -352,6 +370,7 @@ struct FusedGroupNorm : public torch::autograd::Function<FusedGroupNorm> {
     ctx->saved_data["shift_dtype"] = shift.defined() ? static_cast<int64_t>(shift.scalar_type()) : int64_t{-1};
     ctx->saved_data["shift_batch"] = shift.defined() ? shift.size(0) : int64_t{0};
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    ctx->saved_data["per_sample"] = per_sample;
     return y;
   }
 
@@ -361,6 +380,7 @@ struct FusedGroupNorm : public torch::autograd::Function<FusedGroupNorm> {
                &rstd = saved[5];
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto p = plan(x, ctx->saved_data["groups"].toInt());
+    if (ctx->saved_data["per_sample"].toBool()) p->g.affine_stride = static_cast<int>(x.size(1));
     auto dy = grads[0].to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
     auto [dx, dshift, dgamma, dbeta] =
         backward_kernels(*p, x, dy, shift32, gamma, beta, mean, rstd, ctx->saved_data["silu"].toBool());
@@ -450,7 +470,8 @@ void dmdc_set_kernel_source(const char* src) {
   kernel_source = src;
 }
 
-// act(group_norm(x + shift) * weight + bias) on a channels-last CUDA tensor, bf16 or fp32.
+// act(group_norm(x + shift) * weight + bias) on a channels-last CUDA tensor, bf16 or fp32;
+// weight and bias [C], or [N, C] (one per sample).
 // Returns 0 with *out set, 2 when the fused kernels do not apply to x (the caller runs the eager
 // ops), 1 on error (dmdc_last_error says why). shift may be null.
 int dmdc_group_norm(at::Tensor* x, at::Tensor* shift, at::Tensor* weight, at::Tensor* bias, int64_t groups,

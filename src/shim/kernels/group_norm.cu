@@ -5,6 +5,9 @@
 //
 // y = act(((x + shift[n,c]) - mean[n,g]) * rstd[n,g] * gamma[c] + beta[c])
 //
+// gamma and beta are [C], or [N, C] when each sample has its own (Geometry::affine_stride = C):
+// ADM's adaptive scale folds its per-sample scale and shift after the norm into them.
+//
 // Statistics, gamma, beta, shift and every intermediate are fp32; only x, y, dy and dx are ELEM.
 // A block works on one sample n and one slice s of its rows (h*w positions): thread t reads the
 // VEC channels of pack p = t % packs in rows t / packs, t / packs + rows_per_pass, ... so a warp
@@ -40,6 +43,7 @@ struct Geometry {
   int rows_per_pass;    // threads per block / packs
   int slices;           // S: blocks per sample
   long long slice_rows; // rows per slice
+  int affine_stride;    // elements between samples' gamma and beta: 0 (shared) or C
 };
 
 __device__ __forceinline__ float silu_f(float z) { return z / (1.0f + __expf(-z)); }
@@ -150,11 +154,12 @@ extern "C" __global__ void gn_apply(const ELEM* __restrict__ x, const float* __r
   }
   __syncthreads();
   const int cpg = g.channels / g.groups;
+  const long long aff = (long long)n * g.affine_stride;
   for (int c = t; c < g.channels; c += blockDim.x) {
     int grp = c / cpg;
     float sh = shift ? shift[(long long)n * g.channels + c] : 0.0f;
-    a[c] = gr[grp] * gamma[c];
-    b[c] = beta[c] + (sh - gm[grp]) * a[c];
+    a[c] = gr[grp] * gamma[aff + c];
+    b[c] = beta[aff + c] + (sh - gm[grp]) * a[c];
   }
   __syncthreads();
   const int p = t % g.packs, r0 = t / g.packs;
@@ -182,11 +187,12 @@ extern "C" __global__ void gn_apply(const ELEM* __restrict__ x, const float* __r
 // Shift, gamma and beta of the VEC channels of pack p, for sample n.
 __device__ __forceinline__ void pack_params(const float* shift, const float* gamma, const float* beta,
                                             const Geometry& g, int n, int p, float* sh, float* ga, float* be) {
+  const long long aff = (long long)n * g.affine_stride;
   for (int j = 0; j < VEC; ++j) {
     int c = p * VEC + j;
     sh[j] = shift ? shift[(long long)n * g.channels + c] : 0.0f;
-    ga[j] = gamma[c];
-    be[j] = beta[c];
+    ga[j] = gamma[aff + c];
+    be[j] = beta[aff + c];
   }
 }
 
@@ -275,11 +281,12 @@ extern "C" __global__ void gn_backward_dx(const ELEM* __restrict__ x, const ELEM
   }
   __syncthreads();
   const float count = (float)g.rows * cpg;
+  const float* ga_n = gamma + (long long)n * g.affine_stride;
   for (int grp = t; grp < g.groups; grp += blockDim.x) {
     float a = 0.0f, b = 0.0f;
     for (int c = grp * cpg; c < (grp + 1) * cpg; ++c) {
-      a += gamma[c] * sums[3 * c];
-      b += gamma[c] * sums[3 * c + 1];
+      a += ga_n[c] * sums[3 * c];
+      b += ga_n[c] * sums[3 * c + 1];
     }
     m1[grp] = a / count;
     m2[grp] = b / count;
@@ -290,7 +297,7 @@ extern "C" __global__ void gn_backward_dx(const ELEM* __restrict__ x, const ELEM
       const int grp = c / cpg;
       const float rs = rstd[(long long)n * g.groups + grp];
       dshift[(long long)n * g.channels + c] =
-          rs * (gamma[c] * sums[3 * c] - (float)g.rows * m1[grp] - m2[grp] * sums[3 * c + 2]);
+          rs * (ga_n[c] * sums[3 * c] - (float)g.rows * m1[grp] - m2[grp] * sums[3 * c + 2]);
     }
   }
   const int p = t % g.packs, r0 = t / g.packs;
