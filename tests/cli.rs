@@ -330,6 +330,22 @@ fn trace_summary_reads_a_chrome_trace_and_names_a_missing_one() {
 }
 
 #[test]
+fn bench_adm_quick_times_both_paths_of_a_small_adm_on_the_cpu() {
+    let out = dmdpipe().args(["bench", "adm", "--device", "cpu", "--quick"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "adm_train_bf16_img_s",
+        "adm_train_bf16_fused_img_s",
+        "adm_onestep_bf16_img_s",
+        "adm_onestep_bf16_fused_img_s",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    assert!(v["adm_parameters"].as_i64().unwrap() > 100_000);
+}
+
+#[test]
 fn dry_run_estimates_a_time_budgeted_stage_by_its_budget() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = dmdpipe()

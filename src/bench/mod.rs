@@ -1,8 +1,9 @@
 //! `dmdpipe bench`: throughput on the current device against the PyTorch baselines in
-//! `bench/` (`gpu`: networks, DMD, Inception; `inception`: the 60k-image FID workload;
+//! `bench/` (`gpu`: networks, DMD, Inception; `adm`: ImageNet's network; `inception`: the 60k-image FID workload;
 //! `scaling`/`data-parallel`: several GPUs). Shared here: the benchmarked networks, timing and
 //! the DMD iteration bench.
 
+mod adm;
 mod allreduce;
 mod gpu;
 mod inception;
@@ -10,6 +11,7 @@ mod lpips;
 mod profile;
 mod scaling;
 
+pub use adm::bench_adm;
 pub use allreduce::bench_all_reduce;
 pub use gpu::bench_gpu;
 pub use inception::bench_inception;

@@ -111,6 +111,22 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// EDM's ImageNet-64 network (ADM, 296M) with and without the fused kernels: bf16 teacher
+    /// training and one-step sampling img/s.
+    Adm {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// A small ADM, two images, one step (a smoke test, e.g. on CPU).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 64)]
+        train_batch: i64,
+        #[arg(long, default_value_t = 256)]
+        sample_batch: i64,
+        /// Also write the numbers to this JSON file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Network throughput (teacher training, one-step sampling) on a device.
     Gpu {
         #[arg(long, default_value = "cuda")]
@@ -164,6 +180,18 @@ pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
         }
         BenchCommand::Hash { path } => {
             crate::pipeline::hash::bench(path.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Adm {
+            device,
+            quick,
+            train_batch,
+            sample_batch,
+            out,
+        } => {
+            init_logging(g.verbose, None);
+            let v = crate::bench::bench_adm(&device, quick, train_batch, sample_batch)?;
+            print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Gpu {
