@@ -161,16 +161,17 @@ fn split_heads(qkv: &Tensor, heads: i64, contiguous: bool) -> (Tensor, Tensor, T
     (part(0), part(1), part(2))
 }
 
-/// Attention's output [N * heads, 1, L, C / heads] as [N, C, H, W] in the layout the network runs
-/// in: NHWC when `channels_last` (else the projection, and every layer after it, would fall back
-/// to NCHW), NCHW otherwise. One copy either way.
+/// Attention's output [N * heads, 1, L, C / heads] as [N, C, H, W]: NHWC when `channels_last`
+/// (else, with several heads, the projection and every layer after it would fall back to NCHW),
+/// one copy; otherwise EDM's reshape (a view with one head, a copy with several).
 fn merge_heads(a: &Tensor, n: i64, h: i64, w: i64, channels_last: bool) -> Tensor {
-    let a = a.squeeze_dim(1).unflatten(0, [n, -1]); // [N, heads, L, C/heads]
-    let c = a.size()[1] * a.size()[3];
+    let a = a.squeeze_dim(1); // [N * heads, L, C/heads]
+    let c = a.size()[0] / n * a.size()[2];
     if channels_last {
+        let a = a.unflatten(0, [n, -1]); // [N, heads, L, C/heads]
         a.permute([0, 2, 1, 3]).contiguous().reshape([n, h, w, c]).permute([0, 3, 1, 2])
     } else {
-        a.permute([0, 1, 3, 2]).contiguous().reshape([n, c, h, w])
+        a.transpose(1, 2).reshape([n, c, h, w])
     }
 }
 
