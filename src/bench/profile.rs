@@ -218,7 +218,9 @@ pub fn bench_profile(spec: &ProfileSpec) -> Result<Value> {
         cfg.set_fused_kernels(fused);
         tch::manual_seed(0);
         let net = Denoiser::new(&cfg, device);
-        out.insert("parameters".into(), net.num_params().into());
+        if fused {
+            out.insert("parameters".into(), net.num_params().into());
+        }
         profile_network(spec, &net, device, path_tag, &mut out)?;
     }
     Ok(Value::Object(out))

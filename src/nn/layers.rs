@@ -275,7 +275,7 @@ impl GroupNorm {
     /// kernels the per-sample scale and shift fold into a per-sample weight and bias, so the
     /// whole expression is the norm's two passes.
     pub fn forward_modulated(&self, x: &Tensor, pre_shift: Option<&Tensor>, scale: &Tensor, shift: &Tensor) -> Tensor {
-        if self.mode.fused {
+        if self.mode.fused && x.device().is_cuda() {
             let n = x.size()[0];
             let gain = scale.to_kind(Kind::Float).reshape([n, -1]) + 1.0;
             let weight = self.weight.unsqueeze(0) * &gain;
