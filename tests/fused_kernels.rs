@@ -455,16 +455,19 @@ fn a_dmd_run_with_every_loss_term_behaves_like_the_eager_ops_under_cuda_graphs()
     });
     let eye = Tensor::eye(10, (Kind::Float, Device::Cpu));
     let labels = || eye.index_select(0, &Tensor::randint(10, [32], (Kind::Int64, Device::Cpu)));
-    let pairs = Pairs {
-        z: Tensor::randn([32, 3, 16, 16], (Kind::Float, Device::Cpu)),
-        labels: Some(labels()),
-        x: Tensor::randn([32, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.5,
+    let pairs_on = |d: Device| Pairs {
+        z: Tensor::randn([32, 3, 16, 16], (Kind::Float, Device::Cpu)).to_device(d),
+        labels: Some(labels().to_device(d)),
+        x: (Tensor::randn([32, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.5).to_device(d),
     };
-    let real = RealImages {
-        images: (Tensor::rand([32, 3, 16, 16], (Kind::Float, Device::Cpu)) * 255.0).to_kind(Kind::Uint8),
-        labels: Some(labels()),
+    let real_on = |d: Device| RealImages {
+        images: (Tensor::rand([32, 3, 16, 16], (Kind::Float, Device::Cpu)) * 255.0)
+            .to_kind(Kind::Uint8)
+            .to_device(d),
+        labels: Some(labels().to_device(d)),
     };
-    let run = |fused: bool| {
+    let (pairs, real) = (pairs_on(dev), real_on(dev));
+    let run_with = |fused: bool, pairs: &Pairs, real: &RealImages| {
         let net = || {
             let mut n = Denoiser::new(&small_net(fused), dev);
             n.copy_from(&teacher).unwrap();
@@ -492,12 +495,17 @@ fn a_dmd_run_with_every_loss_term_behaves_like_the_eager_ops_under_cuda_graphs()
             ema: None,
         };
         let data = DmdData {
-            pairs: Some(&pairs),
+            pairs: Some(pairs),
             lpips: None,
-            real_images: Some(&real),
+            real_images: Some(real),
         };
-        train_dmd(nets, data, &opts, work.path(), &mut NoHooks).unwrap()
+        train_dmd(nets, data, &opts, work.path(), &mut NoHooks)
     };
+    let err = run_with(true, &pairs, &real_on(Device::Cpu))
+        .err()
+        .expect("real images on the CPU are refused");
+    assert!(format!("{err:#}").contains("the real images are on Cpu"), "{err:#}");
+    let run = |fused: bool| run_with(fused, &pairs, &real).unwrap();
     let (fused, eager) = (run(true), run(false));
     assert_eq!(fused.log.len(), 6);
     for row in fused.log.iter().chain(&eager.log) {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::losses::{dm_gradient, dm_loss, fake_score_loss, regression_loss};
 use super::{DmdLogRow, DmdOptions, Pairs, RealScore, RegressionLoss};
@@ -60,6 +60,20 @@ impl RealImages {
         let x = self.images.index_select(0, &idx).to_kind(Kind::Float) / 127.5 - 1.0;
         (x, self.labels.as_ref().map(|l| l.index_select(0, &idx)))
     }
+}
+
+/// The pairs and real images are indexed on their own device: they must be the networks'.
+fn check_data_device(data: &DmdData, device: Device) -> Result<()> {
+    let on = [
+        ("the ODE pairs", data.pairs.map(|p| p.z.device())),
+        ("the real images", data.real_images.map(|r| r.images.device())),
+    ];
+    for (what, d) in on {
+        if let Some(d) = d.filter(|d| *d != device) {
+            bail!("{what} are on {d:?} but the networks on {device:?}: move them to the training device");
+        }
+    }
+    Ok(())
 }
 
 /// How a global batch is laid out: this rank's share as `accum` micro-batches of `micro`, out of `global` samples of which this rank keeps rows `slice`.
@@ -135,6 +149,7 @@ impl<'a> DmdTrainer<'a> {
             bail!("regression_loss = \"lpips\" needs LPIPS weights");
         }
         let device = nets.generator.device();
+        check_data_device(&data, device)?;
         // Seeded before the GAN head is initialised, so that a run is reproducible from its seed.
         tch::manual_seed(opts.seed as i64);
         let head = match (opts.gan_generator_weight > 0.0, nets.fake.bottleneck_channels(), data.real_images) {
