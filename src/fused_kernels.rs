@@ -1,6 +1,7 @@
 //! Fused CUDA kernels of our own, compiled at run time by NVRTC (src/shim/fused_kernels.cpp):
-//! GroupNorm with the shift before it and the SiLU after it in two passes over memory, and a UNet
-//! block's residual sum with its biases and scaling in one, on channels-last bf16 or fp32
+//! GroupNorm with the shift before it and the SiLU after it in two passes over memory, a UNet
+//! block's residual sum with its biases and scaling in one, and the decoder's join of a block's
+//! input with its skip, on channels-last bf16 or fp32
 //! activations, forward and backward, under autograd. Every other
 //! case (the CPU, NCHW tensors, other dtypes) runs the eager libtorch ops, which stay the
 //! reference the kernels are tested against (`tests/fused_kernels.rs`, on a GPU).
@@ -13,7 +14,11 @@ use std::sync::OnceLock;
 use crate::cuda_graph::{ErrFn, shim_symbol};
 
 /// The kernels' CUDA source (one NVRTC program), handed to the shim when it is loaded.
-const SOURCE: &str = concat!(include_str!("shim/kernels/group_norm.cu"), include_str!("shim/kernels/skip_sum.cu"));
+const SOURCE: &str = concat!(
+    include_str!("shim/kernels/group_norm.cu"),
+    include_str!("shim/kernels/skip_sum.cu"),
+    include_str!("shim/kernels/channel_cat.cu")
+);
 
 type CTensor = *mut torch_sys::C_tensor;
 
@@ -21,9 +26,12 @@ type GroupNormFn = unsafe extern "C" fn(CTensor, CTensor, CTensor, CTensor, i64,
 
 type SkipSumFn = unsafe extern "C" fn(CTensor, CTensor, CTensor, CTensor, f64, CTensor) -> libc::c_int;
 
+type ChannelCatFn = unsafe extern "C" fn(CTensor, CTensor, CTensor) -> libc::c_int;
+
 struct Api {
     group_norm: GroupNormFn,
     skip_sum: SkipSumFn,
+    channel_cat: ChannelCatFn,
     last_error: ErrFn,
 }
 
@@ -41,6 +49,7 @@ fn api() -> Option<&'static Api> {
         };
         let (group_norm, _) = shim_symbol("dmdc_group_norm").ok()?;
         let (skip_sum, _) = shim_symbol("dmdc_skip_sum").ok()?;
+        let (channel_cat, _) = shim_symbol("dmdc_channel_cat").ok()?;
         let source = std::ffi::CString::new(SOURCE).expect("no NUL in the kernel source");
         unsafe {
             let set: unsafe extern "C" fn(*const libc::c_char) = std::mem::transmute(set_source);
@@ -48,6 +57,7 @@ fn api() -> Option<&'static Api> {
             Some(Api {
                 group_norm: std::mem::transmute::<*mut libc::c_void, GroupNormFn>(group_norm),
                 skip_sum: std::mem::transmute::<*mut libc::c_void, SkipSumFn>(skip_sum),
+                channel_cat: std::mem::transmute::<*mut libc::c_void, ChannelCatFn>(channel_cat),
                 last_error,
             })
         }
@@ -113,6 +123,22 @@ pub fn skip_sum(a: &Tensor, b: &Tensor, bias_a: Option<&Tensor>, bias_b: Option<
             out.as_ptr() as CTensor,
         )
     };
+    answer(api, rc, out)
+}
+
+/// `[a, b]` along the channels (the UNet decoder joining its input with a skip) in one pass of
+/// whole vectors; `None` where the kernel does not apply (not two channels-last CUDA tensors of
+/// one batch, size and dtype, bf16 or fp32). As with `Tensor::cat`, each input's gradient is its
+/// slice of the output's.
+pub fn channel_cat(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if !a.device().is_cuda() {
+        return Ok(None);
+    }
+    let Some(api) = api() else {
+        return Ok(None);
+    };
+    let out = Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu));
+    let rc = unsafe { (api.channel_cat)(a.as_ptr() as CTensor, b.as_ptr() as CTensor, out.as_ptr() as CTensor) };
     answer(api, rc, out)
 }
 

@@ -438,6 +438,45 @@ fn fused_residual_sum_matches_float64_with_separate_bias_gradients() {
     }
 }
 
+/// The decoder's channel join is a copy: bit for bit `Tensor::cat`, NHWC out, each input's
+/// gradient its slice of the output's; NCHW inputs are left to `Tensor::cat`.
+#[test]
+fn fused_channel_join_is_cat_bit_for_bit() {
+    let Some(dev) = cuda() else { return };
+    tch::manual_seed(9);
+    for (kind, ca, cb, h, w) in [
+        (Kind::BFloat16, 256, 256, 8, 8),
+        (Kind::BFloat16, 256, 128, 5, 7),
+        (Kind::Float, 6, 2, 4, 4),
+        (Kind::BFloat16, 3, 5, 3, 3),
+        (Kind::Float, 64, 192, 16, 16),
+    ] {
+        let mk = |c: i64| {
+            dmdpipe::torch_shim::channels_last(&Tensor::randn([3, c, h, w], (Kind::Float, dev)).to_kind(kind))
+                .unwrap()
+                .set_requires_grad(true)
+        };
+        let (a, b) = (mk(ca), mk(cb));
+        let label = format!("{kind:?} {ca}+{cb} {h}x{w}");
+        let y = dmdpipe::fused_kernels::channel_cat(&a, &b).unwrap().expect("applies");
+        assert!(y.equal(&Tensor::cat(&[&a, &b], 1)), "{label}: values");
+        let st = y.stride();
+        assert_eq!((st[1], st[3]), (1, ca + cb), "{label}: NHWC out");
+        let g = Tensor::randn(y.size(), (Kind::Float, dev)).to_kind(kind);
+        (&y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
+        assert!(
+            a.grad().equal(&g.narrow(1, 0, ca)) && b.grad().equal(&g.narrow(1, ca, cb)),
+            "{label}: gradients"
+        );
+        println!("channel join {label}: equal to cat, gradients equal to the slices");
+    }
+    let nchw = Tensor::randn([2, 8, 4, 4], (Kind::Float, dev));
+    assert!(
+        dmdpipe::fused_kernels::channel_cat(&nchw, &nchw).unwrap().is_none(),
+        "NCHW goes to Tensor::cat"
+    );
+}
+
 /// A whole DMD run as the speedrun runs it (bf16, every iteration one CUDA-graph replay, the
 /// regression loss, two fake-score updates and DMD2's GAN head on the fake score's channels-last
 /// bottleneck) with the fused kernels and with eager ops, from the same networks and seed: the

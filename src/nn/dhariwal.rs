@@ -192,7 +192,7 @@ impl DhariwalUNet {
         let (emb, mut x, mut skips) = self.encode(x, noise_labels, class_labels, augment_labels, train);
         for b in &self.dec {
             if x.size()[1] != b.in_channels {
-                x = Tensor::cat(&[x, skips.pop().expect("skip available")], 1);
+                x = b.join_skip(&x, &skips.pop().expect("skip available"));
             }
             x = b.forward(&x, &emb, train);
         }

@@ -389,7 +389,7 @@ impl SongUNet {
                 }
                 Dec::Block(b) => {
                     if x.size()[1] != b.in_channels {
-                        x = Tensor::cat(&[x, skips.pop().expect("skip available")], 1);
+                        x = b.join_skip(&x, &skips.pop().expect("skip available"));
                     }
                     x = b.forward(&x, emb, train);
                 }

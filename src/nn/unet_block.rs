@@ -102,6 +102,17 @@ impl UNetBlock {
         }
     }
 
+    /// The decoder's join of this block's input with an encoder skip along the channels: the
+    /// fused kernel where it applies, else `Tensor::cat` (the same values either way).
+    pub fn join_skip(&self, x: &Tensor, skip: &Tensor) -> Tensor {
+        if self.fused
+            && let Some(y) = crate::fused_kernels::channel_cat(x, skip).expect("the channel join in the fused kernel")
+        {
+            return y;
+        }
+        Tensor::cat(&[x, skip], 1)
+    }
+
     // Every element-wise pass over a full activation costs as much memory traffic as a
     // GroupNorm, so the convolution biases ride along with passes that happen anyway: conv0's
     // with the embedding add, conv1's and proj's with the skip scaling, conv1's with the skip
@@ -130,9 +141,14 @@ impl UNetBlock {
         if let Some((norm2, qkv, proj)) = &self.attn {
             let (n, c, h, w) = x.size4().expect("NCHW");
             let fused = x.device().is_cuda() && FUSED_ATTENTION.load(Ordering::Relaxed);
-            let (q, k, v) = split_heads(&qkv.forward(&norm2.forward(&x)), self.num_heads, fused);
+            let xn = norm2.forward(&x);
             crate::nn::flops::add(2 * (n * c * h * w * h * w) as u64); // q.k and weights.v
-            let a = merge_heads(&attention(&q, &k, &v, fused), n, h, w, is_channels_last(&x));
+            let a = if fused && self.fused && is_channels_last(&xn) {
+                attention_nhwc(qkv, &xn, self.num_heads)
+            } else {
+                let (q, k, v) = split_heads(&qkv.forward(&xn), self.num_heads, fused);
+                merge_heads(&attention(&q, &k, &v, fused), n, h, w, is_channels_last(&x))
+            };
             let y = proj.forward_without_bias(&a);
             x = residual_sum(&y, &x, proj.bias.as_ref(), None, self.skip_scale, self.fused);
         }
@@ -159,6 +175,34 @@ fn split_heads(qkv: &Tensor, heads: i64, contiguous: bool) -> (Tensor, Tensor, T
     let parts = parts.flatten(0, 1);
     let part = |i: i64| parts.select(1, i).unsqueeze(1);
     (part(0), part(1), part(2))
+}
+
+/// Self-attention of an NHWC activation `xn` (after norm2) with the fused kernels, without the
+/// layout copies of `split_heads`: the 1x1 qkv convolution runs as one matrix product with its
+/// bias in the epilogue and its output channels reordered from EDM's (head, channel, q/k/v) to
+/// (q/k/v, head, channel), so that q, k and v are strided views with channel stride 1 that the
+/// fused attention reads as they are. Their gradients come back stacked (unbind's backward)
+/// straight into the NHWC layout the convolutions and GroupNorms want; with `select` and a
+/// copy they came back through zero-filled buffers and two layout transforms.
+fn attention_nhwc(qkv: &Conv2d, xn: &Tensor, heads: i64) -> Tensor {
+    let (n, c, h, w) = xn.size4().expect("NCHW");
+    let (l, ch) = (h * w, c / heads);
+    let weight = qkv.weight.as_ref().expect("a 1x1 qkv convolution");
+    if crate::nn::flops::counting() {
+        crate::nn::flops::add((n * l) as u64 * weight.numel() as u64);
+    }
+    let reorder = |t: &Tensor| t.reshape([heads, ch, 3, -1]).permute([2, 0, 1, 3]).reshape([3 * c, -1]);
+    let wt = reorder(weight).tr(); // [C, 3C]
+    let x2d = xn.permute([0, 2, 3, 1]).reshape([n * l, c]);
+    let y = match &qkv.bias {
+        Some(b) => reorder(b).reshape([-1]).addmm(&x2d, &wt),
+        None => x2d.matmul(&wt),
+    };
+    let heads_first = |t: &Tensor| t.permute([0, 2, 1, 3]); // [N, L, heads, ch] -> [N, heads, L, ch]
+    let parts = y.view([n, l, 3, heads, ch]).unbind(2);
+    let (q, k, v) = (heads_first(&parts[0]), heads_first(&parts[1]), heads_first(&parts[2]));
+    let a = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+    heads_first(&a).reshape([n, h, w, c]).permute([0, 3, 1, 2])
 }
 
 /// Attention's output [N * heads, 1, L, C / heads] as [N, C, H, W]: NHWC when `channels_last`
@@ -343,6 +387,46 @@ mod tests {
         assert!(cl.equal(&edm) && plain.equal(&edm));
         assert!(is_channels_last(&cl), "the block keeps the network's NHWC layout");
         assert!(plain.is_contiguous());
+    }
+
+    #[test]
+    fn nhwc_attention_matches_edms_split_and_keeps_gradients_nhwc() {
+        tch::manual_seed(8);
+        for heads in [1i64, 2] {
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let b = block_with_heads(&vs, 8, 16, true, Some(heads));
+            let (_, qkv, _) = b.attn.as_ref().unwrap();
+            let x = Tensor::randn([2, 16, 3, 5], (Kind::Float, Device::Cpu));
+            let xn = crate::torch_shim::channels_last(&x).unwrap().set_requires_grad(true);
+            let probe = Tensor::randn([2, 16, 3, 5], (Kind::Float, Device::Cpu));
+            let grads = |a: &Tensor| {
+                (a * &probe).sum(Kind::Float).backward();
+                let (w, bias) = (qkv.weight.as_ref().unwrap(), qkv.bias.as_ref().unwrap());
+                let g = [xn.grad().copy(), w.grad().copy(), bias.grad().copy()];
+                for t in [&xn, w, bias] {
+                    let _ = t.grad().zero_();
+                }
+                g
+            };
+            let ours = attention_nhwc(qkv, &xn, heads);
+            assert!(is_channels_last(&ours), "strides {:?}", ours.stride());
+            let g_ours = grads(&ours);
+            assert!(is_channels_last(&g_ours[0]), "input gradient strides {:?}", g_ours[0].stride());
+            // EDM's order of operations: the convolution, the reshape into heads, explicit attention.
+            let (q, k, v) = split_heads(&qkv.forward(&xn), heads, false);
+            let edm = merge_heads(&attention(&q, &k, &v, false), 2, 3, 5, false);
+            let err = (&ours - &edm).abs().max().double_value(&[]) / edm.abs().max().double_value(&[]);
+            assert!(err < 1e-5, "{heads} heads: output, relative error {err}");
+            for (what, a, e) in ["input", "qkv weight", "qkv bias"]
+                .iter()
+                .zip(&g_ours)
+                .zip(grads(&edm))
+                .map(|((w, a), e)| (w, a, e))
+            {
+                let err = (a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[]);
+                assert!(err < 1e-5, "{heads} heads: {what} gradient, relative error {err}");
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <map>
+#include <numeric>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -163,7 +164,7 @@ int device_attribute(int device, CUdevice_attribute what) {
 }
 
 struct Kernels {
-  CUfunction stats, apply, backward_sums, backward_dx, skip_sum;
+  CUfunction stats, apply, backward_sums, backward_dx, skip_sum, channel_cat;
 };
 
 // Compiles the source for one element type and vector width on one device (cached).
@@ -207,6 +208,7 @@ const Kernels& kernels(bool bf16, int vec, int device) {
   check_cu(driver().module_get_function(&k.backward_sums, module, "gn_backward_sums"), "gn_backward_sums");
   check_cu(driver().module_get_function(&k.backward_dx, module, "gn_backward_dx"), "gn_backward_dx");
   check_cu(driver().module_get_function(&k.skip_sum, module, "skip_sum"), "skip_sum");
+  check_cu(driver().module_get_function(&k.channel_cat, module, "channel_cat"), "channel_cat");
   for (CUfunction f : {k.stats, k.apply, k.backward_sums, k.backward_dx})
     check_cu(driver().func_set_attribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 96 * 1024),
              "raising the shared-memory limit");
@@ -460,6 +462,52 @@ struct FusedSkipSum : public torch::autograd::Function<FusedSkipSum> {
   }
 };
 
+// The channel join's vector width, or empty when the kernel does not apply to a and b.
+std::optional<int> channel_cat_vec(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_cuda() || a.dim() != 4 || b.dim() != 4 || a.scalar_type() != b.scalar_type()) return std::nullopt;
+  if (a.size(0) != b.size(0) || a.size(2) != b.size(2) || a.size(3) != b.size(3)) return std::nullopt;
+  bool bf16 = a.scalar_type() == at::kBFloat16;
+  if (!bf16 && a.scalar_type() != at::kFloat) return std::nullopt;
+  if (a.get_device() != b.get_device() || a.size(1) == 0 || b.size(1) == 0) return std::nullopt;
+  for (const auto* t : {&a, &b})
+    if (!t->is_contiguous(at::MemoryFormat::ChannelsLast) || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16) return std::nullopt;
+  return vector_width(std::gcd(a.size(1), b.size(1)), bf16);
+}
+
+struct FusedChannelCat : public torch::autograd::Function<FusedChannelCat> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    int vec = *channel_cat_vec(a, b);
+    int64_t ca = a.size(1), cb = b.size(1);
+    auto out = at::empty({a.size(0), ca + cb, a.size(2), a.size(3)}, a.options(), at::MemoryFormat::ChannelsLast);
+    long long rows = a.size(0) * a.size(2) * a.size(3);
+    if (rows > 0) {
+      const Kernels& k = kernels(a.scalar_type() == at::kBFloat16, vec, a.get_device());
+      int packs_a = static_cast<int>(ca / vec), packs_b = static_cast<int>(cb / vec);
+      const void *ap = a.data_ptr(), *bp = b.data_ptr();
+      void* op = out.data_ptr();
+      std::vector<void*> args{&ap, &bp, &rows, &packs_a, &packs_b, &op};
+      int threads = 256;
+      long long packs = rows * (packs_a + packs_b);
+      long long blocks = std::min<long long>((packs + threads - 1) / threads, 65535LL * 4);
+      auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(a.get_device()));
+      check_cu(driver().launch(k.channel_cat, static_cast<unsigned>(blocks), 1, 1, threads, 1, 1, 0, stream.stream(),
+                               args.data(), nullptr),
+               "launching channel_cat");
+    }
+    ctx->saved_data["ca"] = ca;
+    ctx->saved_data["cb"] = cb;
+    return out;
+  }
+
+  // As ATen's cat: each input's gradient is its slice of the output's (a view).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor()};
+    int64_t ca = ctx->saved_data["ca"].toInt(), cb = ctx->saved_data["cb"].toInt();
+    return {g.narrow(1, 0, ca), g.narrow(1, ca, cb)};
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -495,6 +543,20 @@ int dmdc_skip_sum(at::Tensor* a, at::Tensor* b, at::Tensor* bias_a, at::Tensor* 
     if (!skip_sum_vec(*a, *b)) return 2;
     auto empty = at::empty({0}, a->options().dtype(at::kFloat));
     *out = FusedSkipSum::apply(*a, *b, bias_a ? *bias_a : empty, bias_b ? *bias_b : empty, scale);
+    return 0;
+  } catch (const std::exception& e) {
+    dmdc_set_error(e.what());
+    return 1;
+  }
+}
+
+// [a, b] along the channels for two channels-last CUDA tensors of one batch, size and dtype
+// (bf16 or fp32). Returns 0 with *out set (channels-last), 2 when the kernel does not apply, 1 on
+// error.
+int dmdc_channel_cat(at::Tensor* a, at::Tensor* b, at::Tensor* out) {
+  try {
+    if (!channel_cat_vec(*a, *b)) return 2;
+    *out = FusedChannelCat::apply(*a, *b);
     return 0;
   } catch (const std::exception& e) {
     dmdc_set_error(e.what());
