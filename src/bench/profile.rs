@@ -57,6 +57,9 @@ pub fn kernel_category(name: &str, trace_category: &str) -> &'static str {
     if n.starts_with("skip_sum") {
         return "residual_sum";
     }
+    if n.starts_with("channel_cat") {
+        return "concat";
+    }
     if has(&["flash", "fmha", "attention", "softmax", "sdpa"]) {
         "attention"
     } else if has(&["depthwise"]) {
@@ -302,6 +305,7 @@ mod tests {
         assert_eq!(k("gn_backward_dx"), "group_norm");
         assert_eq!(k("gn_apply"), "group_norm");
         assert_eq!(k("skip_sum"), "residual_sum");
+        assert_eq!(k("channel_cat"), "concat");
         assert_eq!(
             k("void at::native::(anonymous namespace)::conv_depthwise2d_forward_kernel<1, c10::BFloat16, int>"),
             "resample_depthwise"

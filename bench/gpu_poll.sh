@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Device machine: waits up to SECONDS (default 540) for a background job's RES/DONE, then packs
+# what the job has produced so far into OUT/partial.tgz (one file: a call returns only a few):
+# RES itself and the small outputs of finished stages in the speedrun's work copy (JSON, CSV,
+# PNG, the pipeline log). Each poll thus brings back everything so far, so a machine lost
+# between two polls (it goes back 30 s after a call ends) loses only what came after the last.
+# Usage: bash bench/gpu_poll.sh RES OUT [SECONDS] [WORK]   (WORK: /tmp/sr by default)
+set -uo pipefail
+res=$1; out=$2; limit=${3:-540}; work=${4:-/tmp/sr}
+start=$(date +%s)
+while [ ! -f "$res/DONE" ] && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 10; done
+mkdir -p "$out"
+list=$(mktemp)
+{
+  [ -d "$res" ] && find "$res" -type f -size -20M
+  [ -d "$work/cache" ] && find "$work/cache" -type f \( -name '*.json' -o -name '*.csv' -o -name '*.png' -o -name '*.log' \) -size -5M
+} > "$list" 2>/dev/null
+tar czf "$out/partial.tgz" -T "$list" 2>/dev/null
+rm -f "$list"
+[ -f "$res/DONE" ] && echo "DONE: $(cat "$res/exit.txt" 2>/dev/null)" || echo "still running after $(( $(date +%s) - start )) s"
+log=$res/pipeline.log
+[ -f "$log" ] && grep -E "INFO" "$log" | grep -E "running|done in|fid=" | tail -12 | cut -c1-220
+[ -f "$log" ] && tail -c 300 "$log"
+exit 0
