@@ -77,7 +77,11 @@ fn gradient_accumulation_computes_the_update_of_one_large_batch() {
         }
         let dg = (&g - &g1).abs().max().double_value(&[]);
         let df = (&f - &f1).abs().max().double_value(&[]);
-        assert!(dg < 1e-5 && df < 1e-5, "accumulation {accum}: parameters differ by {dg} / {df}");
+        // Within a tenth of one Adam step (lr 1e-3): summing micro-batches reorders float sums,
+        // and Adam's normalisation turns that into up to 1.3e-5 on parameters whose gradients are
+        // near zero on an AVX-512 CPU (under 1e-5 on the earlier machines). A wrong accumulation
+        // moves them by whole steps.
+        assert!(dg < 1e-4 && df < 1e-4, "accumulation {accum}: parameters differ by {dg} / {df}");
     }
     // The training moved the generator (the comparison above is not between untouched copies).
     let start = Tensor::cat(
