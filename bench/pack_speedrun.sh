@@ -3,11 +3,20 @@
 # that each fit one device call beside the ~3.5 MB working tree (64 MiB in all): devcarry/r1 =
 # the stripped binary (xz), CIFAR-10 batches 1-2 and 10 MB of the Inception weights; r2 =
 # batches 3-4 and the next 15 MB; r3 = batch 5, the test batch and 15 MB more; r4 = the rest of
-# the weights. Each call runs `cp devcarry/rN/* /tmp/stage/`; the fourth also starts the job.
+# the weights and the fused-kernel GPU tests (xz). Each call runs `cp devcarry/rN/* /tmp/stage/`;
+# the fourth also starts the job.
 # Usage: bash bench/pack_speedrun.sh   (SHARED overrides ../shared)
 set -euo pipefail
 shared=${SHARED:-../shared}
 data=$shared/data/cifar10
+# The GPU tests of the fused kernels ride along (r4) and run before the pipeline; built first, as
+# `cargo test` relinks the binary with the dev features.
+tbin=$(cargo test --release --no-run --test fused_kernels --message-format=json 2>/dev/null |
+  python3 -c 'import json, sys
+for m in map(json.loads, sys.stdin):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "fused_kernels":
+        print(m["executable"])' | tail -1)
+[ -x "$tbin" ] || { echo "no fused_kernels test binary" >&2; exit 1; }
 cargo build --release
 rm -rf devcarry/r1 devcarry/r2 devcarry/r3 devcarry/r4 && mkdir -p devcarry/r1 devcarry/r2 devcarry/r3 devcarry/r4
 strip -o devcarry/dmdpipe.stripped target/release/dmdpipe
@@ -24,5 +33,7 @@ part 0 10000000 devcarry/r1/inception.part0
 part 10000000 15000000 devcarry/r2/inception.part1
 part 25000000 15000000 devcarry/r3/inception.part2
 part 40000000 0 devcarry/r4/inception.part3
+strip -o devcarry/fused_kernels_test.stripped "$tbin"
+xz -T2 -6 -c devcarry/fused_kernels_test.stripped > devcarry/r4/fused_kernels_test.xz
 cat devcarry/r*/inception.part* | cmp - "$w"
 du -b devcarry/r1 devcarry/r2 devcarry/r3 devcarry/r4
