@@ -140,14 +140,14 @@ impl UNetBlock {
         x = residual_sum(&x, skip, self.conv1.bias.as_ref(), skip_bias, self.skip_scale, self.fused);
         if let Some((norm2, qkv, proj)) = &self.attn {
             let (n, c, h, w) = x.size4().expect("NCHW");
-            let fused = x.device().is_cuda() && FUSED_ATTENTION.load(Ordering::Relaxed);
+            let fused_sdpa = x.device().is_cuda() && FUSED_ATTENTION.load(Ordering::Relaxed);
             let xn = norm2.forward(&x);
             crate::nn::flops::add(2 * (n * c * h * w * h * w) as u64); // q.k and weights.v
-            let a = if fused && self.fused && is_channels_last(&xn) {
+            let a = if fused_sdpa && self.fused && is_channels_last(&xn) {
                 attention_nhwc(qkv, &xn, self.num_heads)
             } else {
-                let (q, k, v) = split_heads(&qkv.forward(&xn), self.num_heads, fused);
-                merge_heads(&attention(&q, &k, &v, fused), n, h, w, is_channels_last(&x))
+                let (q, k, v) = split_heads(&qkv.forward(&xn), self.num_heads, fused_sdpa);
+                merge_heads(&attention(&q, &k, &v, fused_sdpa), n, h, w, is_channels_last(&x))
             };
             let y = proj.forward_without_bias(&a);
             x = residual_sum(&y, &x, proj.bias.as_ref(), None, self.skip_scale, self.fused);

@@ -398,6 +398,17 @@ struct FusedGroupNorm : public torch::autograd::Function<FusedGroupNorm> {
   }
 };
 
+// Launches an element-wise kernel over `packs` vectors on the current stream of `device`: 256
+// threads a block, the blocks capped (the kernels loop over what is left).
+void launch_over_packs(CUfunction f, long long packs, std::vector<void*>& args, int device, const char* what) {
+  int threads = 256;
+  long long blocks = std::min<long long>((packs + threads - 1) / threads, 65535LL * 4);
+  auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
+  check_cu(driver().launch(f, static_cast<unsigned>(std::max<long long>(blocks, 1)), 1, 1, threads, 1, 1, 0,
+                           stream.stream(), args.data(), nullptr),
+           what);
+}
+
 // The skip sum's plan: vector width and whether the fused kernel applies to a and b.
 std::optional<int> skip_sum_vec(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_cuda() || a.dim() != 4 || a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return std::nullopt;
@@ -429,12 +440,7 @@ struct FusedSkipSum : public torch::autograd::Function<FusedSkipSum> {
     const void *ap = a.data_ptr(), *bp = b.data_ptr(), *biasp = ptr_or_null(bias);
     void* op = out.data_ptr();
     std::vector<void*> args{&ap, &bp, &biasp, &packs, &per_row, &s, &op};
-    int threads = 256;
-    long long blocks = std::min<long long>((packs + threads - 1) / threads, 65535LL * 4);
-    auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(a.get_device()));
-    check_cu(driver().launch(k.skip_sum, static_cast<unsigned>(std::max<long long>(blocks, 1)), 1, 1, threads, 1, 1, 0,
-                             stream.stream(), args.data(), nullptr),
-             "launching skip_sum");
+    launch_over_packs(k.skip_sum, packs, args, a.get_device(), "launching skip_sum");
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_a"] = bias_a.numel() > 0;
     ctx->saved_data["has_b"] = bias_b.numel() > 0;
@@ -486,13 +492,7 @@ struct FusedChannelCat : public torch::autograd::Function<FusedChannelCat> {
       const void *ap = a.data_ptr(), *bp = b.data_ptr();
       void* op = out.data_ptr();
       std::vector<void*> args{&ap, &bp, &rows, &packs_a, &packs_b, &op};
-      int threads = 256;
-      long long packs = rows * (packs_a + packs_b);
-      long long blocks = std::min<long long>((packs + threads - 1) / threads, 65535LL * 4);
-      auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(a.get_device()));
-      check_cu(driver().launch(k.channel_cat, static_cast<unsigned>(blocks), 1, 1, threads, 1, 1, 0, stream.stream(),
-                               args.data(), nullptr),
-               "launching channel_cat");
+      launch_over_packs(k.channel_cat, rows * (packs_a + packs_b), args, a.get_device(), "launching channel_cat");
     }
     ctx->saved_data["ca"] = ca;
     ctx->saved_data["cb"] = cb;
