@@ -494,10 +494,10 @@ fn a_dmd_run_with_every_loss_term_behaves_like_the_eager_ops_under_cuda_graphs()
     });
     let eye = Tensor::eye(10, (Kind::Float, Device::Cpu));
     let labels = || eye.index_select(0, &Tensor::randint(10, [32], (Kind::Int64, Device::Cpu)));
-    let pairs_on = |d: Device| Pairs {
-        z: Tensor::randn([32, 3, 16, 16], (Kind::Float, Device::Cpu)).to_device(d),
-        labels: Some(labels().to_device(d)),
-        x: (Tensor::randn([32, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.5).to_device(d),
+    let pairs = Pairs {
+        z: Tensor::randn([32, 3, 16, 16], (Kind::Float, dev)),
+        labels: Some(labels().to_device(dev)),
+        x: Tensor::randn([32, 3, 16, 16], (Kind::Float, dev)) * 0.5,
     };
     let real_on = |d: Device| RealImages {
         images: (Tensor::rand([32, 3, 16, 16], (Kind::Float, Device::Cpu)) * 255.0)
@@ -505,7 +505,7 @@ fn a_dmd_run_with_every_loss_term_behaves_like_the_eager_ops_under_cuda_graphs()
             .to_device(d),
         labels: Some(labels().to_device(d)),
     };
-    let (pairs, real) = (pairs_on(dev), real_on(dev));
+    let real = real_on(dev);
     let run_with = |fused: bool, pairs: &Pairs, real: &RealImages| {
         let net = || {
             let mut n = Denoiser::new(&small_net(fused), dev);
