@@ -4,9 +4,17 @@
 # RES itself and the small outputs of finished stages in the speedrun's work copy (JSON, CSV,
 # PNG, the pipeline log). Each poll thus brings back everything so far, so a machine lost
 # between two polls (it goes back 30 s after a call ends) loses only what came after the last.
+# Finished long stages come back too, as OUT/resume-*.tar.pNN (bench/cache_resume.py, each file
+# once per machine): staged on a fresh machine, they are cache hits there and the job goes on.
+# On a fresh machine (no RES: the job went with the last one) it says so at once, exit 3.
 # Usage: bash bench/gpu_poll.sh RES OUT [SECONDS] [WORK]   (WORK: /tmp/sr by default)
 set -uo pipefail
 res=$1; out=$2; limit=${3:-540}; work=${4:-/tmp/sr}
+here=$(cd "$(dirname "$0")" && pwd)
+if [ ! -d "$res" ]; then
+  echo "NO JOB: $res is absent; this is a fresh machine. Stage again with the resume-* files brought back so far."
+  exit 3
+fi
 start=$(date +%s)
 while [ ! -f "$res/DONE" ] && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 10; done
 mkdir -p "$out"
@@ -17,6 +25,7 @@ list=$(mktemp)
 } > "$list" 2>/dev/null
 tar czf "$out/partial.tgz" -T "$list" 2>/dev/null
 rm -f "$list"
+[ -d "$work/cache/entries" ] && python3 "$here/cache_resume.py" pack "$work/cache" "$out" --sent "$res/.resume_sent"
 [ -f "$res/DONE" ] && echo "DONE: $(cat "$res/exit.txt" 2>/dev/null)" || echo "still running after $(( $(date +%s) - start )) s"
 log=$res/pipeline.log
 [ -f "$log" ] && grep -E "INFO" "$log" | grep -E "running|done in|fid=" | tail -12 | cut -c1-220

@@ -10,6 +10,7 @@
 set -uo pipefail
 RES="${1:-/tmp/speedrun}"
 S=/tmp/stage
+here=$(cd "$(dirname "$0")" && pwd)
 W=/tmp/sr
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
 mkdir -p "$RES" $W/models $W/data/cifar-10-batches-bin
@@ -32,6 +33,8 @@ if [ -f $S/fused_kernels_test.xz ]; then  # the fused kernels' GPU tests first (
   DMDPIPE_REQUIRE_CUDA=1 timeout 120 $W/fused_kernels_test --nocapture --test-threads=1 > "$RES/kernel_tests.log" 2>&1
   echo "kernel tests rc=$?" >> "$RES/kernel_tests.log"
 fi
+# Stages finished on an earlier machine (brought back by bench/gpu_poll.sh, staged again): hits.
+ls $S/resume-*.tar.p* > /dev/null 2>&1 && python3 "$here/cache_resume.py" unpack $S $W/cache > "$RES/resume.log" 2>&1
 P=pipelines/cifar10-speedrun.toml
 start=$(date +%s)
 ./dmdpipe-bin run $P -v > "$RES/pipeline.log" 2>&1

@@ -346,6 +346,40 @@ fn bench_adm_quick_times_both_paths_of_a_small_adm_on_the_cpu() {
 }
 
 #[test]
+fn bench_gpu_fused_only_logs_each_figure_and_keeps_them_in_the_out_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A bare file name: the figures file lands in the working directory.
+    let out = dmdpipe()
+        .current_dir(dir.path())
+        .args([
+            "bench",
+            "gpu",
+            "--device",
+            "cpu",
+            "--quick",
+            "--networks-only",
+            "--fused-only",
+            "--out",
+            "figs.json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("figs.json")).unwrap()).unwrap();
+    for tag in ["edm55m", "speedrun9m"] {
+        for what in ["train", "onestep"] {
+            let key = format!("{tag}_{what}_bf16_fused_img_s");
+            assert!(v[&key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+            assert!(stderr.contains(&format!("{key} = ")), "{key} not logged as it came:\n{stderr}");
+        }
+        // The eager-ops networks are left out.
+        assert!(v.get(format!("{tag}_train_bf16_img_s")).is_none(), "{v}");
+    }
+    assert!(v["speedrun9m_parameters"].as_i64().unwrap() > 1_000_000);
+}
+
+#[test]
 fn dry_run_estimates_a_time_budgeted_stage_by_its_budget() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = dmdpipe()

@@ -5,9 +5,10 @@
 //! dmdpipe's fused GroupNorm kernels); the others run the eager libtorch ops in NCHW.
 
 use anyhow::Result;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tch::{Kind, Tensor};
 
+use super::figures::{FigureSink, Figures};
 use super::{add_tflops, bench_dmd, ddpmpp, matmul_peak_tflops, timed};
 use crate::nn::Denoiser;
 use crate::sample::one_hot;
@@ -15,35 +16,55 @@ use crate::torch_shim::{self, AutocastBf16};
 use crate::train::optim::{AdamW, ema_update};
 use crate::train::teacher::edm_loss;
 
-pub fn bench_gpu(
-    device_name: &str,
-    quick: bool,
-    channels_last: bool,
-    inception: Option<&std::path::Path>,
-    networks_only: bool,
-    dmd: bool,
-) -> Result<Value> {
+/// What `bench gpu` measures.
+#[derive(Debug, Clone, Default)]
+pub struct GpuBenchOptions {
+    /// Tiny batches and few steps (a smoke test).
+    pub quick: bool,
+    /// Also bf16 with channels-last weights and activations on the eager-ops networks.
+    pub channels_last: bool,
+    /// Inception weights for the feature-throughput figures (skipped when absent).
+    pub inception: Option<std::path::PathBuf>,
+    /// Only the networks' bf16 figures (no TF32, Inception or eager DMD).
+    pub networks_only: bool,
+    /// With `networks_only`: the captured DMD iterations too.
+    pub dmd: bool,
+    /// Only the networks with dmdpipe's fused kernels (the fastest path; the eager-ops networks
+    /// are the reference): about half the time, for short device budgets.
+    pub fused_only: bool,
+}
+
+/// Runs the bench; each figure goes to `sink` as soon as it is measured.
+pub fn bench_gpu(device_name: &str, opts: &GpuBenchOptions, sink: Option<FigureSink>) -> Result<Value> {
+    let GpuBenchOptions {
+        quick,
+        channels_last,
+        networks_only,
+        dmd,
+        fused_only,
+        ..
+    } = *opts;
     let device = torch_shim::device(device_name)?;
     tch::Cuda::cudnn_set_benchmark(true);
     torch_shim::set_tf32(true);
-    let mut out = Map::new();
-    out.insert("device".into(), format!("{device:?}").into());
+    let mut out = Figures::new(sink);
+    out.insert("device", format!("{device:?}"));
     // The networks' own setting (`bf16_group_norm`, on by default) unless an override is set.
     let saved_override = crate::torch_shim::group_norm_override();
     let default_norm = saved_override.unwrap_or(ddpmpp(128, 4).bf16_group_norm());
-    out.insert("bf16_group_norm_native_by_default".into(), default_norm.into());
+    out.insert("bf16_group_norm_native_by_default", default_norm);
     let peak = matmul_peak_tflops(device, if quick { 256 } else { 8192 })?;
-    out.insert("bf16_matmul_peak_tflops".into(), peak.into());
+    out.insert("bf16_matmul_peak_tflops", peak);
     let (train_b, sample_b, steps) = if quick { (8, 8, 2) } else { (512, 1024, 20) };
     let nets = [(false, "edm55m"), (false, "speedrun9m"), (true, "edm55m"), (true, "speedrun9m")];
-    for (fused, tag) in nets {
+    for (fused, tag) in nets.into_iter().filter(|&(fused, _)| fused || !fused_only) {
         let cfg = bench_config(tag, fused);
         let sfx = if fused { "_fused" } else { "" };
         tch::manual_seed(0);
         let net = Denoiser::new(&cfg, device);
         let mut ema = Denoiser::new(&cfg, device);
         ema.copy_from(&net)?;
-        out.insert(format!("{tag}_parameters"), net.num_params().into());
+        out.insert(format!("{tag}_parameters"), net.num_params());
         let opt = AdamW::new(&net, (0.9, 0.999), 1e-8, 0.0);
         // Channels-last (`--channels-last`) comes last: it re-lays out the weights for good.
         // Measured slower on an H200 (0.75x training, 0.77x sampling), so off by default.
@@ -88,7 +109,7 @@ pub fn bench_gpu(
                 opt.step(1e-4, 0.0)?;
                 ema_update(&ema, &net, 0.999)
             })?;
-            out.insert(format!("{tag}_train_{prec}{sfx}_img_s"), (train_b as f64 / per_step).into());
+            out.insert(format!("{tag}_train_{prec}{sfx}_img_s"), train_b as f64 / per_step);
             let z = layout(Tensor::randn([sample_b, 3, 32, 32], (Kind::Float, device)) * 80.0)?;
             let labels = one_hot(&(0..sample_b).map(|i| i % 10).collect::<Vec<_>>(), 10, device);
             let sigma = Tensor::from(80.0f32).to_device(device);
@@ -97,7 +118,7 @@ pub fn bench_gpu(
                 let _ = tch::no_grad(|| ema.denoise(&z, &sigma, Some(&labels), false));
                 Ok(())
             })?;
-            out.insert(format!("{tag}_onestep_{prec}{sfx}_img_s"), (sample_b as f64 / per_call).into());
+            out.insert(format!("{tag}_onestep_{prec}{sfx}_img_s"), sample_b as f64 / per_call);
             // DMDPIPE_BENCH_NO_GRAPH=1 skips the graph variants (their capture failed once on an
             // H200 in cuDNN's engine search, then reported as `*_graph_error`; docs/RESULTS.md).
             let graphs = std::env::var("DMDPIPE_BENCH_NO_GRAPH").map_or(true, |v| v != "1");
@@ -105,12 +126,12 @@ pub fn bench_gpu(
             if let (Some(gt), true, true, true) = (graph_tag, graphs, device.is_cuda(), crate::cuda_graph::available()) {
                 match bench_graphed(&net, &opt, device, train_b, &z, &labels, steps) {
                     Ok((train, sample)) => {
-                        out.insert(format!("{tag}_train_{gt}_img_s"), train.into());
-                        out.insert(format!("{tag}_onestep_{gt}_img_s"), sample.into());
+                        out.insert(format!("{tag}_train_{gt}_img_s"), train);
+                        out.insert(format!("{tag}_onestep_{gt}_img_s"), sample);
                     }
                     // Reported, not fatal: the eager figures and the DMD benches still run.
                     Err(e) => {
-                        out.insert(format!("{tag}_{gt}_error"), format!("{e:#}").into());
+                        out.insert(format!("{tag}_{gt}_error"), format!("{e:#}"));
                     }
                 }
             }
@@ -120,21 +141,21 @@ pub fn bench_gpu(
     crate::torch_shim::set_group_norm_override(saved_override);
     if networks_only {
         if dmd {
-            bench_dmd_rows(&mut out, device, quick, false)?;
+            bench_dmd_rows(&mut out, device, quick, false, fused_only)?;
         }
-        add_tflops(&mut out, peak);
-        return Ok(Value::Object(out));
+        add_tflops(out.map_mut(), peak);
+        return Ok(out.into_value());
     }
-    if let Some(w) = inception.filter(|w| w.exists()) {
+    if let Some(w) = opts.inception.as_deref().filter(|w| w.exists()) {
         bench_inception_layouts(&mut out, w, device, quick)?;
     }
-    bench_dmd_rows(&mut out, device, quick, true)?;
-    add_tflops(&mut out, peak);
-    Ok(Value::Object(out))
+    bench_dmd_rows(&mut out, device, quick, true, fused_only)?;
+    add_tflops(out.map_mut(), peak);
+    Ok(out.into_value())
 }
 
 /// Inception feature throughput in each precision and layout.
-fn bench_inception_layouts(out: &mut Map<String, Value>, w: &std::path::Path, device: tch::Device, quick: bool) -> Result<()> {
+fn bench_inception_layouts(out: &mut Figures, w: &std::path::Path, device: tch::Device, quick: bool) -> Result<()> {
     use crate::eval::inception::Layout;
     let mut net = crate::eval::inception::Inception::load(w, device)?;
     let n = if quick { 8 } else { 250 };
@@ -155,7 +176,7 @@ fn bench_inception_layouts(out: &mut Map<String, Value>, w: &std::path::Path, de
                 let _ = net.features(&imgs).to_kind(Kind::Double).to_device(tch::Device::Cpu);
                 Ok(())
             })?;
-            out.insert(format!("inception_{prec}{lay}_img_s"), (n as f64 / per).into());
+            out.insert(format!("inception_{prec}{lay}_img_s"), n as f64 / per);
         }
     }
     torch_shim::set_tf32(true);
@@ -170,28 +191,25 @@ fn bench_config(tag: &str, fused: bool) -> crate::nn::NetworkConfig {
 }
 
 /// DMD iterations per second (captured, and eager when `eager`) of both networks at batches 56
-/// and 128, with and without the fused kernels.
-fn bench_dmd_rows(out: &mut Map<String, Value>, device: tch::Device, quick: bool, eager: bool) -> Result<()> {
+/// and 128, with the fused kernels and (unless `fused_only`) without.
+fn bench_dmd_rows(out: &mut Figures, device: tch::Device, quick: bool, eager: bool, fused_only: bool) -> Result<()> {
     if !quick {
-        for fused in [false, true] {
+        for fused in [false, true].into_iter().filter(|&f| f || !fused_only) {
             let sfx = if fused { "_fused" } else { "" };
             for tag in ["edm55m", "speedrun9m"] {
                 let cfg = bench_config(tag, fused);
                 for batch in [56usize, 128] {
                     let ips = bench_dmd(&cfg, device, batch, 40, true)?;
-                    out.insert(format!("{tag}_dmd_b{batch}{sfx}_it_s"), ips.into());
+                    out.insert(format!("{tag}_dmd_b{batch}{sfx}_it_s"), ips);
                     if eager {
                         let ips = bench_dmd(&cfg, device, batch, 20, false)?;
-                        out.insert(format!("{tag}_dmd_b{batch}{sfx}_eager_it_s"), ips.into());
+                        out.insert(format!("{tag}_dmd_b{batch}{sfx}_eager_it_s"), ips);
                     }
                 }
             }
         }
     } else {
-        out.insert(
-            "speedrun9m_dmd_b4_it_s".into(),
-            bench_dmd(&ddpmpp(64, 2), device, 4, 2, true)?.into(),
-        );
+        out.insert("speedrun9m_dmd_b4_it_s", bench_dmd(&ddpmpp(64, 2), device, 4, 2, true)?);
     }
     Ok(())
 }

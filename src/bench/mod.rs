@@ -5,6 +5,7 @@
 
 mod adm;
 mod allreduce;
+mod figures;
 mod gpu;
 mod inception;
 mod lpips;
@@ -13,7 +14,8 @@ mod scaling;
 
 pub use adm::bench_adm;
 pub use allreduce::bench_all_reduce;
-pub use gpu::bench_gpu;
+pub use figures::{FigureSink, Figures};
+pub use gpu::{GpuBenchOptions, bench_gpu};
 pub use inception::bench_inception;
 pub use lpips::bench_lpips;
 pub use profile::{ProfileSpec, bench_profile, summarize_trace, summary_json};

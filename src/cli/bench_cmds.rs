@@ -145,10 +145,15 @@ pub enum BenchCommand {
         /// as CUDA graphs only).
         #[arg(long)]
         dmd: bool,
+        /// Only the networks with the fused kernels (about half the time; the eager-ops
+        /// networks are the reference path).
+        #[arg(long)]
+        fused_only: bool,
         /// Inception weights for the feature-throughput figure (skipped when absent).
         #[arg(long, default_value = "models/inception-2015-12-05.safetensors")]
         inception: PathBuf,
-        /// Also write the numbers to this JSON file.
+        /// Also write the numbers to this JSON file (rewritten after each figure, so a bench
+        /// that is stopped keeps what it measured).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -200,11 +205,22 @@ pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
             channels_last,
             networks_only,
             dmd,
+            fused_only,
             inception,
             out,
         } => {
-            init_logging(g.verbose, None);
-            let v = crate::bench::bench_gpu(&device, quick, channels_last, Some(&inception), networks_only, dmd)?;
+            // Each figure is logged as it is measured: the bench's progress.
+            init_logging(g.verbose.max(1), None);
+            let opts = crate::bench::GpuBenchOptions {
+                quick,
+                channels_last,
+                inception: Some(inception),
+                networks_only,
+                dmd,
+                fused_only,
+            };
+            let mut save = |m: &serde_json::Map<String, serde_json::Value>| write_json_atomically(m, out.as_deref());
+            let v = crate::bench::bench_gpu(&device, &opts, Some(&mut save))?;
             print_json(&v, out.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -262,4 +278,16 @@ pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The figures so far to `out` (when given), whole or not at all.
+fn write_json_atomically(m: &serde_json::Map<String, serde_json::Value>, out: Option<&std::path::Path>) -> Result<()> {
+    let Some(out) = out else { return Ok(()) };
+    // `--out x.json` has the empty path as its parent.
+    let path = if out.parent().is_some_and(|p| p.as_os_str().is_empty()) {
+        std::path::Path::new(".").join(out)
+    } else {
+        out.to_path_buf()
+    };
+    crate::pipeline::fsutil::atomic_write(&path, serde_json::to_string_pretty(m)?.as_bytes())
 }

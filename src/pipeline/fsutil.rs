@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one:
-/// a temp file in the same directory, fsync, rename, fsync of the directory.
 /// `path` with `.` removed and `dir/..` folded, without touching the file system (as cargo
 /// does): `pipelines/../cache` is `cache`, `./x` is `x`. A leading `..` stays.
 pub fn clean_path(path: &Path) -> PathBuf {
@@ -28,6 +26,8 @@ pub fn clean_path(path: &Path) -> PathBuf {
     out.iter().collect()
 }
 
+/// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one:
+/// a temp file in the same directory, fsync, rename, fsync of the directory.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("atomic_write needs a parent directory")?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
