@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Subcommand;
 
-use super::{Globals, init_logging, print_json};
+use super::{Globals, init_logging, print_json, write_json_atomically};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -278,16 +278,4 @@ pub fn bench(g: Globals, what: BenchCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// The figures so far to `out` (when given), whole or not at all.
-fn write_json_atomically(m: &serde_json::Map<String, serde_json::Value>, out: Option<&std::path::Path>) -> Result<()> {
-    let Some(out) = out else { return Ok(()) };
-    // `--out x.json` has the empty path as its parent.
-    let path = if out.parent().is_some_and(|p| p.as_os_str().is_empty()) {
-        std::path::Path::new(".").join(out)
-    } else {
-        out.to_path_buf()
-    };
-    crate::pipeline::fsutil::atomic_write(&path, serde_json::to_string_pretty(m)?.as_bytes())
 }

@@ -8,7 +8,7 @@ mod pipeline_cmds;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -214,12 +214,21 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) {
 
 /// Prints a benchmark's numbers and, when asked, writes them to a file too.
 fn print_json(v: &serde_json::Value, out: Option<&std::path::Path>) -> Result<()> {
-    let text = serde_json::to_string_pretty(v)?;
-    println!("{text}");
-    if let Some(o) = out {
-        std::fs::write(o, text).with_context(|| format!("writing {}", o.display()))?;
-    }
-    Ok(())
+    println!("{}", serde_json::to_string_pretty(v)?);
+    write_json_atomically(v, out)
+}
+
+/// `v` to `out` (when given), whole or not at all: a bench that rewrites it as figures come in
+/// never leaves half a file.
+fn write_json_atomically(v: &impl serde::Serialize, out: Option<&std::path::Path>) -> Result<()> {
+    let Some(out) = out else { return Ok(()) };
+    // `--out x.json` has the empty path as its parent.
+    let path = if out.parent().is_some_and(|p| p.as_os_str().is_empty()) {
+        std::path::Path::new(".").join(out)
+    } else {
+        out.to_path_buf()
+    };
+    crate::pipeline::fsutil::atomic_write(&path, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
 /// The options every command shares.
