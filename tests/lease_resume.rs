@@ -91,8 +91,9 @@ fn stages_carried_over_several_polls_are_hits_on_a_fresh_machine() {
 
     // A carried output that changed is no hit: its stage runs again.
     resume_script(&["unpack", back.to_str().unwrap(), tampered.join("cache").to_str().unwrap()]);
-    let weights: Vec<_> = walk(&tampered.join("cache/objects"))
+    let weights: Vec<_> = walkdir::WalkDir::new(tampered.join("cache/objects"))
         .into_iter()
+        .map(|e| e.unwrap().into_path())
         .filter(|p| p.file_name().is_some_and(|n| n == "denoiser.safetensors"))
         .collect();
     assert!(!weights.is_empty());
@@ -102,13 +103,4 @@ fn stages_carried_over_several_polls_are_hits_on_a_fresh_machine() {
     std::fs::write(&weights[0], bytes).unwrap();
     let line = run_toy(&tampered);
     assert!(!line.contains("0 ran"), "{line}");
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
-    }
-    out
 }
