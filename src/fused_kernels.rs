@@ -78,52 +78,34 @@ pub fn group_norm_act(
     eps: f64,
     silu: bool,
 ) -> Result<Option<Tensor>> {
-    if !x.device().is_cuda() {
-        return Ok(None);
-    }
-    let Some(api) = api() else {
-        return Ok(None);
-    };
-    let out = Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu));
-    let shift_ptr = shift.map_or(std::ptr::null_mut(), |s| s.as_ptr() as CTensor);
-    let rc = unsafe {
+    shim_call(x, |api, out| unsafe {
         (api.group_norm)(
             x.as_ptr() as CTensor,
-            shift_ptr,
+            optional(shift),
             weight.as_ptr() as CTensor,
             bias.as_ptr() as CTensor,
             groups,
             eps,
             silu as libc::c_int,
-            out.as_ptr() as CTensor,
+            out,
         )
-    };
-    answer(api, rc, out)
+    })
 }
 
 /// `(a + b + bias_a + bias_b) * scale` (a UNet block's residual sum) in one fused pass; `None`
 /// where the kernel does not apply (a and b not both channels-last CUDA tensors of one shape in
 /// bf16 or fp32). The biases are [C] parameters; each gets a gradient of its own.
 pub fn skip_sum(a: &Tensor, b: &Tensor, bias_a: Option<&Tensor>, bias_b: Option<&Tensor>, scale: f64) -> Result<Option<Tensor>> {
-    if !a.device().is_cuda() {
-        return Ok(None);
-    }
-    let Some(api) = api() else {
-        return Ok(None);
-    };
-    let out = Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu));
-    let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as CTensor);
-    let rc = unsafe {
+    shim_call(a, |api, out| unsafe {
         (api.skip_sum)(
             a.as_ptr() as CTensor,
             b.as_ptr() as CTensor,
-            ptr(bias_a),
-            ptr(bias_b),
+            optional(bias_a),
+            optional(bias_b),
             scale,
-            out.as_ptr() as CTensor,
+            out,
         )
-    };
-    answer(api, rc, out)
+    })
 }
 
 /// `[a, b]` along the channels (the UNet decoder joining its input with a skip) in one pass of
@@ -131,15 +113,28 @@ pub fn skip_sum(a: &Tensor, b: &Tensor, bias_a: Option<&Tensor>, bias_b: Option<
 /// one batch, size and dtype, bf16 or fp32). As with `Tensor::cat`, each input's gradient is its
 /// slice of the output's.
 pub fn channel_cat(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    if !a.device().is_cuda() {
+    shim_call(a, |api, out| unsafe {
+        (api.channel_cat)(a.as_ptr() as CTensor, b.as_ptr() as CTensor, out)
+    })
+}
+
+/// One kernel call through the shim for an input on `x`'s device: `None` off CUDA or without the
+/// shim; else `call` gets the API and the tensor handle the shim writes its output into.
+fn shim_call(x: &Tensor, call: impl FnOnce(&Api, CTensor) -> libc::c_int) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() {
         return Ok(None);
     }
     let Some(api) = api() else {
         return Ok(None);
     };
     let out = Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu));
-    let rc = unsafe { (api.channel_cat)(a.as_ptr() as CTensor, b.as_ptr() as CTensor, out.as_ptr() as CTensor) };
+    let rc = call(api, out.as_ptr() as CTensor);
     answer(api, rc, out)
+}
+
+/// An optional tensor as the shim takes it: null when absent.
+fn optional(t: Option<&Tensor>) -> CTensor {
+    t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as CTensor)
 }
 
 /// The shim's return code as a result: 0 the output, 2 not applicable, else its error.
