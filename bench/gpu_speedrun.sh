@@ -14,21 +14,24 @@ here=$(cd "$(dirname "$0")" && pwd)
 W=/tmp/sr
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
 mkdir -p "$RES" $W/models $W/data/cifar-10-batches-bin
+unpack_xz() {  # SRC DEST (the device machine has python3, not necessarily xz)
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$1" "$2"
+}
 cp -r pipelines $W/
 if [ -f $S/dmdpipe.xz ]; then  # bench/pack_speedrun.sh carries it compressed
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" $S/dmdpipe.xz $W/dmdpipe-bin
+  unpack_xz $S/dmdpipe.xz $W/dmdpipe-bin
   chmod +x $W/dmdpipe-bin
 else
   cp $S/dmdpipe $W/dmdpipe-bin
 fi
 cat $S/inception.part* > $W/models/inception-2015-12-05.safetensors
 for f in $S/*.bin.xz; do
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$W/data/cifar-10-batches-bin/$(basename "$f" .xz)" &
+  unpack_xz "$f" "$W/data/cifar-10-batches-bin/$(basename "$f" .xz)" &
 done
 wait
 cd $W
 if [ -f $S/fused_kernels_test.xz ]; then  # the fused kernels' GPU tests first (about 20 s)
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" $S/fused_kernels_test.xz $W/fused_kernels_test
+  unpack_xz $S/fused_kernels_test.xz $W/fused_kernels_test
   chmod +x $W/fused_kernels_test
   DMDPIPE_REQUIRE_CUDA=1 timeout 120 $W/fused_kernels_test --nocapture --test-threads=1 > "$RES/kernel_tests.log" 2>&1
   echo "kernel tests rc=$?" >> "$RES/kernel_tests.log"
