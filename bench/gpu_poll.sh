@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device machine: waits up to SECONDS (default 540) for a background job's RES/DONE, then packs
+# Device machine: waits up to SECONDS for a background job's RES/DONE (default 270: polls of 270 s
+# kept their machine through a whole speedrun in session 13; polls of 540 s lost it twice), then packs
 # what the job has produced so far into OUT/partial.tgz (one file: a call returns only a few):
 # RES itself and the small outputs of finished stages in the speedrun's work copy (JSON, CSV,
 # PNG, the pipeline log). Each poll thus brings back everything so far, so a machine lost
@@ -9,7 +10,7 @@
 # On a fresh machine (no RES: the job went with the last one) it says so at once, exit 3.
 # Usage: bash bench/gpu_poll.sh RES OUT [SECONDS] [WORK]   (WORK: /tmp/sr by default)
 set -uo pipefail
-res=$1; out=$2; limit=${3:-540}; work=${4:-/tmp/sr}
+res=$1; out=$2; limit=${3:-270}; work=${4:-/tmp/sr}
 here=$(cd "$(dirname "$0")" && pwd)
 if [ ! -d "$res" ]; then
   echo "NO JOB: $res is absent; this is a fresh machine. Stage again with the resume-* files brought back so far."
