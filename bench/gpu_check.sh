@@ -9,9 +9,7 @@ set -uo pipefail
 bin=$1; tbin=$2; out=$3
 work=/tmp/gpu_check
 mkdir -p "$work" "$out"
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$work/card.txt"
-step() { local name=$1; shift; local s; s=$(date +%s); "$@"; echo "$name: rc=$? $(( $(date +%s) - s )) s" >> "$work/steps.txt"; }
+. "$(dirname "$0")/device_steps.sh" "$work"
 step kernel_tests timeout 180 env DMDPIPE_REQUIRE_CUDA=1 "$tbin" --nocapture --test-threads=1 > "$work/kernel_tests.log" 2>&1
 step bench_adm timeout 240 "$bin" bench adm --out "$work/adm.json" > /dev/null 2> "$work/adm.log"
 step profile timeout 180 "$bin" bench profile --out-dir "$work/traces" --out "$work/profile.json" > /dev/null 2> "$work/profile.log"

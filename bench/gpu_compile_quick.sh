@@ -14,10 +14,7 @@
 set -uo pipefail
 bin=$1; out=$2
 mkdir -p "$out/warm"
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
-step() { local name=$1; shift; local s; s=$(date +%s); "$@"; echo "$name: rc=$? $(( $(date +%s) - s )) s" >> "$out/steps.txt"; }
+. "$(dirname "$0")/device_steps.sh" "$out"
 for net in edm55m speedrun9m; do
   TORCHINDUCTOR_COMPILE_THREADS=8 step "warm_$net" timeout -k 10 "${WARM_LIMIT:-210}" python3 bench/pytorch_ddpmpp.py \
     --bf16-only --nets "$net" --compile default --out "$out/warm/$net.json" > "$out/warm/$net.log" 2>&1 &

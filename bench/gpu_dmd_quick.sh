@@ -15,10 +15,7 @@
 set -uo pipefail
 bin=$1; out=$2; net=${3:-speedrun9m}; batch=${4:-56}
 mkdir -p "$out"
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
-step() { local name=$1; shift; local s; s=$(date +%s); "$@"; echo "$name: rc=$? $(( $(date +%s) - s )) s" >> "$out/steps.txt"; }
+. "$(dirname "$0")/device_steps.sh" "$out"
 step warm timeout -k 10 "${WARM_LIMIT:-200}" python3 bench/pytorch_dmd.py --nets "$net" --batches "$batch" \
   --compile reduce-overhead --iters 3 --out "$out/warm.json" > "$out/warm.log" 2>&1
 step rust_bench timeout "${RUST_LIMIT:-180}" "$bin" bench gpu --device cuda --networks-only --fused-only --dmd \

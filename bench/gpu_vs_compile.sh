@@ -15,12 +15,9 @@
 set -uo pipefail
 bin=$1; tbin=$2; out=$3
 mkdir -p "$out/warm"
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+. "$(dirname "$0")/device_steps.sh" "$out"
 modes=${MODES:-default,max-autotune}; dmd_modes=${DMD_MODES:-reduce-overhead}; dmd_nets=${DMD_NETS:-edm55m,speedrun9m}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
 nproc > "$out/cpus.txt"
-step() { local name=$1; shift; local s; s=$(date +%s); "$@"; echo "$name: rc=$? $(( $(date +%s) - s )) s" >> "$out/steps.txt"; }
 
 warm() {  # NAME ARGS...: one warm-up process, its own log and JSON
   local name=$1; shift
