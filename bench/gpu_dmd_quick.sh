@@ -11,12 +11,13 @@
 #    --dmd` (each figure logged and saved as measured), followed by bench/pytorch_dmd.py eager and
 #    compiled from the warm cache.
 # Usage: bash bench/gpu_dmd_quick.sh BIN OUT [NET] [BATCH]
-# Env: WARM_LIMIT, RUST_LIMIT, TORCH_LIMIT (seconds; 200, 180, 120 by default).
+# Env: WARM_LIMIT, RUST_LIMIT, TORCH_LIMIT (seconds; 300, 180, 120 by default; the 55.7M's warm-up
+# compile ran past 200 s in session 14).
 set -uo pipefail
 bin=$1; out=$2; net=${3:-speedrun9m}; batch=${4:-56}
 mkdir -p "$out"
 . "$(dirname "$0")/device_steps.sh" "$out"
-step warm timeout -k 10 "${WARM_LIMIT:-200}" python3 bench/pytorch_dmd.py --nets "$net" --batches "$batch" \
+step warm timeout -k 10 "${WARM_LIMIT:-300}" python3 bench/pytorch_dmd.py --nets "$net" --batches "$batch" \
   --compile reduce-overhead --iters 3 --out "$out/warm.json" > "$out/warm.log" 2>&1
 step rust_bench timeout "${RUST_LIMIT:-180}" "$bin" bench gpu --device cuda --networks-only --fused-only --dmd \
   --out "$out/rust.json" > "$out/rust.log" 2>&1
